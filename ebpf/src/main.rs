@@ -1,0 +1,24 @@
+//! Veil's eBPF programs, one module per concern.
+//!
+//! Each program is a thin entry point that maps `try_*` → action, so the logic
+//! reads as ordinary Rust with `?` (the shape of aya's template). The agent
+//! embeds the object this crate builds and attaches the programs; map layouts
+//! come from `veil-common` so both halves agree on them.
+#![no_std]
+#![no_main]
+
+mod counters;
+mod pod_egress;
+mod underlay_ingress;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic, so this is never executed.
+    loop {}
+}
+
+/// The programs are dual-licensed so the kernel lets them call GPL-only helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,165 @@
+//! Running a real `veil-agent` on a test bed node, and asking it questions with `veilctl`.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use veil_api::AgentStatus;
+
+use crate::{
+    Result, TestbedError, binaries, io_error, netns::NetNs, process::ChildGuard, topology::Topology,
+};
+
+/// How long an agent may take to attach its programs and answer `veilctl status`.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A `veil-agent` running inside one node's namespace.
+pub struct Agent {
+    node: usize,
+    ns: NetNs,
+    log_path: PathBuf,
+    veilctl: PathBuf,
+    process: ChildGuard,
+}
+
+impl Agent {
+    /// Writes a config for `node`, starts the agent there and waits until it answers.
+    pub fn start(topology: &Topology, node: usize) -> Result<Self> {
+        let agent_bin = binaries::locate("veil-agent")?;
+        let veilctl = binaries::locate("veilctl")?;
+        let ns = topology.node(node);
+        let config_path = topology.workdir().join(format!("agent-n{node}.toml"));
+        std::fs::write(&config_path, config_for(topology, node))
+            .map_err(io_error(format!("cannot write {}", config_path.display())))?;
+        let log_path = topology.workdir().join(format!("agent-n{node}.log"));
+        let log = File::create(&log_path)
+            .map_err(io_error(format!("cannot create {}", log_path.display())))?;
+        let log_err = log
+            .try_clone()
+            .map_err(io_error("cannot duplicate the log file handle"))?;
+        let mut command = ns.command(&agent_bin);
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .env(
+                "VEIL_LOG",
+                std::env::var("VEIL_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        let process = ChildGuard::spawn(&format!("veil-agent on node {node}"), command)?;
+        let mut agent = Self {
+            node,
+            ns,
+            log_path,
+            veilctl,
+            process,
+        };
+        agent.wait_until_ready()?;
+        Ok(agent)
+    }
+
+    pub fn node(&self) -> usize {
+        self.node
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Everything the agent has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Runs `veilctl args…` inside the node and returns its stdout.
+    pub fn veilctl(&self, args: &[&str]) -> Result<String> {
+        let output = self
+            .ns
+            .command(&self.veilctl)
+            .args(args)
+            .output()
+            .map_err(|source| TestbedError::Spawn {
+                command: "veilctl".into(),
+                source,
+            })?;
+        if !output.status.success() {
+            return Err(TestbedError::Command {
+                command: format!("veilctl {}", args.join(" ")),
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// `veilctl status -o json`, parsed.
+    pub fn status(&self) -> Result<AgentStatus> {
+        let json = self.veilctl(&["status", "-o", "json"])?;
+        serde_json::from_str(&json).map_err(|error| {
+            TestbedError::Agent(format!("veilctl printed unreadable JSON: {error}"))
+        })
+    }
+
+    /// Waits until the agent's log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(TestbedError::Agent(format!(
+            "node {}'s agent did not log {needle:?} within {timeout:?}; its log:\n{}",
+            self.node,
+            self.log()
+        )))
+    }
+
+    /// Stops the agent (SIGTERM, then SIGKILL) and returns whether it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        self.process.stop().is_some_and(|status| status.success())
+    }
+
+    fn wait_until_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.process.exit_status() {
+                return Err(TestbedError::Agent(format!(
+                    "node {}'s agent exited ({status}) before it was ready; its log:\n{}",
+                    self.node,
+                    self.log()
+                )));
+            }
+            if self.status().is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(TestbedError::Agent(format!(
+                    "node {}'s agent did not answer `veilctl status` within {READY_TIMEOUT:?}; its log:\n{}",
+                    self.node,
+                    self.log()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The agent config for `node`: underlay `ul0`, one veth per pod.
+pub fn config_for(topology: &Topology, node: usize) -> String {
+    let pods = topology
+        .pod_veths(node)
+        .iter()
+        .map(|veth| format!("{veth:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "node_name = \"node{node}\"\n\n[datapath]\nunderlay_interface = \"ul0\"\npod_interfaces = [{pods}]\n"
+    )
+}

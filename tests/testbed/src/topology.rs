@@ -1,0 +1,351 @@
+//! Building and tearing down a topology of nodes and pods.
+
+use std::{io::Write, path::Path};
+
+use crate::{
+    Result, TestbedError,
+    addressing::{self, PodRef, TEST_RANGE, VXLAN_OVERHEAD},
+    io_error,
+    netns::{self, NetNs},
+};
+
+/// How pod traffic between nodes is routed by the test bed itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Routing {
+    /// Plain routes: node A sends node B's pod CIDR to B's underlay address.
+    /// The baseline of every benchmark, and what the datapath counters ride on.
+    #[default]
+    Direct,
+    /// No routes between nodes: something else (Veil's overlay) must carry the traffic.
+    None,
+}
+
+/// What to build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopologySpec {
+    /// Short name (1 to 8 of `a-z0-9`); namespaces are called `veil-<name>-…`.
+    pub name: String,
+    pub nodes: usize,
+    pub pods_per_node: usize,
+    /// MTU of the underlay links; pods get this minus the VXLAN overhead.
+    pub underlay_mtu: u32,
+    pub routing: Routing,
+}
+
+impl TopologySpec {
+    /// Two nodes with one pod each, 1500-byte underlay, direct routing.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            nodes: 2,
+            pods_per_node: 1,
+            underlay_mtu: 1500,
+            routing: Routing::Direct,
+        }
+    }
+
+    pub fn nodes(mut self, nodes: usize) -> Self {
+        self.nodes = nodes;
+        self
+    }
+
+    pub fn pods_per_node(mut self, pods: usize) -> Self {
+        self.pods_per_node = pods;
+        self
+    }
+
+    pub fn underlay_mtu(mut self, mtu: u32) -> Self {
+        self.underlay_mtu = mtu;
+        self
+    }
+
+    pub fn routing(mut self, routing: Routing) -> Self {
+        self.routing = routing;
+        self
+    }
+
+    /// MTU of every pod interface.
+    pub fn pod_mtu(&self) -> u32 {
+        self.underlay_mtu - VXLAN_OVERHEAD
+    }
+
+    /// Prefix of every namespace this topology creates.
+    pub fn prefix(&self) -> String {
+        format!("veil-{}-", self.name)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let name_ok = (1..=8).contains(&self.name.len())
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        let problem = if !name_ok {
+            format!("name {:?} must be 1 to 8 characters of a-z0-9", self.name)
+        } else if !(1..=addressing::MAX_NODES).contains(&self.nodes) {
+            format!(
+                "{} nodes: must be 1 to {}",
+                self.nodes,
+                addressing::MAX_NODES
+            )
+        } else if !(1..=addressing::MAX_PODS_PER_NODE).contains(&self.pods_per_node) {
+            format!(
+                "{} pods per node: must be 1 to {}",
+                self.pods_per_node,
+                addressing::MAX_PODS_PER_NODE
+            )
+        } else if !(576 + VXLAN_OVERHEAD..=9000).contains(&self.underlay_mtu) {
+            format!("underlay MTU {} must be 626 to 9000", self.underlay_mtu)
+        } else {
+            return Ok(());
+        };
+        Err(TestbedError::Invalid(problem))
+    }
+}
+
+/// A built topology. Dropping it kills what runs inside and deletes every namespace.
+pub struct Topology {
+    spec: TopologySpec,
+    /// Every namespace created, in creation order (torn down in reverse).
+    created: Vec<NetNs>,
+    workdir: tempfile::TempDir,
+}
+
+impl Topology {
+    /// Builds `spec`, first cleaning away a stale topology of the same name.
+    pub fn build(spec: TopologySpec) -> Result<Self> {
+        spec.validate()?;
+        clean_stale(&spec.prefix())?;
+        let workdir = tempfile::Builder::new()
+            .prefix(&format!("veil-testbed-{}-", spec.name))
+            .tempdir()
+            .map_err(io_error("cannot create the test bed's work directory"))?;
+        let mut topology = Self {
+            spec,
+            created: Vec::new(),
+            workdir,
+        };
+        // On error `topology` drops here and removes whatever was built.
+        topology.build_underlay()?;
+        for node in 1..=topology.spec.nodes {
+            topology.build_node(node)?;
+            for pod in 1..=topology.spec.pods_per_node {
+                topology.build_pod(PodRef::new(node, pod))?;
+            }
+        }
+        if topology.spec.routing == Routing::Direct {
+            topology.add_direct_routes()?;
+        }
+        Ok(topology)
+    }
+
+    pub fn spec(&self) -> &TopologySpec {
+        &self.spec
+    }
+
+    /// Scratch directory for configs and logs; removed on drop.
+    pub fn workdir(&self) -> &Path {
+        self.workdir.path()
+    }
+
+    /// The underlay switch's namespace.
+    pub fn fabric(&self) -> NetNs {
+        self.ns("ul")
+    }
+
+    /// Node `node`'s namespace (from 1).
+    pub fn node(&self, node: usize) -> NetNs {
+        self.ns(&format!("n{node}"))
+    }
+
+    /// The pod's namespace.
+    pub fn pod(&self, pod: PodRef) -> NetNs {
+        self.ns(&format!("n{}p{}", pod.node, pod.pod))
+    }
+
+    /// Every pod, node by node.
+    pub fn pods(&self) -> Vec<PodRef> {
+        (1..=self.spec.nodes)
+            .flat_map(|n| (1..=self.spec.pods_per_node).map(move |p| PodRef::new(n, p)))
+            .collect()
+    }
+
+    /// Host-side veth names of the pods on `node`.
+    pub fn pod_veths(&self, node: usize) -> Vec<String> {
+        (1..=self.spec.pods_per_node)
+            .map(|p| PodRef::new(node, p).host_veth())
+            .collect()
+    }
+
+    fn ns(&self, suffix: &str) -> NetNs {
+        let name = format!("{}{suffix}", self.spec.prefix());
+        self.created
+            .iter()
+            .find(|ns| ns.name() == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} is not part of this topology"))
+    }
+
+    fn create(&mut self, suffix: &str) -> Result<NetNs> {
+        let ns = NetNs::create(&format!("{}{suffix}", self.spec.prefix()))?;
+        self.created.push(ns.clone());
+        Ok(ns)
+    }
+
+    fn build_underlay(&mut self) -> Result<()> {
+        let fabric = self.create("ul")?;
+        fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
+        fabric.ip(&["link", "set", "br0", "up"])?;
+        Ok(())
+    }
+
+    fn build_node(&mut self, node: usize) -> Result<()> {
+        let fabric = self.fabric();
+        let ns = self.create(&format!("n{node}"))?;
+        let mtu = self.spec.underlay_mtu.to_string();
+        let switch_port = format!("u{node}");
+        fabric.ip(&[
+            "link",
+            "add",
+            &switch_port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ul0",
+            "netns",
+            ns.name(),
+        ])?;
+        fabric.ip(&[
+            "link",
+            "set",
+            &switch_port,
+            "master",
+            "br0",
+            "mtu",
+            &mtu,
+            "up",
+        ])?;
+        ns.ip(&["link", "set", "ul0", "mtu", &mtu, "up"])?;
+        let underlay = format!(
+            "{}/{}",
+            addressing::node_underlay_ip(node),
+            addressing::UNDERLAY_PREFIX_LEN
+        );
+        ns.ip(&["addr", "add", &underlay, "dev", "ul0"])?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        Ok(())
+    }
+
+    fn build_pod(&mut self, pod: PodRef) -> Result<()> {
+        let node = self.node(pod.node);
+        let ns = self.create(&format!("n{}p{}", pod.node, pod.pod))?;
+        let mtu = self.spec.pod_mtu().to_string();
+        let veth = pod.host_veth();
+        let gateway = addressing::node_pod_gateway(pod.node).to_string();
+        let pod_ip = pod.ip().to_string();
+        node.ip(&[
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        node.ip(&["link", "set", &veth, "mtu", &mtu, "up"])?;
+        node.ip(&["addr", "add", &format!("{gateway}/32"), "dev", &veth])?;
+        node.ip(&[
+            "route",
+            "add",
+            &format!("{pod_ip}/32"),
+            "dev",
+            &veth,
+            "src",
+            &gateway,
+        ])?;
+        ns.ip(&["link", "set", "eth0", "mtu", &mtu, "up"])?;
+        ns.ip(&["addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
+        ns.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"])?;
+        ns.ip(&["route", "add", TEST_RANGE, "via", &gateway, "dev", "eth0"])?;
+        Ok(())
+    }
+
+    fn add_direct_routes(&self) -> Result<()> {
+        for node in 1..=self.spec.nodes {
+            for other in (1..=self.spec.nodes).filter(|&o| o != node) {
+                self.node(node).ip(&[
+                    "route",
+                    "add",
+                    &addressing::node_pod_cidr(other),
+                    "via",
+                    &addressing::node_underlay_ip(other).to_string(),
+                    "dev",
+                    "ul0",
+                ])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in self.created.iter().rev() {
+            if let Err(error) = ns.delete() {
+                let _ = writeln!(std::io::stderr(), "test bed teardown: {error}");
+            }
+        }
+    }
+}
+
+/// Deletes namespaces left by an earlier run that died before its teardown.
+fn clean_stale(prefix: &str) -> Result<()> {
+    let stale = netns::existing_with_prefix(prefix);
+    if stale.is_empty() {
+        return Ok(());
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "test bed: found a stale topology ({}); deleting it before building a new one",
+        stale.join(", ")
+    );
+    for name in stale.iter().rev() {
+        netns::delete_named(name)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_validation_names_the_problem() {
+        let bad_name = TopologySpec::new("Bad_Name").validate().unwrap_err();
+        assert!(bad_name.to_string().contains("a-z0-9"), "{bad_name}");
+        let no_nodes = TopologySpec::new("t").nodes(0).validate().unwrap_err();
+        assert!(no_nodes.to_string().contains("0 nodes"), "{no_nodes}");
+        let tiny_mtu = TopologySpec::new("t")
+            .underlay_mtu(500)
+            .validate()
+            .unwrap_err();
+        assert!(tiny_mtu.to_string().contains("MTU 500"), "{tiny_mtu}");
+        TopologySpec::new("t1")
+            .nodes(3)
+            .pods_per_node(2)
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn pod_mtu_leaves_room_for_vxlan() {
+        assert_eq!(TopologySpec::new("t").pod_mtu(), 1450);
+        assert_eq!(TopologySpec::new("t").underlay_mtu(9000).pod_mtu(), 8950);
+    }
+}

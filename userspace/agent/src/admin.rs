@@ -1,0 +1,63 @@
+//! The localhost admin API (port 15000): what `veilctl` reads.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use tokio::net::TcpListener;
+use veil_api::{AgentStatus, STATUS_PATH};
+
+use crate::datapath::Datapath;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot listen on {address} for the admin API (is another agent running?): {source}")]
+    Bind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("admin API stopped: {0}")]
+    Serve(std::io::Error),
+}
+
+/// What the handlers read.
+pub struct AdminState {
+    pub node_name: String,
+    pub datapath: Datapath,
+}
+
+/// Binds the admin listener; serving starts with [`serve`].
+pub async fn bind(address: SocketAddr) -> Result<TcpListener, AdminError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| AdminError::Bind { address, source })
+}
+
+/// Serves the admin API on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AdminError> {
+    let app = Router::new()
+        .route(STATUS_PATH, get(status))
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(AdminError::Serve)
+}
+
+async fn status(
+    State(state): State<Arc<AdminState>>,
+) -> Result<Json<AgentStatus>, (StatusCode, String)> {
+    let counters = state
+        .datapath
+        .counters()
+        .map_err(|error| (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
+    Ok(Json(AgentStatus {
+        version: env!("CARGO_PKG_VERSION").into(),
+        node: state.node_name.clone(),
+        programs: state.datapath.programs().to_vec(),
+        counters,
+    }))
+}

@@ -1,0 +1,184 @@
+//! The agent's configuration file.
+//!
+//! A bare host (and the demo) describes its node in TOML; later the same
+//! settings come from Kubernetes. Unknown keys are refused rather than
+//! ignored, so a typo never silently falls back to a default, and every error
+//! names the file, the line and what to change.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+/// Longest interface name Linux accepts (IFNAMSIZ - 1).
+const MAX_INTERFACE_NAME: usize = 15;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// How XDP is attached to the underlay interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum XdpAttachMode {
+    /// Native (driver) mode, falling back to generic when the driver lacks it.
+    #[default]
+    Auto,
+    /// Native (driver) mode only: fail if the driver cannot run XDP.
+    Native,
+    /// Generic (skb) mode: works everywhere, slower.
+    Generic,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Name of this node, as shown by `veilctl status`.
+    pub node_name: String,
+    /// Admin API address; must be a loopback address.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    pub datapath: DatapathConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatapathConfig {
+    /// The interface that joins this node to the other nodes.
+    pub underlay_interface: String,
+    /// Host-side veth of each local pod.
+    #[serde(default)]
+    pub pod_interfaces: Vec<String>,
+    #[serde(default)]
+    pub xdp_mode: XdpAttachMode,
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], veil_api::DEFAULT_ADMIN_PORT))
+}
+
+impl AgentConfig {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|error| ConfigError::Parse {
+            path: path.to_owned(),
+            message: error.to_string(),
+        })?;
+        config.validate().map_err(|reason| ConfigError::Invalid {
+            path: path.to_owned(),
+            reason,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.node_name.trim().is_empty() {
+            return Err("node_name is empty: give this node a name".into());
+        }
+        if !self.admin_listen.ip().is_loopback() {
+            return Err(format!(
+                "admin_listen = \"{}\" is not a loopback address: the admin API is \
+                 localhost-only, use 127.0.0.1:{}",
+                self.admin_listen,
+                veil_api::DEFAULT_ADMIN_PORT
+            ));
+        }
+        let datapath = &self.datapath;
+        let mut seen = HashSet::new();
+        for name in std::iter::once(&datapath.underlay_interface).chain(&datapath.pod_interfaces) {
+            if name.is_empty() || name.len() > MAX_INTERFACE_NAME || name.contains(['/', ' ']) {
+                return Err(format!(
+                    "interface name {name:?} is not a valid Linux interface name \
+                     (1 to {MAX_INTERFACE_NAME} characters, no '/' or spaces)"
+                ));
+            }
+            if !seen.insert(name) {
+                return Err(format!(
+                    "interface {name:?} is listed twice: an interface is either the \
+                     underlay or one pod's veth"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::parse(text, Path::new("agent.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config =
+            parse("node_name = \"n1\"\n[datapath]\nunderlay_interface = \"ul0\"\n").unwrap();
+        assert_eq!(config.admin_listen, default_admin_listen());
+        assert_eq!(config.datapath.xdp_mode, XdpAttachMode::Auto);
+        assert!(config.datapath.pod_interfaces.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_its_line() {
+        let error = parse(
+            "node_name = \"n1\"\n[datapath]\nunderlay_interface = \"ul0\"\nxdp_mod = \"native\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("agent.toml"), "{error}");
+        assert!(error.contains("line 4"), "{error}");
+        assert!(error.contains("xdp_mod"), "{error}");
+    }
+
+    #[test]
+    fn non_loopback_admin_is_refused() {
+        let error = parse(
+            "node_name = \"n1\"\nadmin_listen = \"0.0.0.0:15000\"\n[datapath]\nunderlay_interface = \"ul0\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("not a loopback address"), "{error}");
+    }
+
+    #[test]
+    fn duplicate_and_bad_interfaces_are_refused() {
+        let duplicate = parse(
+            "node_name = \"n1\"\n[datapath]\nunderlay_interface = \"ul0\"\npod_interfaces = [\"ul0\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(duplicate.contains("listed twice"), "{duplicate}");
+        let too_long = parse(
+            "node_name = \"n1\"\n[datapath]\nunderlay_interface = \"a-very-long-interface-name\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            too_long.contains("not a valid Linux interface name"),
+            "{too_long}"
+        );
+    }
+}

@@ -1,0 +1,111 @@
+//! The agent's admin API, as data.
+//!
+//! The agent serves these types as JSON on its localhost admin port (15000);
+//! `veilctl` and the tests read them. Keeping them in their own small crate
+//! lets clients depend on the API without pulling in the datapath.
+
+use serde::{Deserialize, Serialize};
+
+/// Conventional admin port (localhost only), as in other meshes.
+pub const DEFAULT_ADMIN_PORT: u16 = 15000;
+/// Path of the status document.
+pub const STATUS_PATH: &str = "/status";
+
+/// Everything `veilctl status` shows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// Agent version (the crate version).
+    pub version: String,
+    /// Name of the node this agent serves.
+    pub node: String,
+    /// Programs the agent has attached.
+    pub programs: Vec<AttachedProgram>,
+    /// Packet counters per program and interface.
+    pub counters: Vec<InterfaceCounters>,
+}
+
+/// Where a program runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HookKind {
+    /// XDP on the underlay interface.
+    Xdp,
+    /// TC ingress (tcx or clsact) on a pod's host-side veth.
+    TcIngress,
+}
+
+impl std::fmt::Display for HookKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Xdp => "xdp",
+            Self::TcIngress => "tc-ingress",
+        })
+    }
+}
+
+/// One program attached to one interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachedProgram {
+    pub name: String,
+    pub hook: HookKind,
+    pub interface: String,
+    pub ifindex: u32,
+    /// How it is attached: `native`/`generic` for XDP, `tcx`/`netlink` for TC.
+    pub mode: String,
+}
+
+/// Packets and bytes one program has seen on one interface, summed over CPUs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceCounters {
+    pub hook: HookKind,
+    pub interface: String,
+    pub ifindex: u32,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl AgentStatus {
+    /// Counters of `hook` on the interface called `interface`, if any packet was seen.
+    pub fn counters_for(&self, hook: HookKind, interface: &str) -> Option<&InterfaceCounters> {
+        self.counters
+            .iter()
+            .find(|c| c.hook == hook && c.interface == interface)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trips_through_json() {
+        let status = AgentStatus {
+            version: "0.1.0".into(),
+            node: "node1".into(),
+            programs: vec![AttachedProgram {
+                name: "veil_underlay_ingress".into(),
+                hook: HookKind::Xdp,
+                interface: "ul0".into(),
+                ifindex: 2,
+                mode: "native".into(),
+            }],
+            counters: vec![InterfaceCounters {
+                hook: HookKind::TcIngress,
+                interface: "vp1".into(),
+                ifindex: 3,
+                packets: 10,
+                bytes: 1000,
+            }],
+        };
+        let json = serde_json::to_string(&status).unwrap();
+        assert!(json.contains("\"hook\":\"tc-ingress\""), "{json}");
+        let back: AgentStatus = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, status);
+        assert_eq!(
+            back.counters_for(HookKind::TcIngress, "vp1")
+                .map(|c| c.bytes),
+            Some(1000)
+        );
+        assert!(back.counters_for(HookKind::Xdp, "vp1").is_none());
+    }
+}

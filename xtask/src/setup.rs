@@ -1,0 +1,95 @@
+//! Toolchain bootstrap for a fresh Debian 12 machine; every step is idempotent.
+//!
+//! The eBPF programs need a Rust toolchain with its own sources (build-std for
+//! `bpfel-unknown-none`) and a linker built against the same LLVM: Debian's
+//! rustc-web (1.96, LLVM 22) and bpf-linker 0.13 built against llvm-22-dev.
+//! The test beds need iproute2, nsenter and ping.
+
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+use crate::shell::{self, step};
+
+/// Debian packages the build, tests and demo need.
+const APT_PACKAGES: &[&str] = &[
+    // eBPF build chain.
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "clang",
+    "libbpf-dev",
+    "bpftool",
+    "binutils",
+    // Test beds.
+    "iproute2",
+    "iputils-ping",
+    "util-linux",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Installs whatever is missing and says what it installs.
+pub fn ensure_toolchain() -> Result<()> {
+    ensure_apt_packages()?;
+    ensure_bpf_linker()?;
+    Ok(())
+}
+
+fn ensure_apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|package| !is_installed(package))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!(
+            "missing Debian packages: {}. Run this command as root, or install them with \
+             `sudo apt-get install -y {}`",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    step(&format!(
+        "Installing Debian packages: {}",
+        missing.join(" ")
+    ));
+    shell::run(Command::new("apt-get").args(["update", "-q"]))?;
+    shell::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing),
+    )
+}
+
+fn is_installed(package: &str) -> bool {
+    shell::output(Command::new("dpkg-query").args(["-W", "-f=${db:Status-Status}", package]))
+        .is_some_and(|status| status.trim() == "installed")
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    let installed = shell::output(Command::new("bpf-linker").arg("--version"));
+    if installed.is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+        return Ok(());
+    }
+    step(&format!(
+        "Building bpf-linker {BPF_LINKER_VERSION} against Debian's LLVM 22 (2-4 minutes, once)"
+    ));
+    shell::run(
+        shell::cargo()
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .args([
+                "install",
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .arg(format!("bpf-linker@{BPF_LINKER_VERSION}")),
+    )
+}

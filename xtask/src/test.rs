@@ -1,0 +1,55 @@
+//! `cargo xtask test`: every check and every test, in the order that fails fastest.
+
+use anyhow::Result;
+
+use crate::{
+    ebpf, paths,
+    shell::{self, step},
+};
+
+pub fn run(cargo_test_args: &[String]) -> Result<()> {
+    let object = ebpf::build()?;
+    let workspace_cargo = || {
+        let mut command = shell::cargo();
+        command
+            .current_dir(paths::repo_root())
+            .env("VEIL_EBPF_OBJECT", &object)
+            .env("VEIL_BIN_DIR", paths::debug_bin_dir());
+        command
+    };
+
+    step("Checking formatting (cargo fmt)");
+    shell::run(workspace_cargo().args(["fmt", "--all", "--", "--check"]))?;
+    shell::run(
+        workspace_cargo()
+            .current_dir(paths::repo_root().join("ebpf"))
+            .args(["fmt", "--", "--check"]),
+    )?;
+
+    step("Linting (cargo clippy -D warnings)");
+    shell::run(workspace_cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+
+    step("Building the agent and veilctl");
+    shell::run(workspace_cargo().args(["build", "--workspace", "--bins"]))?;
+
+    if !nix::unistd::Uid::effective().is_root() {
+        println!(
+            "note: not root — integration tests that need network namespaces will print \
+             SKIPPED (under CI=true they fail instead)"
+        );
+    }
+    step("Running unit and integration tests");
+    shell::run(
+        workspace_cargo()
+            .args(["test", "--workspace", "--no-fail-fast"])
+            .args(cargo_test_args),
+    )?;
+    Ok(())
+}
