@@ -3,6 +3,7 @@
 //! Every command first makes sure the toolchain is there (`setup`), so a fresh
 //! Debian 12 machine needs nothing but `cargo xtask demo` or `cargo xtask test`.
 
+mod bench;
 mod demo;
 mod ebpf;
 mod paths;
@@ -35,6 +36,13 @@ enum Command {
     },
     /// Bring up a two-node test bed with agents, show traffic and counters, tear down.
     Demo,
+    /// Benchmark every datapath configuration side by side; writes perf/results/.
+    Bench {
+        /// Arguments for the harness: --quick, --scenario NAME, --repetitions N, --output DIR
+        /// (see `cargo xtask bench -- --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,6 +52,7 @@ fn main() -> ExitCode {
         Command::BuildEbpf => ebpf::build().map(|object| println!("{}", object.display())),
         Command::Test { cargo_test_args } => test::run(&cargo_test_args),
         Command::Demo => demo::run(),
+        Command::Bench { args } => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

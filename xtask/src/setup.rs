@@ -3,7 +3,7 @@
 //! The eBPF programs need a Rust toolchain with its own sources (build-std for
 //! `bpfel-unknown-none`) and a linker built against the same LLVM: Debian's
 //! rustc-web (1.96, LLVM 22) and bpf-linker 0.13 built against llvm-22-dev.
-//! The test beds need iproute2, nsenter and ping.
+//! The test beds need iproute2, nsenter and ping; benchmarks iperf3 and stunnel4.
 
 use std::process::Command;
 
@@ -26,6 +26,9 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "util-linux",
+    // Benchmarks: bulk throughput and the peer proxy Veil is compared with.
+    "iperf3",
+    "stunnel4",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -24,6 +24,7 @@ mod command;
 pub mod netns;
 pub mod privileges;
 pub mod process;
+pub mod routes;
 pub mod topology;
 pub mod traffic;
 

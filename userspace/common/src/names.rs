@@ -10,3 +10,14 @@ pub const PROG_POD_EGRESS: &str = "veil_pod_egress";
 
 /// Per-CPU hash of [`crate::counters::CounterKey`] → [`crate::counters::PacketCounters`].
 pub const MAP_INTERFACE_COUNTERS: &str = "INTERFACE_COUNTERS";
+
+/// Single-entry array of [`crate::overlay::OverlayConfig`].
+pub const MAP_OVERLAY_CONFIG: &str = "OVERLAY_CONFIG";
+/// LPM trie: pod CIDR (or moved pod /32) → [`crate::overlay::RemoteNode`].
+pub const MAP_NODE_ROUTES: &str = "NODE_ROUTES";
+/// Hash: pod address → [`crate::overlay::LocalEndpoint`].
+pub const MAP_LOCAL_ENDPOINTS: &str = "LOCAL_ENDPOINTS";
+/// Device map (hash): pod veth ifindex → itself, the XDP redirect targets.
+pub const MAP_POD_DEVICES: &str = "POD_DEVICES";
+/// Per-CPU array of packet counts per [`crate::overlay::DatapathEvent`].
+pub const MAP_DATAPATH_EVENTS: &str = "DATAPATH_EVENTS";

@@ -1,0 +1,262 @@
+//! The configurations a run compares, and how each is set up on the test bed.
+//!
+//! Every configuration gets its own pod pair (client on node 1, server on
+//! node 2), all set up at once, so measurements interleave without
+//! reconfiguring anything between them.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use veil_testbed::{PodRef, Routing, Topology, TopologySpec, process::ChildGuard};
+
+use crate::{
+    BenchError, Result,
+    echo::{self, Servers},
+    machine::Machine,
+    stunnel::{self, StunnelPair},
+};
+
+/// iperf3's server port in every server pod.
+pub const IPERF_PORT: u16 = 5201;
+/// VNI of the kernel VXLAN baseline.
+pub const KERNEL_VXLAN_VNI: u32 = 42;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Configuration {
+    /// Plain routes between nodes, no overlay, no encryption: the baseline.
+    Direct,
+    /// The kernel's own vxlan device.
+    KernelVxlan,
+    /// Veil's eBPF overlay.
+    VeilOverlay,
+    /// Veil mTLS with the userspace (rustls) relay.
+    VeilMtlsUserspace,
+    /// Veil mTLS with kernel TLS.
+    VeilMtlsKtls,
+    /// A stunnel pair doing the same job as Veil's mTLS.
+    Stunnel,
+}
+
+/// Whether a configuration can be measured in this run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Availability {
+    Ready,
+    NotBuiltYet(&'static str),
+    Skipped(String),
+}
+
+impl Configuration {
+    pub const ALL: [Configuration; 6] = [
+        Self::Direct,
+        Self::KernelVxlan,
+        Self::VeilOverlay,
+        Self::VeilMtlsUserspace,
+        Self::VeilMtlsKtls,
+        Self::Stunnel,
+    ];
+
+    pub const fn id(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::KernelVxlan => "kernel-vxlan",
+            Self::VeilOverlay => "veil-overlay",
+            Self::VeilMtlsUserspace => "veil-mtls-userspace",
+            Self::VeilMtlsKtls => "veil-mtls-ktls",
+            Self::Stunnel => "stunnel",
+        }
+    }
+
+    pub const fn title(self) -> &'static str {
+        match self {
+            Self::Direct => "direct routing (baseline: no overlay, no encryption)",
+            Self::KernelVxlan => "kernel vxlan device",
+            Self::VeilOverlay => "Veil eBPF overlay",
+            Self::VeilMtlsUserspace => "Veil mTLS, userspace relay",
+            Self::VeilMtlsKtls => "Veil mTLS, kTLS",
+            Self::Stunnel => "stunnel pair (TLS 1.3, ECDSA P-256, mutual auth)",
+        }
+    }
+
+    pub const fn is_baseline(self) -> bool {
+        matches!(self, Self::Direct)
+    }
+
+    /// True for configurations with proxy processes whose CPU and memory we account.
+    pub const fn has_proxy(self) -> bool {
+        matches!(self, Self::Stunnel)
+    }
+
+    pub fn availability(self, machine: &Machine) -> Availability {
+        match self {
+            Self::Direct | Self::KernelVxlan | Self::Stunnel => Availability::Ready,
+            Self::VeilOverlay => Availability::NotBuiltYet("the eBPF overlay is issue #4"),
+            Self::VeilMtlsUserspace => Availability::NotBuiltYet("the mTLS proxy is issue #5"),
+            Self::VeilMtlsKtls if !machine.ktls_available => {
+                Availability::Skipped("kernel has no TLS ULP".into())
+            }
+            Self::VeilMtlsKtls => Availability::NotBuiltYet("the mTLS proxy is issue #5"),
+        }
+    }
+}
+
+/// Where one configuration's client connects, per workload.
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    pub client: PodRef,
+    pub iperf: SocketAddr,
+    pub echo: SocketAddr,
+    pub one_shot: SocketAddr,
+    pub hold: SocketAddr,
+    /// Proxy processes carrying this configuration's traffic.
+    pub proxy_pids: Vec<u32>,
+}
+
+/// The test bed with every measured configuration set up on it.
+pub struct Bed {
+    // Field order is drop order: proxies and servers stop before the topology goes.
+    stunnel: Option<StunnelPair>,
+    servers: Vec<Servers>,
+    _iperf_servers: Vec<ChildGuard>,
+    endpoints: Vec<(Configuration, Endpoints)>,
+    topology: Topology,
+}
+
+impl Bed {
+    /// Builds a 2-node topology with one pod pair per configuration and sets each up.
+    pub fn build(configurations: &[Configuration]) -> Result<Self> {
+        let pairs = configurations.len().max(1);
+        let topology = Topology::build(
+            TopologySpec::new("bench")
+                .nodes(2)
+                .pods_per_node(pairs)
+                .routing(Routing::None),
+        )?;
+        for pod in topology.pods() {
+            let ns = topology.pod(pod);
+            // Connection-rate runs open tens of thousands of connections.
+            ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+            ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+        }
+        for node in 1..=2 {
+            topology.node(node).sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        }
+        let mut bed = Self {
+            stunnel: None,
+            servers: Vec::new(),
+            _iperf_servers: Vec::new(),
+            endpoints: Vec::new(),
+            topology,
+        };
+        for (index, &configuration) in configurations.iter().enumerate() {
+            let client = PodRef::new(1, index + 1);
+            let server = PodRef::new(2, index + 1);
+            bed.start_servers(server)?;
+            let endpoints = bed.set_up(configuration, client, server)?;
+            bed.endpoints.push((configuration, endpoints));
+        }
+        Ok(bed)
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    pub fn endpoints(&self, configuration: Configuration) -> &Endpoints {
+        &self
+            .endpoints
+            .iter()
+            .find(|(c, _)| *c == configuration)
+            .unwrap_or_else(|| panic!("{} was not set up", configuration.id()))
+            .1
+    }
+
+    /// Lets go of every connection the hold servers keep.
+    pub fn release_held_connections(&self) {
+        for servers in &self.servers {
+            servers.release_held();
+        }
+    }
+
+    fn start_servers(&mut self, server: PodRef) -> Result<()> {
+        let ns = self.topology.pod(server);
+        self.servers.push(Servers::start(&ns, server.ip())?);
+        let mut iperf = ns.command("iperf3");
+        iperf
+            .args([
+                "-s",
+                "-B",
+                &server.ip().to_string(),
+                "-p",
+                &IPERF_PORT.to_string(),
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        self._iperf_servers.push(ChildGuard::spawn(
+            &format!("iperf3 server in {server}"),
+            iperf,
+        )?);
+        Ok(())
+    }
+
+    fn set_up(
+        &mut self,
+        configuration: Configuration,
+        client: PodRef,
+        server: PodRef,
+    ) -> Result<Endpoints> {
+        let direct = |port: u16| SocketAddr::from((server.ip(), port));
+        let plain = |proxy_pids| Endpoints {
+            client,
+            iperf: direct(IPERF_PORT),
+            echo: direct(echo::ECHO_PORT),
+            one_shot: direct(echo::ONE_SHOT_PORT),
+            hold: direct(echo::HOLD_PORT),
+            proxy_pids,
+        };
+        match configuration {
+            Configuration::Direct => {
+                self.topology.route_pair_direct(client, server)?;
+                Ok(plain(Vec::new()))
+            }
+            Configuration::KernelVxlan => {
+                self.topology.install_kernel_vxlan(KERNEL_VXLAN_VNI)?;
+                self.topology.route_pair_kernel_vxlan(client, server)?;
+                Ok(plain(Vec::new()))
+            }
+            Configuration::Stunnel => {
+                let services: Vec<stunnel::Service> = [
+                    ("iperf", IPERF_PORT),
+                    ("echo", echo::ECHO_PORT),
+                    ("oneshot", echo::ONE_SHOT_PORT),
+                    ("hold", echo::HOLD_PORT),
+                ]
+                .into_iter()
+                .enumerate()
+                .map(|(i, (name, port))| stunnel::Service {
+                    name,
+                    client_port: 15101 + i as u16,
+                    server_port: 15201 + i as u16,
+                    backend: direct(port),
+                })
+                .collect();
+                let pair = StunnelPair::start(&self.topology, client.node, server.node, &services)?;
+                let endpoints = Endpoints {
+                    client,
+                    iperf: pair.client_endpoint(services[0].client_port),
+                    echo: pair.client_endpoint(services[1].client_port),
+                    one_shot: pair.client_endpoint(services[2].client_port),
+                    hold: pair.client_endpoint(services[3].client_port),
+                    proxy_pids: pair.pids(),
+                };
+                self.stunnel = Some(pair);
+                Ok(endpoints)
+            }
+            other => Err(BenchError::Configuration {
+                configuration: other.id(),
+                problem: "cannot be set up: it is not built yet".into(),
+            }),
+        }
+    }
+}

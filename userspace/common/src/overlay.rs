@@ -1,0 +1,166 @@
+//! Maps of the VXLAN overlay: where remote pods live, which pods are local,
+//! and what the programs did with each packet.
+//!
+//! Addresses are stored in network byte order (`[u8; 4]`), exactly as they
+//! appear in packets, so the programs never swap bytes on the hot path.
+
+/// UDP port of VXLAN (IANA).
+pub const VXLAN_PORT: u16 = 4789;
+/// Bytes VXLAN over IPv4 adds: outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8.
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// Outer UDP source ports are taken from this range (RFC 7348 §5), by flow hash.
+pub const SOURCE_PORT_BASE: u16 = 49152;
+/// Mask applied to the flow hash to pick a port inside the range.
+pub const SOURCE_PORT_MASK: u16 = 0x3fff;
+
+/// Largest number of remote node routes (pod CIDRs and moved pods).
+pub const MAX_NODE_ROUTES: u32 = 4096;
+/// Largest number of pods on one node.
+pub const MAX_LOCAL_ENDPOINTS: u32 = 1024;
+
+/// This node's overlay settings (single-entry array, index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OverlayConfig {
+    /// VXLAN network identifier (24 bits).
+    pub vni: u32,
+    /// Interface index of the underlay.
+    pub underlay_ifindex: u32,
+    /// MTU of the underlay; encapsulated frames larger than this are refused.
+    pub underlay_mtu: u32,
+    /// This node's underlay address.
+    pub underlay_ip: [u8; 4],
+    /// This node's underlay MAC (outer source MAC).
+    pub underlay_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Value of the node route table (an LPM trie keyed by pod CIDR or pod /32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoteNode {
+    /// The node's underlay address (outer destination).
+    pub underlay_ip: [u8; 4],
+    /// The node's underlay MAC (outer destination MAC; nodes share an L2 underlay).
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Value of the local endpoint table, keyed by pod address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalEndpoint {
+    /// Host-side veth of the pod.
+    pub ifindex: u32,
+    /// The pod's own MAC (inner destination MAC after decapsulation).
+    pub pod_mac: [u8; 6],
+    /// MAC of the host-side veth (inner source MAC after decapsulation).
+    pub host_mac: [u8; 6],
+    /// Workload identity slot, for the mTLS work (0 = none yet).
+    pub identity: u32,
+    /// mTLS mode slot, for the mTLS work (0 = none yet).
+    pub mode: u32,
+}
+
+/// What the programs did with a packet; index into the per-CPU event counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DatapathEvent {
+    /// Pod egress: encapsulated toward a remote node.
+    Encapsulated = 0,
+    /// Underlay ingress: decapsulated and redirected into a local pod.
+    Decapsulated = 1,
+    /// Pod egress to a pod on the same node: left to the kernel, never encapsulated.
+    SameNode = 2,
+    /// Pod egress to an address no node owns: left to the kernel.
+    NoOverlayRoute = 3,
+    /// Underlay ingress that is not VXLAN: passed untouched.
+    NotOverlay = 4,
+    DropTruncated = 5,
+    DropMalformed = 6,
+    DropWrongVni = 7,
+    DropUnknownDestination = 8,
+    DropInnerNotIpv4 = 9,
+    DropEncapFailed = 10,
+    DropTooBig = 11,
+}
+
+/// Number of [`DatapathEvent`] values (size of the event counter array).
+pub const DATAPATH_EVENT_COUNT: u32 = 12;
+
+impl DatapathEvent {
+    pub const ALL: [DatapathEvent; DATAPATH_EVENT_COUNT as usize] = [
+        Self::Encapsulated,
+        Self::Decapsulated,
+        Self::SameNode,
+        Self::NoOverlayRoute,
+        Self::NotOverlay,
+        Self::DropTruncated,
+        Self::DropMalformed,
+        Self::DropWrongVni,
+        Self::DropUnknownDestination,
+        Self::DropInnerNotIpv4,
+        Self::DropEncapFailed,
+        Self::DropTooBig,
+    ];
+
+    /// Name shown by `veilctl` and in metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Encapsulated => "encapsulated",
+            Self::Decapsulated => "decapsulated",
+            Self::SameNode => "same-node",
+            Self::NoOverlayRoute => "no-overlay-route",
+            Self::NotOverlay => "not-overlay",
+            Self::DropTruncated => "drop-truncated",
+            Self::DropMalformed => "drop-malformed",
+            Self::DropWrongVni => "drop-wrong-vni",
+            Self::DropUnknownDestination => "drop-unknown-destination",
+            Self::DropInnerNotIpv4 => "drop-inner-not-ipv4",
+            Self::DropEncapFailed => "drop-encap-failed",
+            Self::DropTooBig => "drop-too-big",
+        }
+    }
+
+    pub const fn is_drop(self) -> bool {
+        (self as u32) >= Self::DropTruncated as u32
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: `#[repr(C)]`, `Copy`, integers and byte arrays only, explicit
+    // padding fields: every bit pattern is a valid value.
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::OverlayConfig {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::RemoteNode {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::LocalEndpoint {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<OverlayConfig>(), 24);
+        assert_eq!(core::mem::size_of::<RemoteNode>(), 12);
+        assert_eq!(core::mem::size_of::<LocalEndpoint>(), 24);
+    }
+
+    #[test]
+    fn events_are_indexed_by_their_value_and_named_uniquely() {
+        for (i, event) in DatapathEvent::ALL.iter().enumerate() {
+            assert_eq!(*event as usize, i);
+            assert!(
+                DatapathEvent::ALL[i + 1..]
+                    .iter()
+                    .all(|e| e.name() != event.name())
+            );
+        }
+        assert!(DatapathEvent::DropTruncated.is_drop());
+        assert!(!DatapathEvent::NotOverlay.is_drop());
+    }
+}
