@@ -8,6 +8,8 @@
 #![no_main]
 
 mod counters;
+mod headers;
+mod overlay_maps;
 mod pod_egress;
 mod underlay_ingress;
 

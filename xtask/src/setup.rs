@@ -26,6 +26,8 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "util-linux",
+    "ethtool",
+    "tcpdump",
     // Benchmarks: bulk throughput and the peer proxy Veil is compared with.
     "iperf3",
     "stunnel4",

@@ -28,11 +28,22 @@ pub struct Agent {
 impl Agent {
     /// Writes a config for `node`, starts the agent there and waits until it answers.
     pub fn start(topology: &Topology, node: usize) -> Result<Self> {
+        Self::start_with(topology, node, None)
+    }
+
+    /// Like [`Self::start`], with Veil's overlay on VNI `vni`, fed by the
+    /// topology's inventory (written now).
+    pub fn start_overlay(topology: &Topology, node: usize, vni: u32) -> Result<Self> {
+        topology.write_inventory()?;
+        Self::start_with(topology, node, Some(vni))
+    }
+
+    fn start_with(topology: &Topology, node: usize, overlay_vni: Option<u32>) -> Result<Self> {
         let agent_bin = binaries::locate("veil-agent")?;
         let veilctl = binaries::locate("veilctl")?;
         let ns = topology.node(node);
         let config_path = topology.workdir().join(format!("agent-n{node}.toml"));
-        std::fs::write(&config_path, config_for(topology, node))
+        std::fs::write(&config_path, config_for(topology, node, overlay_vni))
             .map_err(io_error(format!("cannot write {}", config_path.display())))?;
         let log_path = topology.workdir().join(format!("agent-n{node}.log"));
         let log = File::create(&log_path)
@@ -151,15 +162,24 @@ impl Agent {
     }
 }
 
-/// The agent config for `node`: underlay `ul0`, one veth per pod.
-pub fn config_for(topology: &Topology, node: usize) -> String {
+/// The agent config for `node`: underlay `ul0`, one veth per pod, and the
+/// overlay on VNI `overlay_vni` when given (pod veths then come from the inventory).
+pub fn config_for(topology: &Topology, node: usize, overlay_vni: Option<u32>) -> String {
     let pods = topology
         .pod_veths(node)
         .iter()
         .map(|veth| format!("{veth:?}"))
         .collect::<Vec<_>>()
         .join(", ");
-    format!(
-        "node_name = \"node{node}\"\n\n[datapath]\nunderlay_interface = \"ul0\"\npod_interfaces = [{pods}]\n"
-    )
+    let mut config =
+        format!("node_name = \"node{node}\"\n\n[datapath]\nunderlay_interface = \"ul0\"\n");
+    match overlay_vni {
+        None => config.push_str(&format!("pod_interfaces = [{pods}]\n")),
+        Some(vni) => config.push_str(&format!(
+            "\n[overlay]\nvni = {vni}\nunderlay_mtu = {}\ninventory = \"{}\"\n",
+            topology.spec().underlay_mtu,
+            topology.inventory_path().display()
+        )),
+    }
+    config
 }

@@ -21,6 +21,7 @@ pub mod addressing;
 pub mod agents;
 pub mod binaries;
 mod command;
+pub mod inventory;
 pub mod netns;
 pub mod privileges;
 pub mod process;

@@ -9,8 +9,10 @@ use crate::{PodRef, Result, Topology, addressing};
 
 /// VXLAN device name on each node when the kernel's VXLAN is installed.
 pub const KERNEL_VXLAN_DEVICE: &str = "vxlan0";
-/// UDP port of VXLAN (IANA).
-pub const VXLAN_PORT: u16 = 4789;
+/// UDP port of the kernel VXLAN baseline: 8472, Linux's historical default
+/// (as Flannel uses), kept off 4789 so it never meets Veil's own overlay on
+/// the same underlay.
+pub const KERNEL_VXLAN_PORT: u16 = 8472;
 
 /// Address of node `node` on the kernel VXLAN overlay (198.18.1.`node`/24).
 pub fn kernel_vxlan_ip(node: usize) -> std::net::Ipv4Addr {
@@ -35,9 +37,9 @@ impl Topology {
         Ok(())
     }
 
-    /// Creates a VXLAN device (`vxlan0`, VNI `vni`, UDP 4789) on every node,
+    /// Creates a VXLAN device (`vxlan0`, VNI `vni`) on every node,
     /// with a flood entry per peer node, as a static kernel configuration
-    /// would. Its MTU is the pods' MTU.
+    /// would. Its MTU is the pods' MTU; its UDP port is [`KERNEL_VXLAN_PORT`].
     pub fn install_kernel_vxlan(&self, vni: u32) -> Result<()> {
         let nodes = self.spec().nodes;
         let mtu = self.spec().pod_mtu().to_string();
@@ -56,7 +58,7 @@ impl Topology {
                 "dev",
                 "ul0",
                 "dstport",
-                &VXLAN_PORT.to_string(),
+                &KERNEL_VXLAN_PORT.to_string(),
                 "nolearning",
             ])?;
             ns.ip(&["link", "set", KERNEL_VXLAN_DEVICE, "mtu", &mtu, "up"])?;

@@ -1,6 +1,6 @@
 //! Building and tearing down a topology of nodes and pods.
 
-use std::{io::Write, path::Path};
+use std::{collections::HashMap, io::Write, path::Path};
 
 use crate::{
     Result, TestbedError,
@@ -108,6 +108,8 @@ pub struct Topology {
     spec: TopologySpec,
     /// Every namespace created, in creation order (torn down in reverse).
     created: Vec<NetNs>,
+    /// Pods moved away from the node that owns their address, and where to.
+    moved: HashMap<PodRef, usize>,
     workdir: tempfile::TempDir,
 }
 
@@ -123,6 +125,7 @@ impl Topology {
         let mut topology = Self {
             spec,
             created: Vec::new(),
+            moved: HashMap::new(),
             workdir,
         };
         // On error `topology` drops here and removes whatever was built.
@@ -170,11 +173,40 @@ impl Topology {
             .collect()
     }
 
-    /// Host-side veth names of the pods on `node`.
+    /// Host-side veth names of the pods running on `node` now.
     pub fn pod_veths(&self, node: usize) -> Vec<String> {
-        (1..=self.spec.pods_per_node)
-            .map(|p| PodRef::new(node, p).host_veth())
+        self.pods()
+            .into_iter()
+            .filter(|&pod| self.location(pod) == node)
+            .map(|pod| self.host_veth(pod))
             .collect()
+    }
+
+    /// The pod's host-side veth on the node it runs on now.
+    pub fn host_veth(&self, pod: PodRef) -> String {
+        match self.moved.get(&pod) {
+            Some(_) => format!("v{}p{}", pod.node, pod.pod),
+            None => pod.host_veth(),
+        }
+    }
+
+    pub(crate) fn moved_to(&self, pod: PodRef) -> Option<usize> {
+        self.moved.get(&pod).copied()
+    }
+
+    /// Moves `pod` to node `to`, keeping its namespace and address: its veth
+    /// on the old node goes, a new one on `to` comes (named `v<n>p<p>`).
+    /// Routing between nodes is not touched: the overlay's inventory must say
+    /// where the pod is now (see [`Self::write_inventory`]).
+    pub fn move_pod(&mut self, pod: PodRef, to: usize) -> Result<()> {
+        let from = self.location(pod);
+        self.node(from).ip(&["link", "del", &self.host_veth(pod)])?;
+        if to == pod.node {
+            self.moved.remove(&pod);
+        } else {
+            self.moved.insert(pod, to);
+        }
+        self.connect_pod(pod, to)
     }
 
     fn ns(&self, suffix: &str) -> NetNs {
@@ -226,6 +258,10 @@ impl Topology {
             &mtu,
             "up",
         ])?;
+        // Behave like a wire: frames leave the switch with complete checksums,
+        // as they arrive from a real NIC. (veth would otherwise hand on
+        // CHECKSUM_PARTIAL packets, which XDP on the receiving node cannot keep.)
+        fabric.ethtool(&["-K", &switch_port, "tx", "off"])?;
         ns.ip(&["link", "set", "ul0", "mtu", &mtu, "up"])?;
         let underlay = format!(
             "{}/{}",
@@ -240,11 +276,17 @@ impl Topology {
     }
 
     fn build_pod(&mut self, pod: PodRef) -> Result<()> {
-        let node = self.node(pod.node);
-        let ns = self.create(&format!("n{}p{}", pod.node, pod.pod))?;
+        self.create(&format!("n{}p{}", pod.node, pod.pod))?;
+        self.connect_pod(pod, pod.node)
+    }
+
+    /// Joins the pod's namespace to node `node` with a fresh veth pair.
+    fn connect_pod(&self, pod: PodRef, node_number: usize) -> Result<()> {
+        let node = self.node(node_number);
+        let ns = self.pod(pod);
         let mtu = self.spec.pod_mtu().to_string();
-        let veth = pod.host_veth();
-        let gateway = addressing::node_pod_gateway(pod.node).to_string();
+        let veth = self.host_veth(pod);
+        let gateway = addressing::node_pod_gateway(node_number).to_string();
         let pod_ip = pod.ip().to_string();
         node.ip(&[
             "link",
@@ -270,9 +312,14 @@ impl Topology {
             &gateway,
         ])?;
         ns.ip(&["link", "set", "eth0", "mtu", &mtu, "up"])?;
+        // A veth only takes XDP-redirected frames when its peer runs NAPI:
+        // GRO on the pod side turns that on (Veil's overlay redirects there).
+        ns.ethtool(&["-K", "eth0", "gro", "on"])?;
         ns.ip(&["addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
-        ns.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"])?;
-        ns.ip(&["route", "add", TEST_RANGE, "via", &gateway, "dev", "eth0"])?;
+        ns.ip(&["route", "replace", &gateway, "dev", "eth0", "scope", "link"])?;
+        ns.ip(&[
+            "route", "replace", TEST_RANGE, "via", &gateway, "dev", "eth0",
+        ])?;
         Ok(())
     }
 

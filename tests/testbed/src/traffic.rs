@@ -180,3 +180,60 @@ mod tests {
         assert!(a.iter().any(|&x| x != a[0]));
     }
 }
+
+/// Sends `count` UDP datagrams of `size` bytes from `from` to an echo server
+/// in `to` and returns how many came back (each waits at most 1 s).
+pub fn udp_echo(
+    topology: &Topology,
+    from: PodRef,
+    to: PodRef,
+    port: u16,
+    count: u32,
+    size: usize,
+) -> Result<u32> {
+    use std::net::UdpSocket;
+    let server_addr = SocketAddr::from((to.ip(), port));
+    let server = topology
+        .pod(to)
+        .run(move || UdpSocket::bind(server_addr))?
+        .map_err(|e| TestbedError::Traffic(format!("{to}: cannot bind {server_addr}: {e}")))?;
+    server
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| TestbedError::Traffic(e.to_string()))?;
+    let echo = std::thread::spawn(move || {
+        let mut buffer = vec![0u8; 65536];
+        for _ in 0..count {
+            match server.recv_from(&mut buffer) {
+                Ok((n, peer)) => {
+                    let _ = server.send_to(&buffer[..n], peer);
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    let client_bind = SocketAddr::from((from.ip(), 0));
+    let client = topology
+        .pod(from)
+        .run(move || UdpSocket::bind(client_bind))?
+        .map_err(|e| TestbedError::Traffic(format!("{from}: cannot bind: {e}")))?;
+    client
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .map_err(|e| TestbedError::Traffic(e.to_string()))?;
+    let mut answered = 0;
+    let mut reply = vec![0u8; 65536];
+    for i in 0..count {
+        let datagram: Vec<u8> = (0..size as u64)
+            .map(|b| pattern_byte(b + u64::from(i)))
+            .collect();
+        client
+            .send_to(&datagram, server_addr)
+            .map_err(|e| TestbedError::Traffic(format!("{from} → {to}: UDP send: {e}")))?;
+        if let Ok((n, _)) = client.recv_from(&mut reply) {
+            if reply[..n] == datagram[..] {
+                answered += 1;
+            }
+        }
+    }
+    let _ = echo.join();
+    Ok(answered)
+}

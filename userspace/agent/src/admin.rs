@@ -1,12 +1,15 @@
 //! The localhost admin API (port 15000): what `veilctl` reads.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
 
 use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
 use tokio::net::TcpListener;
-use veil_api::{AgentStatus, STATUS_PATH};
+use veil_api::{AgentStatus, EventCount, STATUS_PATH};
 
-use crate::datapath::Datapath;
+use crate::{datapath::Datapath, overlay_sync::OverlaySync};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -22,7 +25,8 @@ pub enum AdminError {
 /// What the handlers read.
 pub struct AdminState {
     pub node_name: String,
-    pub datapath: Datapath,
+    pub datapath: Arc<Mutex<Datapath>>,
+    pub overlay: Option<Arc<OverlaySync>>,
 }
 
 /// Binds the admin listener; serving starts with [`serve`].
@@ -50,14 +54,26 @@ pub async fn serve(
 async fn status(
     State(state): State<Arc<AdminState>>,
 ) -> Result<Json<AgentStatus>, (StatusCode, String)> {
-    let counters = state
-        .datapath
-        .counters()
-        .map_err(|error| (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
+    let internal = |error: String| (StatusCode::INTERNAL_SERVER_ERROR, error);
+    let datapath = state.datapath.lock().unwrap_or_else(|p| p.into_inner());
+    let counters = datapath.counters().map_err(|e| internal(e.to_string()))?;
+    let events = datapath
+        .overlay()
+        .events()
+        .map_err(|e| internal(e.to_string()))?
+        .into_iter()
+        .map(|(event, packets)| EventCount {
+            event: event.name().into(),
+            drop: event.is_drop(),
+            packets,
+        })
+        .collect();
     Ok(Json(AgentStatus {
         version: env!("CARGO_PKG_VERSION").into(),
         node: state.node_name.clone(),
-        programs: state.datapath.programs().to_vec(),
+        programs: datapath.programs(),
         counters,
+        events,
+        overlay: state.overlay.as_ref().map(|o| o.status(&datapath)),
     }))
 }

@@ -51,6 +51,30 @@ pub struct AgentConfig {
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
     pub datapath: DatapathConfig,
+    /// The VXLAN overlay; without this section the agent only counts packets.
+    #[serde(default)]
+    pub overlay: Option<OverlaySection>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverlaySection {
+    /// VXLAN network identifier (1 to 16777215).
+    #[serde(default = "default_vni")]
+    pub vni: u32,
+    /// MTU of the underlay; pods must use 50 bytes less.
+    #[serde(default = "default_underlay_mtu")]
+    pub underlay_mtu: u32,
+    /// The inventory file (nodes and pods), re-read when it changes.
+    pub inventory: PathBuf,
+}
+
+fn default_vni() -> u32 {
+    4242
+}
+
+fn default_underlay_mtu() -> u32 {
+    1500
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -104,6 +128,20 @@ impl AgentConfig {
                 veil_api::DEFAULT_ADMIN_PORT
             ));
         }
+        if let Some(overlay) = &self.overlay {
+            if !(1..=0x00ff_ffff).contains(&overlay.vni) {
+                return Err(format!(
+                    "overlay.vni = {} is out of range: a VNI is 1 to 16777215",
+                    overlay.vni
+                ));
+            }
+            if !(626..=9000).contains(&overlay.underlay_mtu) {
+                return Err(format!(
+                    "overlay.underlay_mtu = {} is out of range (626 to 9000)",
+                    overlay.underlay_mtu
+                ));
+            }
+        }
         let datapath = &self.datapath;
         let mut seen = HashSet::new();
         for name in std::iter::once(&datapath.underlay_interface).chain(&datapath.pod_interfaces) {
@@ -151,6 +189,20 @@ mod tests {
         assert!(error.contains("agent.toml"), "{error}");
         assert!(error.contains("line 4"), "{error}");
         assert!(error.contains("xdp_mod"), "{error}");
+    }
+
+    #[test]
+    fn overlay_section_has_defaults_and_limits() {
+        let base = "node_name = \"n1\"\n[datapath]\nunderlay_interface = \"ul0\"\n[overlay]\n";
+        let config = parse(&format!("{base}inventory = \"/etc/veil/inventory.toml\"\n")).unwrap();
+        let overlay = config.overlay.unwrap();
+        assert_eq!((overlay.vni, overlay.underlay_mtu), (4242, 1500));
+        let error = parse(&format!("{base}inventory = \"i\"\nvni = 16777216\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("overlay.vni"), "{error}");
+        let error = parse(base).unwrap_err().to_string();
+        assert!(error.contains("inventory"), "{error}");
     }
 
     #[test]

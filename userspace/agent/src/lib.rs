@@ -2,20 +2,27 @@
 //!
 //! One agent runs on each node. It loads the eBPF datapath embedded in its
 //! binary, attaches XDP to the node's underlay interface and TC to each pod's
-//! host-side veth, and serves a localhost admin API that `veilctl` reads.
-//! Later slices add the overlay maps, the mTLS proxy and the control plane;
-//! each lives in its own module here.
+//! host-side veth, keeps the overlay maps in step with the inventory, and
+//! serves a localhost admin API that `veilctl` reads. Later slices add the
+//! mTLS proxy and the control plane; each lives in its own module here.
 
 pub mod admin;
 pub mod config;
 pub mod datapath;
+pub mod inventory;
 pub mod logging;
+pub mod overlay_sync;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tracing::info;
 
-use crate::{admin::AdminState, config::AgentConfig, datapath::Datapath};
+use crate::{
+    admin::AdminState,
+    config::AgentConfig,
+    datapath::{Datapath, overlay::OverlaySettings},
+    overlay_sync::OverlaySync,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -30,17 +37,36 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
-    let datapath = Datapath::start(&config.datapath)?;
+    let datapath = Arc::new(Mutex::new(Datapath::start(&config.datapath)?));
+    let overlay = config.overlay.as_ref().map(|section| {
+        Arc::new(OverlaySync {
+            settings: OverlaySettings {
+                node_name: config.node_name.clone(),
+                vni: section.vni,
+                underlay_interface: config.datapath.underlay_interface.clone(),
+                underlay_mtu: section.underlay_mtu,
+            },
+            inventory: section.inventory.clone(),
+            report: Mutex::default(),
+        })
+    });
+    if let Some(overlay) = &overlay {
+        // Apply once before reporting ready, then keep in step.
+        let (sync, dp) = (Arc::clone(overlay), Arc::clone(&datapath));
+        let _ = tokio::task::spawn_blocking(move || sync.sync_once(&dp)).await;
+        tokio::spawn(Arc::clone(overlay).run(Arc::clone(&datapath)));
+    }
     let listener = admin::bind(config.admin_listen).await?;
     info!(
         node = %config.node_name,
         admin = %config.admin_listen,
-        programs = datapath.programs().len(),
+        overlay = overlay.is_some(),
         "agent ready"
     );
     let state = Arc::new(AdminState {
         node_name: config.node_name,
         datapath,
+        overlay,
     });
     admin::serve(listener, Arc::clone(&state), shutdown).await?;
     info!("agent stopping: detaching programs");

@@ -22,6 +22,53 @@ pub struct AgentStatus {
     pub programs: Vec<AttachedProgram>,
     /// Packet counters per program and interface.
     pub counters: Vec<InterfaceCounters>,
+    /// What the programs did with packets (forwarded, passed, dropped by reason).
+    #[serde(default)]
+    pub events: Vec<EventCount>,
+    /// The overlay's state, when the agent runs one.
+    #[serde(default)]
+    pub overlay: Option<OverlayStatus>,
+}
+
+/// Packets counted under one datapath event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventCount {
+    pub event: String,
+    /// True for drop reasons.
+    pub drop: bool,
+    pub packets: u64,
+}
+
+/// The overlay as the maps hold it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverlayStatus {
+    pub vni: u32,
+    pub underlay_ip: String,
+    pub underlay_mtu: u32,
+    /// The inventory file the maps come from.
+    pub inventory: String,
+    /// Why the last read of the inventory was refused (the previous state stays in force).
+    pub inventory_error: Option<String>,
+    /// Local pods left out (e.g. their veth does not exist yet).
+    pub warnings: Vec<String>,
+    pub routes: Vec<OverlayRoute>,
+    pub endpoints: Vec<OverlayEndpoint>,
+}
+
+/// A pod CIDR (or moved pod) and the node that owns it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverlayRoute {
+    pub cidr: String,
+    pub node_ip: String,
+    pub node_mac: String,
+}
+
+/// A pod on this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverlayEndpoint {
+    pub ip: String,
+    pub ifindex: u32,
+    pub pod_mac: String,
 }
 
 /// Where a program runs.
@@ -65,6 +112,14 @@ pub struct InterfaceCounters {
 }
 
 impl AgentStatus {
+    /// Packets counted under the event called `event` (0 if unknown).
+    pub fn event(&self, event: &str) -> u64 {
+        self.events
+            .iter()
+            .find(|e| e.event == event)
+            .map_or(0, |e| e.packets)
+    }
+
     /// Counters of `hook` on the interface called `interface`, if any packet was seen.
     pub fn counters_for(&self, hook: HookKind, interface: &str) -> Option<&InterfaceCounters> {
         self.counters
@@ -96,6 +151,12 @@ mod tests {
                 packets: 10,
                 bytes: 1000,
             }],
+            events: vec![EventCount {
+                event: "drop-wrong-vni".into(),
+                drop: true,
+                packets: 3,
+            }],
+            overlay: None,
         };
         let json = serde_json::to_string(&status).unwrap();
         assert!(json.contains("\"hook\":\"tc-ingress\""), "{json}");

@@ -63,6 +63,8 @@ mod tests {
                 mode: "native".into(),
             }],
             counters,
+            events: Vec::new(),
+            overlay: None,
         }
     }
 

@@ -1,7 +1,10 @@
 //! Attaching programs to interfaces, choosing the best mode the kernel offers.
 
 use aya::{
-    programs::{SchedClassifier, TcAttachType, TcError, Xdp, XdpMode, tc},
+    programs::{
+        SchedClassifier, TcAttachType, TcError, Xdp, XdpMode,
+        tc::{self, SchedClassifierLinkId},
+    },
     util::KernelVersion,
 };
 use tracing::{info, warn};
@@ -54,7 +57,7 @@ pub fn tc_ingress(
     program: &mut SchedClassifier,
     name: &'static str,
     interface: &str,
-) -> Result<AttachedProgram, DatapathError> {
+) -> Result<(SchedClassifierLinkId, AttachedProgram), DatapathError> {
     let ifindex = ifindex(interface)?;
     let uses_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
     if !uses_tcx {
@@ -70,7 +73,7 @@ pub fn tc_ingress(
             }
         }
     }
-    program
+    let link = program
         .attach(interface, TcAttachType::Ingress)
         .map_err(|error| DatapathError::Attach {
             program: name,
@@ -79,13 +82,16 @@ pub fn tc_ingress(
         })?;
     let mode = if uses_tcx { "tcx" } else { "netlink" };
     info!(program = name, interface, mode, "attached tc ingress");
-    Ok(AttachedProgram {
-        name: name.into(),
-        hook: HookKind::TcIngress,
-        interface: interface.into(),
-        ifindex,
-        mode: mode.into(),
-    })
+    Ok((
+        link,
+        AttachedProgram {
+            name: name.into(),
+            hook: HookKind::TcIngress,
+            interface: interface.into(),
+            ifindex,
+            mode: mode.into(),
+        },
+    ))
 }
 
 fn ifindex(interface: &str) -> Result<u32, DatapathError> {

@@ -1,29 +1,38 @@
-//! The eBPF datapath: load the embedded object, attach its programs, read its maps.
+//! The eBPF datapath: load the embedded object, attach its programs, keep its maps.
 //!
 //! [`Datapath`] owns the loaded object; dropping it detaches every program
 //! (attachments are bpf_links tied to our file descriptors, so a crashed agent
 //! leaves nothing attached behind either).
 
 mod attach;
+pub mod links;
 mod logs;
+pub mod overlay;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuHashMap},
-    programs::{ProgramError, SchedClassifier, Xdp},
+    maps::{Map, MapData, MapError, PerCpuHashMap},
+    programs::{ProgramError, SchedClassifier, Xdp, tc::SchedClassifierLinkId},
 };
+use tracing::info;
 use veil_api::{AttachedProgram, HookKind, InterfaceCounters};
 use veil_common::{
     counters::{CounterKey, Hook, PacketCounters},
     names,
 };
 
+use self::overlay::OverlayMaps;
 use crate::config::DatapathConfig;
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("VEIL_EBPF_OBJECT"));
+
+/// The embedded eBPF object (for tests that load programs by themselves).
+pub fn ebpf_object() -> &'static [u8] {
+    EBPF_OBJECT
+}
 
 const PERMISSION_HINT: &str = "the agent needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON";
 
@@ -53,11 +62,10 @@ pub enum DatapathError {
         interface: String,
         reason: String,
     },
-    #[error("cannot read map {map}: {source}")]
-    Map {
-        map: &'static str,
-        source: aya::maps::MapError,
-    },
+    #[error("cannot use map {map}: {source}")]
+    Map { map: &'static str, source: MapError },
+    #[error("cannot update the overlay maps: {0}")]
+    Overlay(#[from] overlay::OverlayMapError),
     #[error("cannot start reading eBPF logs: {0}")]
     Logs(#[from] aya_log::Error),
     #[error("cannot watch the eBPF log ring buffer: {0}")]
@@ -67,14 +75,18 @@ pub enum DatapathError {
 /// The loaded and attached datapath of one node.
 pub struct Datapath {
     /// Owns the programs and their links; dropping it detaches them.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     counters: PerCpuHashMap<MapData, CounterKey, PacketCounters>,
-    programs: Vec<AttachedProgram>,
-    interface_names: HashMap<u32, String>,
+    overlay: OverlayMaps,
+    xdp: AttachedProgram,
+    /// Pod veths with the pod-egress program, by name.
+    pod_programs: BTreeMap<String, (SchedClassifierLinkId, AttachedProgram)>,
+    /// Pod veths from the agent config: attached for the agent's whole life.
+    static_pod_interfaces: BTreeSet<String>,
 }
 
 impl Datapath {
-    /// Loads the embedded object and attaches XDP to the underlay and TC to each pod veth.
+    /// Loads the embedded object and attaches XDP to the underlay and TC to each configured pod veth.
     ///
     /// Must run inside a tokio runtime: the programs' log records are
     /// forwarded to the agent's log by a background task.
@@ -82,64 +94,113 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
         logs::forward_to_agent_log(&mut ebpf)?;
 
-        let mut programs = Vec::new();
-        let mut interface_names = HashMap::new();
-
         let xdp: &mut Xdp = program_mut(&mut ebpf, names::PROG_UNDERLAY_INGRESS)?
             .try_into()
             .map_err(refused(names::PROG_UNDERLAY_INGRESS))?;
         xdp.load().map_err(refused(names::PROG_UNDERLAY_INGRESS))?;
-        let attached = attach::xdp(
+        let xdp = attach::xdp(
             xdp,
             names::PROG_UNDERLAY_INGRESS,
             &config.underlay_interface,
             config.xdp_mode,
         )?;
-        interface_names.insert(attached.ifindex, attached.interface.clone());
-        programs.push(attached);
 
         let tc: &mut SchedClassifier = program_mut(&mut ebpf, names::PROG_POD_EGRESS)?
             .try_into()
             .map_err(refused(names::PROG_POD_EGRESS))?;
         tc.load().map_err(refused(names::PROG_POD_EGRESS))?;
-        for interface in &config.pod_interfaces {
-            let attached = attach::tc_ingress(tc, names::PROG_POD_EGRESS, interface)?;
-            interface_names.insert(attached.ifindex, attached.interface.clone());
-            programs.push(attached);
-        }
 
-        let counters =
-            ebpf.take_map(names::MAP_INTERFACE_COUNTERS)
-                .ok_or(DatapathError::Missing {
-                    kind: "map",
-                    name: names::MAP_INTERFACE_COUNTERS,
-                })?;
-        let counters = PerCpuHashMap::try_from(counters).map_err(|source| DatapathError::Map {
-            map: names::MAP_INTERFACE_COUNTERS,
-            source,
-        })?;
+        let counters = PerCpuHashMap::try_from(take_map(&mut ebpf, names::MAP_INTERFACE_COUNTERS)?)
+            .map_err(map_error(names::MAP_INTERFACE_COUNTERS))?;
+        let overlay = OverlayMaps {
+            config: take_map(&mut ebpf, names::MAP_OVERLAY_CONFIG)?
+                .try_into()
+                .map_err(map_error(names::MAP_OVERLAY_CONFIG))?,
+            routes: take_map(&mut ebpf, names::MAP_NODE_ROUTES)?
+                .try_into()
+                .map_err(map_error(names::MAP_NODE_ROUTES))?,
+            endpoints: take_map(&mut ebpf, names::MAP_LOCAL_ENDPOINTS)?
+                .try_into()
+                .map_err(map_error(names::MAP_LOCAL_ENDPOINTS))?,
+            devices: take_map(&mut ebpf, names::MAP_POD_DEVICES)?
+                .try_into()
+                .map_err(map_error(names::MAP_POD_DEVICES))?,
+            events: take_map(&mut ebpf, names::MAP_DATAPATH_EVENTS)?
+                .try_into()
+                .map_err(map_error(names::MAP_DATAPATH_EVENTS))?,
+        };
 
-        Ok(Self {
-            _ebpf: ebpf,
+        let static_pod_interfaces: BTreeSet<String> =
+            config.pod_interfaces.iter().cloned().collect();
+        let mut datapath = Self {
+            ebpf,
             counters,
-            programs,
-            interface_names,
-        })
+            overlay,
+            xdp,
+            pod_programs: BTreeMap::new(),
+            static_pod_interfaces: static_pod_interfaces.clone(),
+        };
+        datapath.sync_pod_interfaces(&static_pod_interfaces)?;
+        Ok(datapath)
     }
 
-    /// The programs attached, in attach order.
-    pub fn programs(&self) -> &[AttachedProgram] {
-        &self.programs
+    /// Attaches the pod-egress program to `wanted` (plus the configured veths)
+    /// and detaches it from veths no longer wanted.
+    pub fn sync_pod_interfaces(&mut self, wanted: &BTreeSet<String>) -> Result<(), DatapathError> {
+        let wanted: BTreeSet<String> = wanted.union(&self.static_pod_interfaces).cloned().collect();
+        let tc: &mut SchedClassifier = program_mut(&mut self.ebpf, names::PROG_POD_EGRESS)?
+            .try_into()
+            .map_err(refused(names::PROG_POD_EGRESS))?;
+        let stale: Vec<String> = self
+            .pod_programs
+            .keys()
+            .filter(|name| !wanted.contains(*name))
+            .cloned()
+            .collect();
+        for interface in stale {
+            if let Some((link, _)) = self.pod_programs.remove(&interface) {
+                // The veth may already be gone with its link; either way it is detached.
+                let _ = tc.detach(link);
+                info!(interface, "detached pod egress program");
+            }
+        }
+        for interface in wanted {
+            if let std::collections::btree_map::Entry::Vacant(slot) =
+                self.pod_programs.entry(interface)
+            {
+                let attached = attach::tc_ingress(tc, names::PROG_POD_EGRESS, slot.key())?;
+                slot.insert(attached);
+            }
+        }
+        Ok(())
+    }
+
+    /// The overlay maps, to apply an inventory or read the event counters.
+    pub fn overlay(&self) -> &OverlayMaps {
+        &self.overlay
+    }
+
+    pub fn overlay_mut(&mut self) -> &mut OverlayMaps {
+        &mut self.overlay
+    }
+
+    /// The programs attached: XDP first, then pod veths by name.
+    pub fn programs(&self) -> Vec<AttachedProgram> {
+        std::iter::once(self.xdp.clone())
+            .chain(self.pod_programs.values().map(|(_, p)| p.clone()))
+            .collect()
     }
 
     /// Packets and bytes per (hook, interface), summed over all CPUs.
     pub fn counters(&self) -> Result<Vec<InterfaceCounters>, DatapathError> {
+        let names: HashMap<u32, String> = self
+            .programs()
+            .into_iter()
+            .map(|p| (p.ifindex, p.interface))
+            .collect();
         let mut report = Vec::new();
         for entry in self.counters.iter() {
-            let (key, per_cpu) = entry.map_err(|source| DatapathError::Map {
-                map: names::MAP_INTERFACE_COUNTERS,
-                source,
-            })?;
+            let (key, per_cpu) = entry.map_err(map_error(names::MAP_INTERFACE_COUNTERS))?;
             let Some(hook) = Hook::from_raw(key.hook) else {
                 continue;
             };
@@ -148,8 +209,7 @@ impl Datapath {
                 .fold(PacketCounters::default(), |sum, cpu| sum.add(*cpu));
             report.push(InterfaceCounters {
                 hook: hook_kind(hook),
-                interface: self
-                    .interface_names
+                interface: names
                     .get(&key.ifindex)
                     .cloned()
                     .unwrap_or_else(|| format!("ifindex {}", key.ifindex)),
@@ -180,8 +240,17 @@ fn program_mut<'a>(
     })
 }
 
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DatapathError> {
+    ebpf.take_map(name)
+        .ok_or(DatapathError::Missing { kind: "map", name })
+}
+
 fn refused(program: &'static str) -> impl FnOnce(ProgramError) -> DatapathError {
     move |source| DatapathError::Program { program, source }
+}
+
+fn map_error(map: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
 }
 
 #[cfg(test)]
@@ -197,7 +266,16 @@ mod tests {
                 "missing program {program}"
             );
         }
-        assert!(object.maps.contains_key(names::MAP_INTERFACE_COUNTERS));
+        for map in [
+            names::MAP_INTERFACE_COUNTERS,
+            names::MAP_OVERLAY_CONFIG,
+            names::MAP_NODE_ROUTES,
+            names::MAP_LOCAL_ENDPOINTS,
+            names::MAP_POD_DEVICES,
+            names::MAP_DATAPATH_EVENTS,
+        ] {
+            assert!(object.maps.contains_key(map), "missing map {map}");
+        }
         assert!(object.btf.is_some(), "object carries no BTF");
         assert!(
             object.btf_ext.is_some(),

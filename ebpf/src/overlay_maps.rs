@@ -1,0 +1,58 @@
+//! The overlay's maps and the event counters, shared by both programs.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray},
+};
+use veil_common::overlay::{
+    DATAPATH_EVENT_COUNT, DatapathEvent, LocalEndpoint, MAX_LOCAL_ENDPOINTS, MAX_NODE_ROUTES,
+    OverlayConfig, RemoteNode,
+};
+
+/// This node's settings; index 0. Empty (all zero) until the agent writes it.
+#[map(name = "OVERLAY_CONFIG")]
+pub static OVERLAY_CONFIG: Array<OverlayConfig> = Array::with_max_entries(1, 0);
+
+/// Pod CIDR (or a moved pod's /32) → the node that owns it.
+#[map(name = "NODE_ROUTES")]
+pub static NODE_ROUTES: LpmTrie<[u8; 4], RemoteNode> =
+    LpmTrie::with_max_entries(MAX_NODE_ROUTES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Pods on this node, by address.
+#[map(name = "LOCAL_ENDPOINTS")]
+static LOCAL_ENDPOINTS: HashMap<[u8; 4], LocalEndpoint> =
+    HashMap::with_max_entries(MAX_LOCAL_ENDPOINTS, 0);
+
+/// Redirect targets for decapsulated packets: pod veth ifindex → itself.
+#[map(name = "POD_DEVICES")]
+pub static POD_DEVICES: DevMapHash = DevMapHash::with_max_entries(MAX_LOCAL_ENDPOINTS, 0);
+
+#[map(name = "DATAPATH_EVENTS")]
+static DATAPATH_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DATAPATH_EVENT_COUNT, 0);
+
+/// Counts one packet under `event`.
+#[inline(always)]
+pub fn count_event(event: DatapathEvent) {
+    if let Some(counter) = DATAPATH_EVENTS.get_ptr_mut(event as u32) {
+        // SAFETY: a per-CPU slot, written only by this CPU while the program runs.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// The node's overlay settings, if the agent has written them.
+#[inline(always)]
+pub fn overlay_config() -> Option<&'static OverlayConfig> {
+    let config = OVERLAY_CONFIG.get(0)?;
+    (config.underlay_ifindex != 0).then_some(config)
+}
+
+/// A copy of the local endpoint at `address`, if the pod lives on this node.
+#[inline(always)]
+pub fn local_endpoint(address: &[u8; 4]) -> Option<LocalEndpoint> {
+    // SAFETY: the pointer comes from a successful lookup and is read at once;
+    // a concurrent update can at worst give a mix of old and new values of
+    // plain integers, which the agent avoids by writing whole entries.
+    LOCAL_ENDPOINTS
+        .get_ptr(address)
+        .map(|entry| unsafe { *entry })
+}

@@ -1,0 +1,359 @@
+//! The overlay's maps: what the inventory says, turned into map entries, and
+//! the smallest set of map writes that gets the kernel there.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use aya::maps::{
+    Array, HashMap, MapData, MapError, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie,
+    xdp::DevMapHash,
+};
+use veil_common::overlay::{DatapathEvent, LocalEndpoint, OverlayConfig, RemoteNode};
+
+use super::links::LinkTable;
+use crate::inventory::Inventory;
+
+/// Settings of this node's overlay that do not come from the inventory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OverlaySettings {
+    pub node_name: String,
+    pub vni: u32,
+    pub underlay_interface: String,
+    pub underlay_mtu: u32,
+}
+
+/// Everything the overlay maps should hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OverlayPlan {
+    pub config: OverlayConfig,
+    /// (network, prefix length) → owner node.
+    pub routes: BTreeMap<(Ipv4Addr, u8), RemoteNode>,
+    pub endpoints: BTreeMap<Ipv4Addr, LocalEndpoint>,
+    /// Host-side veths of local pods (they get the pod-egress program).
+    pub local_interfaces: BTreeSet<String>,
+    /// Local pods left out because their veth does not exist (yet).
+    pub warnings: Vec<String>,
+}
+
+/// Computes the maps' contents for `settings.node_name` from the inventory.
+pub fn plan(
+    inventory: &Inventory,
+    settings: &OverlaySettings,
+    links: &LinkTable,
+) -> Result<OverlayPlan, String> {
+    let me = inventory.node(&settings.node_name).ok_or_else(|| {
+        format!(
+            "this node ({}) is not in the inventory's [[nodes]]: add it, or fix node_name",
+            settings.node_name
+        )
+    })?;
+    let underlay = links.get(&settings.underlay_interface).ok_or_else(|| {
+        format!(
+            "underlay interface {} does not exist in this network namespace",
+            settings.underlay_interface
+        )
+    })?;
+    let mut plan = OverlayPlan {
+        config: OverlayConfig {
+            vni: settings.vni,
+            underlay_ifindex: underlay.ifindex,
+            underlay_mtu: settings.underlay_mtu,
+            underlay_ip: me.underlay_ip.octets(),
+            underlay_mac: underlay.mac,
+            _pad: [0; 2],
+        },
+        ..OverlayPlan::default()
+    };
+    let remote = |name: &str| {
+        inventory.node(name).map(|node| RemoteNode {
+            underlay_ip: node.underlay_ip.octets(),
+            mac: node.underlay_mac.0,
+            _pad: [0; 2],
+        })
+    };
+    for node in inventory.nodes.iter().filter(|n| n.name != me.name) {
+        if let Some(entry) = remote(&node.name) {
+            plan.routes
+                .insert((node.pod_cidr.address, node.pod_cidr.prefix_len), entry);
+        }
+    }
+    for pod in &inventory.pods {
+        let cidr_owner = inventory.nodes.iter().find(|n| n.pod_cidr.contains(pod.ip));
+        let moved = cidr_owner.is_some_and(|owner| owner.name != pod.node);
+        if pod.node == me.name {
+            let Some(link) = links.get(&pod.interface) else {
+                plan.warnings.push(format!(
+                    "pod {} ({}): interface {} does not exist yet; left out",
+                    pod.name, pod.ip, pod.interface
+                ));
+                continue;
+            };
+            plan.endpoints.insert(
+                pod.ip,
+                LocalEndpoint {
+                    ifindex: link.ifindex,
+                    pod_mac: pod.mac.0,
+                    host_mac: link.mac,
+                    identity: 0,
+                    mode: 0,
+                },
+            );
+            plan.local_interfaces.insert(pod.interface.clone());
+        } else if moved {
+            // The pod left the node that owns its CIDR: a /32 beats the /24.
+            if let Some(entry) = remote(&pod.node) {
+                plan.routes.insert((pod.ip, 32), entry);
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// The overlay maps of the loaded object.
+pub struct OverlayMaps {
+    pub(super) config: Array<MapData, OverlayConfig>,
+    pub(super) routes: LpmTrie<MapData, [u8; 4], RemoteNode>,
+    pub(super) endpoints: HashMap<MapData, [u8; 4], LocalEndpoint>,
+    pub(super) devices: DevMapHash<MapData>,
+    pub(super) events: PerCpuArray<MapData, u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayMapError {
+    #[error(transparent)]
+    Map(#[from] MapError),
+    #[error("device map: {0}")]
+    Device(#[from] aya::maps::xdp::XdpMapError),
+}
+
+/// What one apply changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub written: usize,
+    pub removed: usize,
+}
+
+impl OverlayMaps {
+    /// Brings the maps to `plan`: writes new and changed entries first, then
+    /// removes stale ones, so no packet ever finds a gap.
+    pub fn apply(&mut self, plan: &OverlayPlan) -> Result<ApplyStats, OverlayMapError> {
+        let mut stats = ApplyStats::default();
+        if self.config.get(&0, 0)? != plan.config {
+            self.config.set(0, plan.config, 0)?;
+            stats.written += 1;
+        }
+
+        let current_devices: BTreeSet<u32> = self.devices.keys().collect::<Result<_, _>>()?;
+        let wanted_devices: BTreeSet<u32> = plan.endpoints.values().map(|e| e.ifindex).collect();
+        for &ifindex in wanted_devices.difference(&current_devices) {
+            self.devices.insert(ifindex, ifindex, None, 0)?;
+            stats.written += 1;
+        }
+
+        let current_endpoints: BTreeMap<[u8; 4], LocalEndpoint> =
+            self.endpoints.iter().collect::<Result<_, _>>()?;
+        for (ip, endpoint) in &plan.endpoints {
+            if current_endpoints.get(&ip.octets()) != Some(endpoint) {
+                self.endpoints.insert(ip.octets(), endpoint, 0)?;
+                stats.written += 1;
+            }
+        }
+        let current_routes: BTreeMap<(Ipv4Addr, u8), RemoteNode> = self
+            .routes
+            .iter()
+            .map(|entry| {
+                entry
+                    .map(|(key, node)| ((Ipv4Addr::from(key.data()), key.prefix_len() as u8), node))
+            })
+            .collect::<Result<_, _>>()?;
+        for (&(network, prefix_len), node) in &plan.routes {
+            if current_routes.get(&(network, prefix_len)) != Some(node) {
+                self.routes
+                    .insert(&Key::new(u32::from(prefix_len), network.octets()), node, 0)?;
+                stats.written += 1;
+            }
+        }
+
+        for &(network, prefix_len) in current_routes.keys() {
+            if !plan.routes.contains_key(&(network, prefix_len)) {
+                self.routes
+                    .remove(&Key::new(u32::from(prefix_len), network.octets()))?;
+                stats.removed += 1;
+            }
+        }
+        for ip in current_endpoints.keys() {
+            if !plan.endpoints.contains_key(&Ipv4Addr::from(*ip)) {
+                self.endpoints.remove(ip)?;
+                stats.removed += 1;
+            }
+        }
+        for &ifindex in current_devices.difference(&wanted_devices) {
+            self.devices.remove(ifindex)?;
+            stats.removed += 1;
+        }
+        Ok(stats)
+    }
+
+    /// Packets per datapath event, summed over CPUs.
+    pub fn events(&self) -> Result<Vec<(DatapathEvent, u64)>, MapError> {
+        DatapathEvent::ALL
+            .iter()
+            .map(|&event| {
+                let per_cpu = self.events.get(&(event as u32), 0)?;
+                Ok((event, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    pub fn config(&self) -> Result<OverlayConfig, MapError> {
+        self.config.get(&0, 0)
+    }
+
+    pub fn routes(&self) -> Result<Vec<(Ipv4Addr, u8, RemoteNode)>, MapError> {
+        self.routes
+            .iter()
+            .map(|entry| {
+                entry.map(|(key, node)| (Ipv4Addr::from(key.data()), key.prefix_len() as u8, node))
+            })
+            .collect()
+    }
+
+    pub fn endpoints(&self) -> Result<Vec<(Ipv4Addr, LocalEndpoint)>, MapError> {
+        self.endpoints
+            .iter()
+            .map(|entry| entry.map(|(ip, endpoint)| (Ipv4Addr::from(ip), endpoint)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::datapath::links::Link;
+
+    fn inventory(extra_pods: &str) -> Inventory {
+        Inventory::parse(
+            &format!(
+                r#"
+[[nodes]]
+name = "node1"
+underlay_ip = "198.18.0.1"
+underlay_mac = "02:00:00:00:00:01"
+pod_cidr = "198.19.1.0/24"
+[[nodes]]
+name = "node2"
+underlay_ip = "198.18.0.2"
+underlay_mac = "02:00:00:00:00:02"
+pod_cidr = "198.19.2.0/24"
+[[pods]]
+name = "n1p1"
+node = "node1"
+ip = "198.19.1.1"
+mac = "02:00:00:00:01:01"
+interface = "vp1"
+[[pods]]
+name = "n2p1"
+node = "node2"
+ip = "198.19.2.1"
+mac = "02:00:00:00:02:01"
+interface = "vp1"
+{extra_pods}"#
+            ),
+            Path::new("inventory.toml"),
+        )
+        .unwrap()
+    }
+
+    fn settings() -> OverlaySettings {
+        OverlaySettings {
+            node_name: "node1".into(),
+            vni: 42,
+            underlay_interface: "ul0".into(),
+            underlay_mtu: 1500,
+        }
+    }
+
+    fn links() -> LinkTable {
+        LinkTable::from([
+            (
+                "ul0".to_string(),
+                Link {
+                    ifindex: 2,
+                    mac: [2, 0, 0, 0, 0, 1],
+                },
+            ),
+            (
+                "vp1".to_string(),
+                Link {
+                    ifindex: 3,
+                    mac: [2, 0, 0, 0, 0xaa, 1],
+                },
+            ),
+        ])
+    }
+
+    #[test]
+    fn remote_cidrs_become_routes_and_local_pods_endpoints() {
+        let plan = plan(&inventory(""), &settings(), &links()).unwrap();
+        assert_eq!(plan.config.vni, 42);
+        assert_eq!(plan.config.underlay_ifindex, 2);
+        assert_eq!(plan.config.underlay_ip, [198, 18, 0, 1]);
+        let route = plan.routes[&("198.19.2.0".parse().unwrap(), 24)];
+        assert_eq!(route.underlay_ip, [198, 18, 0, 2]);
+        assert_eq!(route.mac, [2, 0, 0, 0, 0, 2]);
+        assert_eq!(plan.routes.len(), 1, "no route to our own CIDR");
+        let endpoint = plan.endpoints[&"198.19.1.1".parse().unwrap()];
+        assert_eq!(
+            (endpoint.ifindex, endpoint.host_mac),
+            (3, [2, 0, 0, 0, 0xaa, 1])
+        );
+        assert_eq!(endpoint.pod_mac, [2, 0, 0, 0, 1, 1]);
+        assert_eq!(plan.local_interfaces, BTreeSet::from(["vp1".to_string()]));
+    }
+
+    #[test]
+    fn a_moved_pod_gets_a_host_route_on_other_nodes() {
+        let moved = r#"
+[[pods]]
+name = "n1p2"
+node = "node2"
+ip = "198.19.1.2"
+mac = "02:00:00:00:01:02"
+interface = "v1p2"
+"#;
+        let plan = plan(&inventory(moved), &settings(), &links()).unwrap();
+        let route = plan.routes[&("198.19.1.2".parse().unwrap(), 32)];
+        assert_eq!(route.underlay_ip, [198, 18, 0, 2]);
+    }
+
+    #[test]
+    fn missing_local_veth_is_a_warning_not_an_error() {
+        let mut links = links();
+        links.remove("vp1");
+        let plan = plan(&inventory(""), &settings(), &links).unwrap();
+        assert!(plan.endpoints.is_empty());
+        assert!(plan.warnings[0].contains("vp1"), "{:?}", plan.warnings);
+    }
+
+    #[test]
+    fn unknown_node_or_underlay_is_an_error() {
+        let mut wrong = settings();
+        wrong.node_name = "node9".into();
+        assert!(
+            plan(&inventory(""), &wrong, &links())
+                .unwrap_err()
+                .contains("node9")
+        );
+        let mut wrong = settings();
+        wrong.underlay_interface = "eth7".into();
+        assert!(
+            plan(&inventory(""), &wrong, &links())
+                .unwrap_err()
+                .contains("eth7")
+        );
+    }
+}

@@ -1,0 +1,135 @@
+//! Keeping the overlay maps in step with the inventory, live.
+//!
+//! Every half second the agent re-reads the inventory, plans the maps and
+//! applies the difference (usually nothing). Programs are never reloaded, so
+//! established flows to pods that did not change are untouched. A refused
+//! inventory is reported once and the last good state stays in force.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tracing::{info, warn};
+use veil_api::{OverlayEndpoint, OverlayRoute, OverlayStatus};
+
+use crate::{
+    datapath::{
+        Datapath, links,
+        overlay::{self, OverlaySettings},
+    },
+    inventory::{Inventory, MacAddress},
+};
+
+/// How often the inventory is re-read.
+pub const SYNC_PERIOD: Duration = Duration::from_millis(500);
+
+/// What the last sync found, for the admin API.
+#[derive(Clone, Debug, Default)]
+pub struct SyncReport {
+    pub inventory_error: Option<String>,
+    pub warnings: Vec<String>,
+}
+
+pub struct OverlaySync {
+    pub settings: OverlaySettings,
+    pub inventory: PathBuf,
+    pub report: Mutex<SyncReport>,
+}
+
+impl OverlaySync {
+    /// Reads the inventory once and applies it. Errors go into the report.
+    pub fn sync_once(&self, datapath: &Mutex<Datapath>) {
+        let result = Inventory::load(&self.inventory)
+            .map_err(|e| e.to_string())
+            .and_then(|inventory| overlay::plan(&inventory, &self.settings, &links::current()));
+        let mut report = self.report.lock().unwrap_or_else(|p| p.into_inner());
+        let plan = match result {
+            Ok(plan) => plan,
+            Err(error) => {
+                if report.inventory_error.as_ref() != Some(&error) {
+                    warn!(%error, "inventory refused; keeping the last good overlay state");
+                    report.inventory_error = Some(error);
+                }
+                return;
+            }
+        };
+        if report.inventory_error.take().is_some() {
+            info!("inventory accepted again");
+        }
+        if report.warnings != plan.warnings {
+            for warning in &plan.warnings {
+                warn!("{warning}");
+            }
+            report.warnings = plan.warnings.clone();
+        }
+        drop(report);
+        let mut datapath = datapath.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(error) = datapath.sync_pod_interfaces(&plan.local_interfaces) {
+            warn!(%error, "cannot attach the pod egress program");
+        }
+        match datapath.overlay_mut().apply(&plan) {
+            Ok(stats) if stats.written + stats.removed > 0 => info!(
+                written = stats.written,
+                removed = stats.removed,
+                routes = plan.routes.len(),
+                endpoints = plan.endpoints.len(),
+                "overlay maps updated"
+            ),
+            Ok(_) => {}
+            Err(error) => warn!(%error, "cannot update the overlay maps"),
+        }
+    }
+
+    /// Syncs forever, every [`SYNC_PERIOD`].
+    pub async fn run(self: Arc<Self>, datapath: Arc<Mutex<Datapath>>) {
+        let mut ticker = tokio::time::interval(SYNC_PERIOD);
+        loop {
+            ticker.tick().await;
+            let sync = Arc::clone(&self);
+            let datapath = Arc::clone(&datapath);
+            // Map syscalls block; keep them off the async workers.
+            let _ = tokio::task::spawn_blocking(move || sync.sync_once(&datapath)).await;
+        }
+    }
+
+    /// The overlay as the admin API shows it.
+    pub fn status(&self, datapath: &Datapath) -> OverlayStatus {
+        let report = self
+            .report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let maps = datapath.overlay();
+        let config = maps.config().unwrap_or_default();
+        OverlayStatus {
+            vni: self.settings.vni,
+            underlay_ip: std::net::Ipv4Addr::from(config.underlay_ip).to_string(),
+            underlay_mtu: self.settings.underlay_mtu,
+            inventory: self.inventory.display().to_string(),
+            inventory_error: report.inventory_error,
+            warnings: report.warnings,
+            routes: maps
+                .routes()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(network, len, node)| OverlayRoute {
+                    cidr: format!("{network}/{len}"),
+                    node_ip: std::net::Ipv4Addr::from(node.underlay_ip).to_string(),
+                    node_mac: MacAddress(node.mac).to_string(),
+                })
+                .collect(),
+            endpoints: maps
+                .endpoints()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(ip, endpoint)| OverlayEndpoint {
+                    ip: ip.to_string(),
+                    ifindex: endpoint.ifindex,
+                    pod_mac: MacAddress(endpoint.pod_mac).to_string(),
+                })
+                .collect(),
+        }
+    }
+}
