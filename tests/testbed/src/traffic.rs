@@ -168,19 +168,6 @@ pub fn ping(topology: &Topology, from: PodRef, to: Ipv4Addr, count: u32) -> Resu
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pattern_detects_a_shift() {
-        let a: Vec<u8> = (0..4096).map(pattern_byte).collect();
-        let b: Vec<u8> = (1..4097).map(pattern_byte).collect();
-        assert_ne!(a, b);
-        assert!(a.iter().any(|&x| x != a[0]));
-    }
-}
-
 /// Sends `count` UDP datagrams of `size` bytes from `from` to an echo server
 /// in `to` and returns how many came back (each waits at most 1 s).
 pub fn udp_echo(
@@ -236,4 +223,17 @@ pub fn udp_echo(
     }
     let _ = echo.join();
     Ok(answered)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_detects_a_shift() {
+        let a: Vec<u8> = (0..4096).map(pattern_byte).collect();
+        let b: Vec<u8> = (1..4097).map(pattern_byte).collect();
+        assert_ne!(a, b);
+        assert!(a.iter().any(|&x| x != a[0]));
+    }
 }
