@@ -1,0 +1,415 @@
+//! The overlay programs on crafted packets, with `BPF_PROG_TEST_RUN`: the
+//! kernel runs the real programs on our bytes and hands back the verdict and
+//! the rewritten packet, so every branch — encapsulation, decapsulation and
+//! each drop reason — is checked byte for byte without a network.
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie, xdp::DevMapHash},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use veil_common::{
+    names,
+    overlay::{DatapathEvent, LocalEndpoint, OverlayConfig, RemoteNode},
+};
+
+const VNI: u32 = 4242;
+const UNDERLAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+const HOST_VETH_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x01];
+const LOCAL_POD: [u8; 4] = [198, 19, 1, 1];
+const OTHER_LOCAL_POD: [u8; 4] = [198, 19, 1, 2];
+const REMOTE_POD: [u8; 4] = [198, 19, 2, 1];
+/// Loopback's index: a device that always exists, as the redirect target.
+const LOOPBACK: u32 = 1;
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+struct Programs {
+    ebpf: Ebpf,
+}
+
+impl Programs {
+    /// Loads the embedded object and fills the maps as node 1 of a 2-node overlay.
+    fn load() -> Self {
+        let mut ebpf = EbpfLoader::new()
+            .load(veil_agent::datapath::ebpf_object())
+            .unwrap();
+        for name in [names::PROG_UNDERLAY_INGRESS] {
+            let program: &mut Xdp = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            program.load().unwrap();
+        }
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(names::PROG_POD_EGRESS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        program.load().unwrap();
+
+        let mut config: Array<_, OverlayConfig> = ebpf
+            .map_mut(names::MAP_OVERLAY_CONFIG)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        config
+            .set(
+                0,
+                OverlayConfig {
+                    vni: VNI,
+                    underlay_ifindex: LOOPBACK,
+                    underlay_mtu: 1500,
+                    underlay_ip: [198, 18, 0, 1],
+                    underlay_mac: UNDERLAY_MAC,
+                    _pad: [0; 2],
+                },
+                0,
+            )
+            .unwrap();
+        let mut routes: LpmTrie<_, [u8; 4], RemoteNode> = ebpf
+            .map_mut(names::MAP_NODE_ROUTES)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        routes
+            .insert(
+                &Key::new(24, [198, 19, 2, 0]),
+                RemoteNode {
+                    underlay_ip: [198, 18, 0, 2],
+                    mac: PEER_MAC,
+                    _pad: [0; 2],
+                },
+                0,
+            )
+            .unwrap();
+        let mut endpoints: HashMap<_, [u8; 4], LocalEndpoint> = ebpf
+            .map_mut(names::MAP_LOCAL_ENDPOINTS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        for pod in [LOCAL_POD, OTHER_LOCAL_POD] {
+            endpoints
+                .insert(
+                    pod,
+                    LocalEndpoint {
+                        ifindex: LOOPBACK,
+                        pod_mac: POD_MAC,
+                        host_mac: HOST_VETH_MAC,
+                        identity: 0,
+                        mode: 0,
+                    },
+                    0,
+                )
+                .unwrap();
+        }
+        let mut devices: DevMapHash<_> = ebpf
+            .map_mut(names::MAP_POD_DEVICES)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        devices.insert(LOOPBACK, LOOPBACK, None, 0).unwrap();
+        Self { ebpf }
+    }
+
+    fn event(&self, event: DatapathEvent) -> u64 {
+        let events: PerCpuArray<_, u64> = self
+            .ebpf
+            .map(names::MAP_DATAPATH_EVENTS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        events.get(&(event as u32), 0).unwrap().iter().sum()
+    }
+
+    /// Runs `program` on `packet`; returns the verdict, the packet after it,
+    /// and the one event the run counted (if any).
+    fn run(&self, program: &str, packet: &[u8]) -> (u32, Vec<u8>, Option<DatapathEvent>) {
+        let before: Vec<u64> = DatapathEvent::ALL.iter().map(|&e| self.event(e)).collect();
+        let mut out = vec![0u8; packet.len() + 256];
+        let options = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        };
+        let result = match self.ebpf.program(program).unwrap() {
+            aya::programs::Program::Xdp(p) => p.test_run(options),
+            aya::programs::Program::SchedClassifier(p) => p.test_run(options),
+            _ => unreachable!(),
+        }
+        .unwrap();
+        out.truncate(result.data_size_out as usize);
+        let counted: Vec<DatapathEvent> = DatapathEvent::ALL
+            .iter()
+            .zip(before)
+            .filter(|&(&e, b)| self.event(e) > b)
+            .map(|(&e, _)| e)
+            .collect();
+        assert!(counted.len() <= 1, "one packet counted under {counted:?}");
+        (result.return_value, out, counted.first().copied())
+    }
+}
+
+fn root() -> bool {
+    veil_testbed::require_root("BPF_PROG_TEST_RUN program tests")
+}
+
+/// An Ethernet + IPv4 + UDP frame with `payload_len` bytes of payload.
+fn ipv4_udp_frame(src: [u8; 4], dst: [u8; 4], dport: u16, payload_len: usize) -> Vec<u8> {
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&HOST_VETH_MAC);
+    frame.extend_from_slice(&POD_MAC);
+    frame.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + 8 + payload_len) as u16;
+    let mut ip = vec![0x45, 0x10];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0, 1, 0x40, 0, 64, 17, 0, 0]);
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let check = checksum(&ip);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&40000u16.to_be_bytes());
+    frame.extend_from_slice(&dport.to_be_bytes());
+    frame.extend_from_slice(&((8 + payload_len) as u16).to_be_bytes());
+    frame.extend_from_slice(&[0, 0]);
+    frame.extend((0..payload_len).map(|i| i as u8));
+    frame
+}
+
+fn checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A VXLAN frame from the peer node carrying `inner`.
+fn vxlan_frame(flags: u8, vni: u32, inner: &[u8]) -> Vec<u8> {
+    let [_, a, b, c] = vni.to_be_bytes();
+    let mut payload = vec![flags, 0, 0, 0, a, b, c, 0];
+    payload.extend_from_slice(inner);
+    let mut frame = ipv4_udp_frame([198, 18, 0, 2], [198, 18, 0, 1], 4789, payload.len());
+    let start = frame.len() - payload.len();
+    frame[start..].copy_from_slice(&payload);
+    frame[0..6].copy_from_slice(&UNDERLAY_MAC);
+    frame[6..12].copy_from_slice(&PEER_MAC);
+    frame
+}
+
+#[test]
+fn egress_encapsulates_traffic_for_remote_pods() {
+    if !root() {
+        return;
+    }
+    let programs = Programs::load();
+    let inner = ipv4_udp_frame(LOCAL_POD, REMOTE_POD, 5000, 100);
+    let (verdict, out, event) = programs.run(names::PROG_POD_EGRESS, &inner);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(event, Some(DatapathEvent::Encapsulated));
+    assert_eq!(out.len(), inner.len() + 50);
+    // Outer Ethernet: to the peer node's MAC, from ours.
+    assert_eq!(out[0..6], PEER_MAC);
+    assert_eq!(out[6..12], UNDERLAY_MAC);
+    assert_eq!(out[12..14], [0x08, 0x00]);
+    // Outer IPv4: node to node, UDP, right length, valid checksum, inner TOS kept.
+    let ip = &out[14..34];
+    assert_eq!(ip[0], 0x45);
+    assert_eq!(ip[1], 0x10, "TOS copied from the inner packet");
+    assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, out.len() - 14);
+    assert_eq!(ip[9], 17);
+    assert_eq!(ip[12..16], [198, 18, 0, 1]);
+    assert_eq!(ip[16..20], [198, 18, 0, 2]);
+    assert_eq!(checksum(ip), 0, "outer IPv4 checksum is valid");
+    // UDP to 4789 from a flow-hashed port in 49152-65535.
+    let udp = &out[34..42];
+    assert!(u16::from_be_bytes([udp[0], udp[1]]) >= 49152);
+    assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), 4789);
+    assert_eq!(
+        u16::from_be_bytes([udp[4], udp[5]]) as usize,
+        out.len() - 34
+    );
+    // VXLAN with the I flag and our VNI, then the original frame untouched.
+    assert_eq!(out[42..50], [0x08, 0, 0, 0, 0, 0x10, 0x92, 0]);
+    assert_eq!(out[50..], inner[..]);
+}
+
+#[test]
+fn egress_leaves_local_unknown_and_non_ipv4_traffic_to_the_kernel() {
+    if !root() {
+        return;
+    }
+    let programs = Programs::load();
+    let same_node = ipv4_udp_frame(LOCAL_POD, OTHER_LOCAL_POD, 5000, 64);
+    assert_eq!(
+        programs.run(names::PROG_POD_EGRESS, &same_node),
+        (TC_ACT_OK, same_node.clone(), Some(DatapathEvent::SameNode))
+    );
+    let nowhere = ipv4_udp_frame(LOCAL_POD, [198, 19, 9, 9], 5000, 64);
+    assert_eq!(
+        programs.run(names::PROG_POD_EGRESS, &nowhere),
+        (
+            TC_ACT_OK,
+            nowhere.clone(),
+            Some(DatapathEvent::NoOverlayRoute)
+        )
+    );
+    let mut arp = same_node[..14].to_vec();
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    arp.extend_from_slice(&[0u8; 28]);
+    assert_eq!(
+        programs.run(names::PROG_POD_EGRESS, &arp),
+        (TC_ACT_OK, arp.clone(), None)
+    );
+}
+
+#[test]
+fn egress_refuses_a_packet_that_cannot_fit_the_underlay() {
+    if !root() {
+        return;
+    }
+    let programs = Programs::load();
+    // 1,472 bytes of IPv4 fit a 1,500-byte link, but not once 50 bytes of VXLAN are added.
+    let big = ipv4_udp_frame(LOCAL_POD, REMOTE_POD, 5000, 1472 - 28);
+    let (verdict, _, event) = programs.run(names::PROG_POD_EGRESS, &big);
+    assert_eq!(
+        (verdict, event),
+        (TC_ACT_SHOT, Some(DatapathEvent::DropTooBig))
+    );
+    let fits = ipv4_udp_frame(LOCAL_POD, REMOTE_POD, 5000, 1450 - 28);
+    assert_eq!(
+        programs.run(names::PROG_POD_EGRESS, &fits).0,
+        TC_ACT_REDIRECT
+    );
+}
+
+#[test]
+fn ingress_decapsulates_into_the_local_pod() {
+    if !root() {
+        return;
+    }
+    let programs = Programs::load();
+    let inner = ipv4_udp_frame(REMOTE_POD, LOCAL_POD, 5000, 100);
+    let (verdict, out, event) = programs.run(
+        names::PROG_UNDERLAY_INGRESS,
+        &vxlan_frame(0x08, VNI, &inner),
+    );
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(event, Some(DatapathEvent::Decapsulated));
+    assert_eq!(out.len(), inner.len());
+    assert_eq!(out[0..6], POD_MAC, "inner destination is the pod");
+    assert_eq!(out[6..12], HOST_VETH_MAC, "inner source is the node's veth");
+    assert_eq!(out[12..], inner[12..]);
+}
+
+#[test]
+fn ingress_drops_each_defect_under_its_own_reason() {
+    if !root() {
+        return;
+    }
+    let programs = Programs::load();
+    let good_inner = ipv4_udp_frame(REMOTE_POD, LOCAL_POD, 5000, 32);
+    let good = vxlan_frame(0x08, VNI, &good_inner);
+
+    let mut arp_inner = good_inner[..14].to_vec();
+    arp_inner[12..14].copy_from_slice(&[0x08, 0x06]);
+    arp_inner.extend_from_slice(&[0u8; 28]);
+    let mut fragment = good.clone();
+    fragment[20] = 0x20; // MF
+    fragment[24..26].copy_from_slice(&[0, 0]);
+    let fragment_check = checksum(&fragment[14..34]);
+    fragment[24..26].copy_from_slice(&fragment_check.to_be_bytes());
+    let mut lying_length = good.clone();
+    lying_length[16..18].copy_from_slice(&2000u16.to_be_bytes());
+    let mut inner_bad_version = good_inner.clone();
+    inner_bad_version[14] = 0x65;
+    let mut with_options = good[..34].to_vec();
+    with_options[14] = 0x46;
+    with_options.extend_from_slice(&[1, 1, 1, 0]); // four bytes of NOP options
+    with_options.extend_from_slice(&good[34..]);
+
+    let cases: Vec<(&str, Vec<u8>, DatapathEvent)> = vec![
+        (
+            "wrong VNI",
+            vxlan_frame(0x08, VNI + 1, &good_inner),
+            DatapathEvent::DropWrongVni,
+        ),
+        (
+            "no I flag",
+            vxlan_frame(0x00, VNI, &good_inner),
+            DatapathEvent::DropMalformed,
+        ),
+        (
+            "VXLAN header only",
+            vxlan_frame(0x08, VNI, &[]),
+            DatapathEvent::DropTruncated,
+        ),
+        (
+            "inner frame cut short",
+            vxlan_frame(0x08, VNI, &good_inner[..20]),
+            DatapathEvent::DropTruncated,
+        ),
+        (
+            "outer length beyond the frame",
+            lying_length,
+            DatapathEvent::DropTruncated,
+        ),
+        (
+            "inner ARP",
+            vxlan_frame(0x08, VNI, &arp_inner),
+            DatapathEvent::DropInnerNotIpv4,
+        ),
+        (
+            "inner not IPv4 version",
+            vxlan_frame(0x08, VNI, &inner_bad_version),
+            DatapathEvent::DropMalformed,
+        ),
+        ("outer fragment", fragment, DatapathEvent::DropMalformed),
+        (
+            "outer IP options",
+            with_options,
+            DatapathEvent::DropMalformed,
+        ),
+        (
+            "unknown destination",
+            vxlan_frame(
+                0x08,
+                VNI,
+                &ipv4_udp_frame(REMOTE_POD, [198, 19, 1, 99], 5000, 32),
+            ),
+            DatapathEvent::DropUnknownDestination,
+        ),
+    ];
+    for (case, frame, reason) in cases {
+        let (verdict, _, event) = programs.run(names::PROG_UNDERLAY_INGRESS, &frame);
+        assert_eq!((verdict, event), (XDP_DROP, Some(reason)), "{case}");
+    }
+}
+
+#[test]
+fn ingress_passes_everything_that_is_not_vxlan_untouched() {
+    if !root() {
+        return;
+    }
+    let programs = Programs::load();
+    let dns = ipv4_udp_frame([198, 18, 0, 2], [198, 18, 0, 1], 53, 40);
+    assert_eq!(
+        programs.run(names::PROG_UNDERLAY_INGRESS, &dns),
+        (XDP_PASS, dns.clone(), Some(DatapathEvent::NotOverlay))
+    );
+    let mut arp = dns[..14].to_vec();
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    arp.extend_from_slice(&[0u8; 28]);
+    assert_eq!(
+        programs.run(names::PROG_UNDERLAY_INGRESS, &arp),
+        (XDP_PASS, arp.clone(), Some(DatapathEvent::NotOverlay))
+    );
+}
