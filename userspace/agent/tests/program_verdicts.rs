@@ -41,10 +41,12 @@ impl Programs {
         let mut ebpf = EbpfLoader::new()
             .load(veil_agent::datapath::ebpf_object())
             .unwrap();
-        for name in [names::PROG_UNDERLAY_INGRESS] {
-            let program: &mut Xdp = ebpf.program_mut(name).unwrap().try_into().unwrap();
-            program.load().unwrap();
-        }
+        let program: &mut Xdp = ebpf
+            .program_mut(names::PROG_UNDERLAY_INGRESS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        program.load().unwrap();
         let program: &mut SchedClassifier = ebpf
             .program_mut(names::PROG_POD_EGRESS)
             .unwrap()
