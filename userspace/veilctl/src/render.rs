@@ -39,10 +39,68 @@ pub fn status(status: &AgentStatus) -> String {
     } else {
         counters.to_string()
     };
-    format!(
+    let mut text = format!(
         "Node {} · veil-agent {}\n\nPrograms\n{programs}\n\nCounters\n{counters}\n",
         status.node, status.version
-    )
+    );
+    if !status.events.is_empty() {
+        let mut events = Table::new();
+        events
+            .load_preset(UTF8_BORDERS_ONLY)
+            .set_header(["EVENT", "KIND", "PACKETS"]);
+        for event in &status.events {
+            let kind = if event.drop { "drop" } else { "forward" };
+            events.add_row([event.event.clone(), kind.into(), event.packets.to_string()]);
+        }
+        text.push_str(&format!("\nDatapath events\n{events}\n"));
+    }
+    if let Some(overlay) = &status.overlay {
+        text.push_str(&overlay_section(overlay));
+    }
+    text
+}
+
+fn overlay_section(overlay: &veil_api::OverlayStatus) -> String {
+    let mut text = format!(
+        "\nOverlay · VNI {} · underlay {} (MTU {}, pods {}) · inventory {}\n",
+        overlay.vni,
+        overlay.underlay_ip,
+        overlay.underlay_mtu,
+        overlay.underlay_mtu.saturating_sub(50),
+        overlay.inventory
+    );
+    if let Some(error) = &overlay.inventory_error {
+        text.push_str(&format!(
+            "  ! inventory refused, last good state in force: {error}\n"
+        ));
+    }
+    for warning in &overlay.warnings {
+        text.push_str(&format!("  ! {warning}\n"));
+    }
+    let mut routes = Table::new();
+    routes
+        .load_preset(UTF8_BORDERS_ONLY)
+        .set_header(["REMOTE PODS", "NODE", "NODE MAC"]);
+    for route in &overlay.routes {
+        routes.add_row([
+            route.cidr.clone(),
+            route.node_ip.clone(),
+            route.node_mac.clone(),
+        ]);
+    }
+    let mut endpoints = Table::new();
+    endpoints
+        .load_preset(UTF8_BORDERS_ONLY)
+        .set_header(["LOCAL POD", "IFINDEX", "POD MAC"]);
+    for endpoint in &overlay.endpoints {
+        endpoints.add_row([
+            endpoint.ip.clone(),
+            endpoint.ifindex.to_string(),
+            endpoint.pod_mac.clone(),
+        ]);
+    }
+    text.push_str(&format!("{routes}\n{endpoints}\n"));
+    text
 }
 
 #[cfg(test)]
@@ -87,6 +145,46 @@ mod tests {
         }
         let counter_row = text.lines().find(|l| l.contains("4200")).unwrap();
         assert!(counter_row.contains("42"), "{counter_row}");
+    }
+
+    #[test]
+    fn events_and_overlay_are_shown_when_present() {
+        let mut agent = sample(vec![]);
+        agent.events = vec![veil_api::EventCount {
+            event: "drop-wrong-vni".into(),
+            drop: true,
+            packets: 7,
+        }];
+        agent.overlay = Some(veil_api::OverlayStatus {
+            vni: 4242,
+            underlay_ip: "198.18.0.1".into(),
+            underlay_mtu: 1500,
+            inventory: "/etc/veil/inventory.toml".into(),
+            inventory_error: Some("line 3: bad MAC".into()),
+            warnings: vec![],
+            routes: vec![veil_api::OverlayRoute {
+                cidr: "198.19.2.0/24".into(),
+                node_ip: "198.18.0.2".into(),
+                node_mac: "02:00:00:00:00:02".into(),
+            }],
+            endpoints: vec![],
+        });
+        let text = status(&agent);
+        let drop_row = text.lines().find(|l| l.contains("drop-wrong-vni")).unwrap();
+        assert!(
+            drop_row.contains("drop") && drop_row.contains('7'),
+            "{drop_row}"
+        );
+        assert!(
+            text.contains("Overlay · VNI 4242 · underlay 198.18.0.1 (MTU 1500, pods 1450)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("inventory refused, last good state in force: line 3: bad MAC"),
+            "{text}"
+        );
+        let route = text.lines().find(|l| l.contains("198.19.2.0/24")).unwrap();
+        assert!(route.contains("198.18.0.2"), "{route}");
     }
 
     #[test]
