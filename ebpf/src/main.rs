@@ -8,6 +8,7 @@
 #![no_main]
 
 mod counters;
+mod frag_needed;
 mod headers;
 mod overlay_maps;
 mod pod_egress;

@@ -26,6 +26,7 @@ use veil_common::{
 
 use crate::{
     counters::count_packet,
+    frag_needed,
     headers::{
         ENCAP_ROOM, ETH_HLEN, ETH_P_IPV4, EncapHeaders, EthHdr, IPPROTO_UDP, IPV4_HLEN, Ipv4Hdr,
         UdpHdr, VxlanHdr, ipv4_checksum,
@@ -79,7 +80,14 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, DatapathEvent> {
     let inner_l3_len = ctx.len().saturating_sub(ETH_HLEN as u32);
     // The outer IPv4 packet is the inner one plus everything encapsulation inserts.
     if gso_size == 0 && inner_l3_len + ENCAP_ROOM as u32 > config.underlay_mtu {
-        return Err(DatapathEvent::DropTooBig);
+        count_event(DatapathEvent::DropTooBig);
+        if frag_needed::wants_frag_needed(&ip) {
+            let fits = config.underlay_mtu.saturating_sub(ENCAP_ROOM as u32) as u16;
+            // SAFETY: plain context load from the kernel's `__sk_buff`.
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            return Ok(frag_needed::reply(ctx, &eth, &ip, config, ifindex, fits));
+        }
+        return Ok(TC_ACT_SHOT as i32);
     }
 
     // SAFETY: the helper only reads the skb the program was given.

@@ -7,7 +7,9 @@
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
-use veil_testbed::{PodRef, Routing, Topology, TopologySpec, process::ChildGuard};
+use veil_testbed::{
+    Agent, PodRef, Routing, Topology, TopologySpec, netns::NetNs, process::ChildGuard,
+};
 
 use crate::{
     BenchError, Result,
@@ -20,6 +22,8 @@ use crate::{
 pub const IPERF_PORT: u16 = 5201;
 /// VNI of the kernel VXLAN baseline.
 pub const KERNEL_VXLAN_VNI: u32 = 42;
+/// VNI of Veil's overlay.
+pub const VEIL_VNI: u32 = 4242;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -89,8 +93,9 @@ impl Configuration {
 
     pub fn availability(self, machine: &Machine) -> Availability {
         match self {
-            Self::Direct | Self::KernelVxlan | Self::Stunnel => Availability::Ready,
-            Self::VeilOverlay => Availability::NotBuiltYet("the eBPF overlay is issue #4"),
+            Self::Direct | Self::KernelVxlan | Self::VeilOverlay | Self::Stunnel => {
+                Availability::Ready
+            }
             Self::VeilMtlsUserspace => Availability::NotBuiltYet("the mTLS proxy is issue #5"),
             Self::VeilMtlsKtls if !machine.ktls_available => {
                 Availability::Skipped("kernel has no TLS ULP".into())
@@ -103,7 +108,8 @@ impl Configuration {
 /// Where one configuration's client connects, per workload.
 #[derive(Clone, Debug)]
 pub struct Endpoints {
-    pub client: PodRef,
+    /// The client pod's namespace.
+    pub client: NetNs,
     pub iperf: SocketAddr,
     pub echo: SocketAddr,
     pub one_shot: SocketAddr,
@@ -112,54 +118,71 @@ pub struct Endpoints {
     pub proxy_pids: Vec<u32>,
 }
 
-/// The test bed with every measured configuration set up on it.
+/// The test beds with every measured configuration set up on them.
+///
+/// Veil's configurations get a topology of their own: their agents attach
+/// XDP to every node's underlay, and the baselines must not pay for that.
 pub struct Bed {
-    // Field order is drop order: proxies and servers stop before the topology goes.
+    // Field order is drop order: proxies, agents and servers stop before the topologies go.
     stunnel: Option<StunnelPair>,
+    _agents: Vec<Agent>,
     servers: Vec<Servers>,
     _iperf_servers: Vec<ChildGuard>,
     endpoints: Vec<(Configuration, Endpoints)>,
     topology: Topology,
+    veil_topology: Option<Topology>,
 }
 
 impl Bed {
     /// Builds a 2-node topology with one pod pair per configuration and sets each up.
     pub fn build(configurations: &[Configuration]) -> Result<Self> {
-        let pairs = configurations.len().max(1);
-        let topology = Topology::build(
-            TopologySpec::new("bench")
-                .nodes(2)
-                .pods_per_node(pairs)
-                .routing(Routing::None),
-        )?;
-        for pod in topology.pods() {
-            let ns = topology.pod(pod);
-            // Connection-rate runs open tens of thousands of connections.
-            ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-            ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
-        }
-        for node in 1..=2 {
-            topology.node(node).sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-        }
+        let (veil, baselines): (Vec<Configuration>, Vec<Configuration>) = configurations
+            .iter()
+            .partition(|c| matches!(c, Configuration::VeilOverlay));
+        let topology = bench_topology("bench", baselines.len())?;
+        let veil_topology = if veil.is_empty() {
+            None
+        } else {
+            Some(bench_topology("benchv", veil.len())?)
+        };
         let mut bed = Self {
             stunnel: None,
+            _agents: Vec::new(),
             servers: Vec::new(),
             _iperf_servers: Vec::new(),
             endpoints: Vec::new(),
             topology,
+            veil_topology,
         };
-        for (index, &configuration) in configurations.iter().enumerate() {
+        for (index, &configuration) in baselines.iter().enumerate() {
             let client = PodRef::new(1, index + 1);
             let server = PodRef::new(2, index + 1);
-            bed.start_servers(server)?;
+            bed.start_servers(Which::Baselines, server)?;
             let endpoints = bed.set_up(configuration, client, server)?;
             bed.endpoints.push((configuration, endpoints));
         }
+        if !veil.is_empty() {
+            let (client, server) = (PodRef::new(1, 1), PodRef::new(2, 1));
+            bed.start_servers(Which::Veil, server)?;
+            let topology = bed.veil_topology.as_ref().expect("built above");
+            for node in 1..=2 {
+                bed._agents
+                    .push(Agent::start_overlay(topology, node, VEIL_VNI)?);
+            }
+            let direct = |port: u16| SocketAddr::from((server.ip(), port));
+            bed.endpoints.push((
+                Configuration::VeilOverlay,
+                Endpoints {
+                    client: topology.pod(client),
+                    iperf: direct(IPERF_PORT),
+                    echo: direct(echo::ECHO_PORT),
+                    one_shot: direct(echo::ONE_SHOT_PORT),
+                    hold: direct(echo::HOLD_PORT),
+                    proxy_pids: Vec::new(),
+                },
+            ));
+        }
         Ok(bed)
-    }
-
-    pub fn topology(&self) -> &Topology {
-        &self.topology
     }
 
     pub fn endpoints(&self, configuration: Configuration) -> &Endpoints {
@@ -178,8 +201,12 @@ impl Bed {
         }
     }
 
-    fn start_servers(&mut self, server: PodRef) -> Result<()> {
-        let ns = self.topology.pod(server);
+    fn start_servers(&mut self, which: Which, server: PodRef) -> Result<()> {
+        let topology = match which {
+            Which::Baselines => &self.topology,
+            Which::Veil => self.veil_topology.as_ref().expect("built before servers"),
+        };
+        let ns = topology.pod(server);
         self.servers.push(Servers::start(&ns, server.ip())?);
         let mut iperf = ns.command("iperf3");
         iperf
@@ -207,8 +234,9 @@ impl Bed {
         server: PodRef,
     ) -> Result<Endpoints> {
         let direct = |port: u16| SocketAddr::from((server.ip(), port));
+        let client_ns = self.topology.pod(client);
         let plain = |proxy_pids| Endpoints {
-            client,
+            client: client_ns.clone(),
             iperf: direct(IPERF_PORT),
             echo: direct(echo::ECHO_PORT),
             one_shot: direct(echo::ONE_SHOT_PORT),
@@ -243,7 +271,7 @@ impl Bed {
                 .collect();
                 let pair = StunnelPair::start(&self.topology, client.node, server.node, &services)?;
                 let endpoints = Endpoints {
-                    client,
+                    client: client_ns.clone(),
                     iperf: pair.client_endpoint(services[0].client_port),
                     echo: pair.client_endpoint(services[1].client_port),
                     one_shot: pair.client_endpoint(services[2].client_port),
@@ -259,4 +287,29 @@ impl Bed {
             }),
         }
     }
+}
+
+enum Which {
+    Baselines,
+    Veil,
+}
+
+/// Two nodes with `pairs` pods each, nothing routed between them yet.
+fn bench_topology(name: &str, pairs: usize) -> Result<Topology> {
+    let topology = Topology::build(
+        TopologySpec::new(name)
+            .nodes(2)
+            .pods_per_node(pairs.max(1))
+            .routing(Routing::None),
+    )?;
+    for pod in topology.pods() {
+        let ns = topology.pod(pod);
+        // Connection-rate runs open tens of thousands of connections.
+        ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+    }
+    for node in 1..=2 {
+        topology.node(node).sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    }
+    Ok(topology)
 }

@@ -62,7 +62,7 @@ pub fn run(options: &BenchOptions) -> Result<RunOutput> {
     for &configuration in &measured {
         let endpoints = bed.endpoints(configuration);
         workloads::latency(
-            &bed.topology().pod(endpoints.client),
+            &endpoints.client,
             endpoints.echo,
             1,
             Duration::from_millis(50),
@@ -121,7 +121,7 @@ pub fn run(options: &BenchOptions) -> Result<RunOutput> {
 fn measure(bed: &Bed, options: &BenchOptions, step: &Step, samples: &mut Samples) -> Result<()> {
     let configuration = step.configuration;
     let endpoints = bed.endpoints(configuration);
-    let ns = bed.topology().pod(endpoints.client);
+    let ns = &endpoints.client;
     let failed = |problem: String| BenchError::Measurement {
         workload: step.workload.id(),
         configuration: configuration.id(),
@@ -150,7 +150,7 @@ fn measure(bed: &Bed, options: &BenchOptions, step: &Step, samples: &mut Samples
             };
             let (machine_before, proxy_before) = (MachineCpu::now(), proxy_cpu());
             let result =
-                workloads::throughput(&ns, endpoints.iperf, streams, options.throughput_duration)
+                workloads::throughput(ns, endpoints.iperf, streams, options.throughput_duration)
                     .map_err(failed)?;
             let (machine_after, proxy_after) = (MachineCpu::now(), proxy_cpu());
             let gbps = result.bits_per_second / 1e9;
@@ -192,21 +192,21 @@ fn measure(bed: &Bed, options: &BenchOptions, step: &Step, samples: &mut Samples
                     ["latency-1k.p50", "latency-1k.p99", "latency-1k.p999"],
                 )
             };
-            let sample = workloads::latency(&ns, endpoints.echo, size, options.short_duration)
+            let sample = workloads::latency(ns, endpoints.echo, size, options.short_duration)
                 .map_err(failed)?;
             samples.record(p50, configuration, sample.p50_us);
             samples.record(p99, configuration, sample.p99_us);
             samples.record(p999, configuration, sample.p999_us);
         }
         Workload::Connections => {
-            let rate = workloads::connection_rate(&ns, endpoints.one_shot, options.short_duration)
+            let rate = workloads::connection_rate(ns, endpoints.one_shot, options.short_duration)
                 .map_err(failed)?;
             samples.record("connections.rate", configuration, rate);
         }
         Workload::ProxyMemory => {
             let before = proxy_rss();
             let connections =
-                workloads::open_connections(&ns, endpoints.hold, options.held_connections)
+                workloads::open_connections(ns, endpoints.hold, options.held_connections)
                     .map_err(failed)?;
             // Let the proxies finish setting up the last connections.
             std::thread::sleep(Duration::from_millis(300));

@@ -39,10 +39,11 @@ fn tiny_run_writes_json_report_and_plots() {
     assert_eq!(status("direct"), "measured");
     assert_eq!(status("kernel-vxlan"), "measured");
     assert_eq!(status("stunnel"), "measured");
-    assert_eq!(status("veil-overlay"), "not built yet");
+    assert_eq!(status("veil-overlay"), "measured");
+    assert_eq!(status("veil-mtls-userspace"), "not built yet");
 
     let metric = |id: &str| results.metrics.iter().find(|m| m.id == id).unwrap();
-    for configuration in ["direct", "kernel-vxlan", "stunnel"] {
+    for configuration in ["direct", "kernel-vxlan", "veil-overlay", "stunnel"] {
         for id in ["throughput-1.gbps", "latency-1b.p50", "connections.rate"] {
             let series = metric(id)
                 .series

@@ -391,3 +391,50 @@ fn moving_a_pod_updates_the_maps_live_and_leaves_other_flows_alone() {
             .any(|p| p.interface == "vp2")
     );
 }
+
+#[test]
+fn a_too_big_packet_gets_fragmentation_needed_so_path_mtu_discovery_works() {
+    if !require_root("overlay path-MTU test") {
+        return;
+    }
+    let topology = overlay_topology("pmtu");
+    let _agents = start_agents(&topology);
+    let (a, b) = (PodRef::new(1, 1), PodRef::new(2, 1));
+    // Misconfigure the client pod's link as if it sat on the underlay directly
+    // (both ends: a veth drops frames larger than its receiving end's MTU).
+    topology
+        .pod(a)
+        .ip(&["link", "set", "eth0", "mtu", "1500"])
+        .unwrap();
+    topology
+        .node(1)
+        .ip(&["link", "set", "vp1", "mtu", "1500"])
+        .unwrap();
+    let ping = |size: &str| {
+        let output = topology
+            .pod(a)
+            .command("ping")
+            .args(["-n", "-c", "1", "-W", "2", "-M", "do", "-s", size])
+            .arg(b.ip().to_string())
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    };
+    let first = ping("1472");
+    assert!(
+        first.contains("Frag needed and DF set (mtu = 1450)"),
+        "{first}"
+    );
+    // The sender learnt the path MTU: it now refuses locally, and what fits gets through.
+    let second = ping("1472");
+    assert!(
+        second.contains("mtu=1450") || second.contains("mtu = 1450"),
+        "{second}"
+    );
+    let fits = ping("1422");
+    assert!(fits.contains("1 received"), "{fits}");
+}

@@ -274,18 +274,61 @@ fn egress_leaves_local_unknown_and_non_ipv4_traffic_to_the_kernel() {
 }
 
 #[test]
-fn egress_refuses_a_packet_that_cannot_fit_the_underlay() {
+fn egress_answers_a_too_big_df_packet_with_fragmentation_needed() {
     if !root() {
         return;
     }
     let programs = Programs::load();
     // 1,472 bytes of IPv4 fit a 1,500-byte link, but not once 50 bytes of VXLAN are added.
     let big = ipv4_udp_frame(LOCAL_POD, REMOTE_POD, 5000, 1472 - 28);
-    let (verdict, _, event) = programs.run(names::PROG_POD_EGRESS, &big);
+    let (verdict, icmp, event) = programs.run(names::PROG_POD_EGRESS, &big);
+    assert_eq!(
+        (verdict, event),
+        (TC_ACT_REDIRECT, Some(DatapathEvent::DropTooBig))
+    );
+    assert_eq!(
+        icmp.len(),
+        14 + 20 + 8 + 28,
+        "ICMP error quoting header + 8 bytes"
+    );
+    assert_eq!(icmp[0..6], POD_MAC, "back to the sender");
+    assert_eq!(icmp[6..12], HOST_VETH_MAC);
+    let ip = &icmp[14..34];
+    assert_eq!(
+        (ip[9], &ip[16..20]),
+        (1, &LOCAL_POD[..]),
+        "ICMP to the sender"
+    );
+    assert_eq!(checksum(ip), 0, "IPv4 checksum valid");
+    assert_eq!(
+        icmp[34..36],
+        [3, 4],
+        "destination unreachable, fragmentation needed"
+    );
+    assert_eq!(
+        u16::from_be_bytes([icmp[40], icmp[41]]),
+        1450,
+        "next-hop MTU"
+    );
+    assert_eq!(checksum(&icmp[34..]), 0, "ICMP checksum valid");
+    assert_eq!(
+        icmp[42..70],
+        big[14..42],
+        "quotes the offending header and 8 bytes"
+    );
+
+    // Without DF the packet is dropped (and counted) instead.
+    let mut no_df = big.clone();
+    no_df[20] = 0;
+    no_df[24..26].copy_from_slice(&[0, 0]);
+    let check = checksum(&no_df[14..34]);
+    no_df[24..26].copy_from_slice(&check.to_be_bytes());
+    let (verdict, _, event) = programs.run(names::PROG_POD_EGRESS, &no_df);
     assert_eq!(
         (verdict, event),
         (TC_ACT_SHOT, Some(DatapathEvent::DropTooBig))
     );
+
     let fits = ipv4_udp_frame(LOCAL_POD, REMOTE_POD, 5000, 1450 - 28);
     assert_eq!(
         programs.run(names::PROG_POD_EGRESS, &fits).0,
