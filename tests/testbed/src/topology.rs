@@ -263,6 +263,8 @@ impl Topology {
         // CHECKSUM_PARTIAL packets, which XDP on the receiving node cannot keep.)
         fabric.ethtool(&["-K", &switch_port, "tx", "off"])?;
         ns.ip(&["link", "set", "ul0", "mtu", &mtu, "up"])?;
+        // Receive like a NIC: GRO re-aggregates the wire's MTU-sized frames.
+        ns.ethtool(&["-K", "ul0", "gro", "on"])?;
         let underlay = format!(
             "{}/{}",
             addressing::node_underlay_ip(node),
