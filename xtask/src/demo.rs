@@ -105,11 +105,7 @@ fn show(interrupted: &AtomicBool) -> Result<()> {
         .map(|node| Agent::start_overlay(&topology, node, VNI))
         .collect::<Result<_, _>>()?;
     for agent in &agents {
-        println!(
-            "    node{}: ready, log at {}",
-            agent.node(),
-            agent.log_path().display()
-        );
+        println!("    node{}: ready", agent.node());
     }
     check()?;
 
