@@ -90,22 +90,10 @@ impl Agent {
 
     /// Runs `veilctl args…` inside the node and returns its stdout.
     pub fn veilctl(&self, args: &[&str]) -> Result<String> {
-        let output = self
-            .ns
-            .command(&self.veilctl)
-            .args(args)
-            .output()
-            .map_err(|source| TestbedError::Spawn {
-                command: "veilctl".into(),
-                source,
-            })?;
-        if !output.status.success() {
-            return Err(TestbedError::Command {
-                command: format!("veilctl {}", args.join(" ")),
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        crate::command::output_of(
+            self.ns.command(&self.veilctl).args(args),
+            &format!("veilctl {}", args.join(" ")),
+        )
     }
 
     /// `veilctl status -o json`, parsed.

@@ -51,21 +51,15 @@ impl NetNs {
 
     /// `ethtool args…` inside the namespace.
     pub fn ethtool(&self, args: &[&str]) -> Result<()> {
-        let output = self
-            .command("ethtool")
-            .args(args)
-            .output()
-            .map_err(|source| TestbedError::Spawn {
-                command: "ethtool (package ethtool)".into(),
-                source,
-            })?;
-        if !output.status.success() {
-            return Err(TestbedError::Command {
-                command: format!("ethtool {} (in {})", args.join(" "), self.name),
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-            });
-        }
-        Ok(())
+        command::output_of(
+            self.command("ethtool").args(args),
+            &format!(
+                "ethtool {} (in {}; package ethtool)",
+                args.join(" "),
+                self.name
+            ),
+        )
+        .map(drop)
     }
 
     /// Sets a sysctl inside the namespace (e.g. `net.ipv4.ip_forward`).
