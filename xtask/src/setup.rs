@@ -31,6 +31,8 @@ const APT_PACKAGES: &[&str] = &[
     // Benchmarks: bulk throughput and the peer proxy Veil is compared with.
     "iperf3",
     "stunnel4",
+    // Identity tests: a real ACME server.
+    "pebble",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

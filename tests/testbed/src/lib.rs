@@ -31,7 +31,7 @@ pub mod traffic;
 
 pub use addressing::PodRef;
 pub use agents::Agent;
-pub use privileges::require_root;
+pub use privileges::{require_program, require_root};
 pub use topology::{Routing, Topology, TopologySpec};
 
 /// Everything that can go wrong while building or using a test bed.

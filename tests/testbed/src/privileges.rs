@@ -21,3 +21,23 @@ pub fn require_root(what: &str) -> bool {
     );
     false
 }
+
+/// True when `program` is on PATH. Missing under `CI=true`: panics (CI must
+/// install it: `cargo xtask setup` does). Missing elsewhere: prints SKIPPED.
+pub fn require_program(program: &str, what: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()));
+    if found {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0") {
+        panic!(
+            "{what} needs `{program}`, and CI=true forbids skipping it: run `cargo xtask setup`"
+        );
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED: {what} needs `{program}`; `cargo xtask setup` installs it"
+    );
+    false
+}
