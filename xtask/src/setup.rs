@@ -31,8 +31,9 @@ const APT_PACKAGES: &[&str] = &[
     // Benchmarks: bulk throughput and the peer proxy Veil is compared with.
     "iperf3",
     "stunnel4",
-    // Identity tests: a real ACME server.
+    // Identity tests: a real ACME server; mTLS interop: a TLS client that is not rustls.
     "pebble",
+    "openssl",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

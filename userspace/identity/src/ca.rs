@@ -205,6 +205,8 @@ impl CertificateAuthority {
         // other property of the certificate is the CA's decision.
         let mut params = CertificateParams::default();
         params.subject_alt_names = csr.params.subject_alt_names.clone();
+        // The identity is the URI SAN; the subject only names the trust domain.
+        params.distinguished_name = rcgen::DistinguishedName::new();
         params
             .distinguished_name
             .push(DnType::OrganizationName, self.trust_domain.clone());
@@ -217,7 +219,9 @@ impl CertificateAuthority {
         params.use_authority_key_identifier_extension = true;
         let serial: [u8; 16] = rand::random();
         let mut serial = serial.to_vec();
-        serial[0] &= 0x7f; // positive
+        // Positive and without a leading zero byte, so the DER encoding keeps
+        // all 16 bytes and the hex serial matches what peers read back.
+        serial[0] = serial[0] % 0x7f + 1;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.not_before = OffsetDateTime::from(not_before);
         params.not_after = OffsetDateTime::from(not_after);

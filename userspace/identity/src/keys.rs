@@ -55,6 +55,12 @@ impl WorkloadKey {
         KeyPair::try_from(self.pkcs8_der.as_slice()).map_err(KeyError::Generate)
     }
 
+    /// A copy of the key as PKCS#8 DER for the node's own TLS stack; the copy
+    /// is zeroized when dropped. Never write it anywhere but [`Self::save`].
+    pub fn pkcs8_der(&self) -> Zeroizing<Vec<u8>> {
+        self.pkcs8_der.clone()
+    }
+
     /// The public key (SubjectPublicKeyInfo, DER) — safe to share.
     pub fn public_key_der(&self) -> Result<Vec<u8>, KeyError> {
         Ok(rcgen::PublicKeyData::subject_public_key_info(

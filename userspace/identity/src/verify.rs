@@ -24,6 +24,15 @@ pub enum Rejection {
     Revoked { serial: String },
 }
 
+/// Which identity a peer must present.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expected<'a> {
+    /// Exactly this workload (a client checking the server it dialled).
+    Identity(&'a SpiffeId),
+    /// Any workload of this trust domain (a server, before authorization decides).
+    TrustDomain(&'a str),
+}
+
 /// Verifies a leaf + intermediate chain (PEM) for `expected` at `now`.
 pub fn verify_workload(
     chain_pem: &str,
@@ -33,13 +42,46 @@ pub fn verify_workload(
     revoked_serials: &HashSet<String>,
 ) -> Result<(), Rejection> {
     let chain = parse_all(chain_pem)?;
-    let [leaf_pem, intermediate_pem, ..] = &chain[..] else {
+    let chain: Vec<&[u8]> = chain.iter().map(|pem| pem.contents.as_slice()).collect();
+    let roots = trust_bundle
+        .iter()
+        .map(|pem| parse_all(pem))
+        .collect::<Result<Vec<_>, _>>()?;
+    let roots: Vec<&[u8]> = roots
+        .iter()
+        .flatten()
+        .map(|pem| pem.contents.as_slice())
+        .collect();
+    verify_chain_der(
+        &chain,
+        &roots,
+        &Expected::Identity(expected),
+        now,
+        revoked_serials,
+    )
+    .map(drop)
+}
+
+/// Verifies a chain of DER certificates (leaf first, then its intermediate)
+/// against DER roots; returns the peer's SPIFFE ID.
+pub fn verify_chain_der(
+    chain: &[&[u8]],
+    roots: &[&[u8]],
+    expected: &Expected<'_>,
+    now: SystemTime,
+    revoked_serials: &HashSet<String>,
+) -> Result<SpiffeId, Rejection> {
+    let [leaf_der, presented @ ..] = chain else {
         return Err(Rejection::Malformed(
             "expected a leaf and its intermediate".into(),
         ));
     };
-    let leaf = certificate(leaf_pem)?;
-    let intermediate = certificate(intermediate_pem)?;
+    if presented.is_empty() {
+        return Err(Rejection::Malformed(
+            "expected a leaf and its intermediate".into(),
+        ));
+    }
+    let leaf = certificate(leaf_der)?;
     let now = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
@@ -74,30 +116,48 @@ pub fn verify_workload(
                 .collect()
         })
         .unwrap_or_default();
-    if uris != [expected.to_string()] {
+    let found = || {
+        if uris.is_empty() {
+            "no SPIFFE ID".to_string()
+        } else {
+            uris.join(", ")
+        }
+    };
+    let peer: SpiffeId = match &uris[..] {
+        [one] => one.parse().map_err(|_| Rejection::WrongIdentity {
+            found: found(),
+            expected: expected.to_string(),
+        })?,
+        _ => {
+            return Err(Rejection::WrongIdentity {
+                found: found(),
+                expected: expected.to_string(),
+            });
+        }
+    };
+    let matches = match expected {
+        Expected::Identity(id) => &peer == *id,
+        Expected::TrustDomain(domain) => peer.trust_domain() == *domain,
+    };
+    if !matches {
         return Err(Rejection::WrongIdentity {
-            found: if uris.is_empty() {
-                "no SPIFFE ID".into()
-            } else {
-                uris.join(", ")
-            },
+            found: found(),
             expected: expected.to_string(),
         });
     }
-    if leaf
-        .verify_signature(Some(intermediate.public_key()))
-        .is_err()
-        || !intermediate.is_ca()
-        || now > intermediate.validity().not_after.timestamp()
-    {
-        return Err(Rejection::UnknownCa);
-    }
-    let roots = trust_bundle
+    // Peers may repeat the leaf or send extra certificates (openssl's
+    // -cert_chain does): the intermediate is whichever CA signed the leaf.
+    let intermediate = presented
         .iter()
-        .map(|pem| parse_all(pem))
-        .collect::<Result<Vec<_>, _>>()?;
-    let chained = roots.iter().flatten().any(|root_pem| {
-        certificate(root_pem).is_ok_and(|root| {
+        .filter_map(|der| certificate(der).ok())
+        .find(|candidate| {
+            candidate.is_ca()
+                && now <= candidate.validity().not_after.timestamp()
+                && leaf.verify_signature(Some(candidate.public_key())).is_ok()
+        })
+        .ok_or(Rejection::UnknownCa)?;
+    let chained = roots.iter().any(|root_der| {
+        certificate(root_der).is_ok_and(|root| {
             intermediate
                 .verify_signature(Some(root.public_key()))
                 .is_ok()
@@ -106,7 +166,34 @@ pub fn verify_workload(
     if !chained {
         return Err(Rejection::UnknownCa);
     }
-    Ok(())
+    Ok(peer)
+}
+
+/// The SPIFFE ID in an already verified leaf certificate (DER).
+pub fn spiffe_id_of(leaf_der: &[u8]) -> Result<SpiffeId, Rejection> {
+    let leaf = certificate(leaf_der)?;
+    let san = leaf
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .ok_or_else(|| Rejection::Malformed("no subject alternative name".into()))?;
+    san.value
+        .general_names
+        .iter()
+        .find_map(|name| match name {
+            GeneralName::URI(uri) => uri.parse().ok(),
+            _ => None,
+        })
+        .ok_or_else(|| Rejection::Malformed("no SPIFFE ID in the certificate".into()))
+}
+
+impl std::fmt::Display for Expected<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Identity(id) => write!(f, "{id}"),
+            Self::TrustDomain(domain) => write!(f, "a workload of trust domain {domain}"),
+        }
+    }
 }
 
 fn parse_all(pem: &str) -> Result<Vec<Pem>, Rejection> {
@@ -115,8 +202,10 @@ fn parse_all(pem: &str) -> Result<Vec<Pem>, Rejection> {
         .map_err(|e| Rejection::Malformed(e.to_string()))
 }
 
-fn certificate(pem: &Pem) -> Result<X509Certificate<'_>, Rejection> {
-    pem.parse_x509()
+fn certificate(der: &[u8]) -> Result<X509Certificate<'_>, Rejection> {
+    use x509_parser::prelude::FromDer;
+    X509Certificate::from_der(der)
+        .map(|(_, cert)| cert)
         .map_err(|e| Rejection::Malformed(e.to_string()))
 }
 
@@ -270,11 +359,46 @@ mod tests {
     }
 
     #[test]
+    fn serials_read_back_exactly_as_issued() {
+        // A random serial whose first byte were zero would lose it in DER.
+        let (ca, key, id) = setup();
+        let csr = key.csr_pem(&id).unwrap();
+        for _ in 0..1000 {
+            let issued = ca.sign(&csr, &id).unwrap();
+            let chain = parse_all(&issued.chain_pem).unwrap();
+            let leaf = certificate(&chain[0].contents).unwrap();
+            assert_eq!(leaf.raw_serial_as_string().replace(':', ""), issued.serial);
+        }
+    }
+
+    #[test]
+    fn a_repeated_leaf_in_the_presented_chain_is_tolerated() {
+        let (ca, key, id) = setup();
+        let issued = ca.sign(&key.csr_pem(&id).unwrap(), &id).unwrap();
+        let chain = parse_all(&issued.chain_pem).unwrap();
+        let roots = parse_all(&ca.trust_bundle()[0]).unwrap();
+        let presented = [
+            chain[0].contents.as_slice(),
+            chain[0].contents.as_slice(),
+            chain[1].contents.as_slice(),
+        ];
+        let peer = verify_chain_der(
+            &presented,
+            &[roots[0].contents.as_slice()],
+            &Expected::TrustDomain("td"),
+            SystemTime::now(),
+            &HashSet::new(),
+        )
+        .unwrap();
+        assert_eq!(peer, id);
+    }
+
+    #[test]
     fn leaves_are_end_entities_for_both_tls_roles() {
         let (ca, key, id) = setup();
         let issued = ca.sign(&key.csr_pem(&id).unwrap(), &id).unwrap();
         let chain = parse_all(&issued.chain_pem).unwrap();
-        let leaf = certificate(&chain[0]).unwrap();
+        let leaf = certificate(&chain[0].contents).unwrap();
         assert!(!leaf.is_ca());
         let eku = leaf.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && eku.client_auth);
