@@ -85,6 +85,25 @@ fn counters_move_when_pods_on_two_nodes_talk() {
             .unwrap();
     }
 
+    // Prometheus sees what the kernel counted; the agent says it is ready.
+    for agent in &agents {
+        let xdp_bytes = agent
+            .metric("veil_datapath_bytes_total{hook=\"xdp\",interface=\"ul0\"}")
+            .unwrap()
+            .expect("xdp byte counter exported");
+        assert!(xdp_bytes >= TRANSFER_BYTES as f64, "{xdp_bytes}");
+        let attached = agent
+            .metric("veil_datapath_programs_attached{hook=\"tc-ingress\",interface=\"vp1\",mode=\"tcx\"}")
+            .unwrap();
+        assert_eq!(attached, Some(1.0));
+        assert_eq!(
+            agent
+                .http_get(veil_api::DEFAULT_READINESS_PORT, veil_api::READINESS_PATH)
+                .unwrap(),
+            (200, "ready\n".to_string())
+        );
+    }
+
     // The table view shows the same programs.
     let table = agents[0].veilctl(&["status"]).unwrap();
     assert!(table.contains("veil_underlay_ingress"), "{table}");

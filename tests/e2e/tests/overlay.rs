@@ -220,6 +220,19 @@ fn malformed_vxlan_is_dropped_and_counted_by_reason_and_never_reaches_a_pod() {
     // (It may also receive an ARP reply while answering with an ICMP error.)
     assert!(pod_rx_packets(&topology, target) > pod_rx_before);
     assert_eq!(node2.status().unwrap().event("drop-wrong-vni"), 1);
+    // The same counts reach Prometheus, by reason.
+    assert_eq!(
+        node2
+            .metric("veil_datapath_drops_total{reason=\"wrong-vni\"}")
+            .unwrap(),
+        Some(1.0)
+    );
+    assert_eq!(
+        node2
+            .metric("veil_datapath_drops_total{reason=\"malformed\"}")
+            .unwrap(),
+        Some(2.0)
+    );
 }
 
 #[test]
@@ -390,6 +403,39 @@ fn moving_a_pod_updates_the_maps_live_and_leaves_other_flows_alone() {
             .iter()
             .any(|p| p.interface == "vp2")
     );
+
+    // A broken inventory is refused with its line; the last good state stays
+    // in force, and readiness and metrics say so.
+    topology
+        .write_inventory_text("[[nodes]]\nname = \"node1\"\nunderlay_ip = \"not-an-ip\"\n")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let error = loop {
+        let status = agents[0].status().unwrap();
+        if let Some(error) = status.overlay.and_then(|o| o.inventory_error) {
+            break error;
+        }
+        assert!(Instant::now() < deadline, "broken inventory not reported");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(error.contains("line 3"), "{error}");
+    assert!(
+        agents[0]
+            .veilctl(&["status"])
+            .unwrap()
+            .contains("inventory refused")
+    );
+    let (code, body) = agents[0]
+        .http_get(veil_api::DEFAULT_READINESS_PORT, veil_api::READINESS_PATH)
+        .unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("inventory refused"), "{body}");
+    assert_eq!(
+        agents[0].metric("veil_overlay_inventory_valid").unwrap(),
+        Some(0.0)
+    );
+    traffic::ping(&topology, b, moving.ip(), 1).unwrap();
+    exchange(&mut client, &mut server);
 }
 
 #[test]

@@ -96,6 +96,46 @@ impl Agent {
         )
     }
 
+    /// `GET path` on the agent's `port` from inside the node (metrics, readiness):
+    /// the status code and the body.
+    pub fn http_get(&self, port: u16, path: &str) -> Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let response = self
+            .ns
+            .run(move || -> std::io::Result<String> {
+                let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+                stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                stream.write_all(request.as_bytes())?;
+                let mut response = String::new();
+                stream.read_to_string(&mut response)?;
+                Ok(response)
+            })?
+            .map_err(io_error(format!(
+                "GET {path} on port {port} of node {}",
+                self.node
+            )))?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| TestbedError::Agent(format!("not an HTTP response: {response}")))?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+
+    /// The value of the metric line that starts with `series` (name and labels), if present.
+    pub fn metric(&self, series: &str) -> Result<Option<f64>> {
+        let (_, body) = self.http_get(veil_api::DEFAULT_METRICS_PORT, veil_api::METRICS_PATH)?;
+        Ok(body
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok()))
+    }
+
     /// `veilctl status -o json`, parsed.
     pub fn status(&self) -> Result<AgentStatus> {
         let json = self.veilctl(&["status", "-o", "json"])?;

@@ -29,6 +29,24 @@ pub struct AdminState {
     pub overlay: Option<Arc<OverlaySync>>,
 }
 
+impl AdminState {
+    /// Why the agent is not ready; empty when it is.
+    pub fn readiness_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(overlay) = &self.overlay {
+            let datapath = self.datapath.lock().unwrap_or_else(|p| p.into_inner());
+            let status = overlay.status(&datapath);
+            if let Some(error) = status.inventory_error {
+                problems.push(format!("inventory refused: {error}"));
+            }
+            if status.underlay_ip == "0.0.0.0" {
+                problems.push("overlay not configured yet".into());
+            }
+        }
+        problems
+    }
+}
+
 /// Binds the admin listener; serving starts with [`serve`].
 pub async fn bind(address: SocketAddr) -> Result<TcpListener, AdminError> {
     TcpListener::bind(address)

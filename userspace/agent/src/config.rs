@@ -50,6 +50,12 @@ pub struct AgentConfig {
     /// Admin API address; must be a loopback address.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
+    /// Prometheus metrics (`/metrics`); all interfaces by default, for scrapers.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: SocketAddr,
+    /// Readiness (`/healthz/ready`), for kubelet probes and `veilctl`.
+    #[serde(default = "default_readiness_listen")]
+    pub readiness_listen: SocketAddr,
     pub datapath: DatapathConfig,
     /// The VXLAN overlay; without this section the agent only counts packets.
     #[serde(default)]
@@ -91,6 +97,14 @@ pub struct DatapathConfig {
 
 fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], veil_api::DEFAULT_ADMIN_PORT))
+}
+
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], veil_api::DEFAULT_METRICS_PORT))
+}
+
+fn default_readiness_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], veil_api::DEFAULT_READINESS_PORT))
 }
 
 impl AgentConfig {

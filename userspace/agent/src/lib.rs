@@ -12,6 +12,7 @@ pub mod datapath;
 pub mod inventory;
 pub mod logging;
 pub mod overlay_sync;
+pub mod telemetry;
 
 use std::sync::{Arc, Mutex};
 
@@ -30,6 +31,8 @@ pub enum AgentError {
     Datapath(#[from] datapath::DatapathError),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::TelemetryError),
 }
 
 /// Runs the agent until `shutdown` completes, then detaches everything.
@@ -57,6 +60,8 @@ pub async fn run(
         tokio::spawn(Arc::clone(overlay).run(Arc::clone(&datapath)));
     }
     let listener = admin::bind(config.admin_listen).await?;
+    let metrics = telemetry::bind("metrics", config.metrics_listen).await?;
+    let readiness = telemetry::bind("readiness", config.readiness_listen).await?;
     info!(
         node = %config.node_name,
         admin = %config.admin_listen,
@@ -68,6 +73,7 @@ pub async fn run(
         datapath,
         overlay,
     });
+    telemetry::spawn(metrics, readiness, Arc::clone(&state));
     admin::serve(listener, Arc::clone(&state), shutdown).await?;
     info!("agent stopping: detaching programs");
     Ok(())

@@ -8,6 +8,14 @@ use serde::{Deserialize, Serialize};
 
 /// Conventional admin port (localhost only), as in other meshes.
 pub const DEFAULT_ADMIN_PORT: u16 = 15000;
+/// Conventional Prometheus metrics port.
+pub const DEFAULT_METRICS_PORT: u16 = 15020;
+/// Conventional readiness port.
+pub const DEFAULT_READINESS_PORT: u16 = 15021;
+/// Path of the Prometheus exposition.
+pub const METRICS_PATH: &str = "/metrics";
+/// Path of the readiness probe: 200 "ready", or 503 with the reasons.
+pub const READINESS_PATH: &str = "/healthz/ready";
 /// Path of the status document.
 pub const STATUS_PATH: &str = "/status";
 

@@ -1,0 +1,226 @@
+//! Prometheus metrics (:15020) and readiness (:15021).
+//!
+//! Metrics are read from the eBPF maps at scrape time (a collector, not
+//! copies kept in step), so a scrape always shows what the kernel counted.
+//! Names follow Prometheus conventions: `veil_` prefix, `_total` counters,
+//! base units, low-cardinality labels (hook, interface, reason, action).
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+use veil_api::{METRICS_PATH, READINESS_PATH};
+
+use crate::admin::AdminState;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {address} for {what}: {source}")]
+pub struct TelemetryError {
+    what: &'static str,
+    address: SocketAddr,
+    source: std::io::Error,
+}
+
+/// Binds a telemetry listener.
+pub async fn bind(what: &'static str, address: SocketAddr) -> Result<TcpListener, TelemetryError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| TelemetryError {
+            what,
+            address,
+            source,
+        })
+}
+
+/// Serves `/metrics` on `metrics` and `/healthz/ready` on `readiness` until the agent stops.
+pub fn spawn(metrics: TcpListener, readiness: TcpListener, state: Arc<AdminState>) {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(DatapathCollector {
+        state: Arc::clone(&state),
+    }));
+    let registry = Arc::new(registry);
+    let metrics_app = Router::new()
+        .route(METRICS_PATH, get(scrape))
+        .with_state(registry);
+    let readiness_app = Router::new()
+        .route(READINESS_PATH, get(ready))
+        .with_state(state);
+    tokio::spawn(async move {
+        let _ = axum::serve(metrics, metrics_app).await;
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(readiness, readiness_app).await;
+    });
+}
+
+async fn scrape(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, &registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "cannot encode metrics\n".to_string(),
+        ),
+    }
+}
+
+async fn ready(State(state): State<Arc<AdminState>>) -> (StatusCode, String) {
+    let problems = state.readiness_problems();
+    if problems.is_empty() {
+        (StatusCode::OK, "ready\n".into())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", problems.join("; ")),
+        )
+    }
+}
+
+/// Reads the datapath's maps on each scrape.
+#[derive(Debug)]
+struct DatapathCollector {
+    state: Arc<AdminState>,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AdminState({})", self.node_name)
+    }
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let datapath = self
+            .state
+            .datapath
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+
+        let info = ConstGauge::new(1i64);
+        let labels = [
+            ("version", env!("CARGO_PKG_VERSION").to_string()),
+            ("node", self.state.node_name.clone()),
+        ];
+        let mut metric = encoder.encode_descriptor(
+            "veil_agent_info",
+            "Agent version and node.",
+            None,
+            info.metric_type(),
+        )?;
+        info.encode(metric.encode_family(&labels)?)?;
+
+        let programs = datapath.programs();
+        let mut metric = encoder.encode_descriptor(
+            "veil_datapath_programs_attached",
+            "eBPF programs attached, by hook and mode.",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for program in &programs {
+            let labels = [
+                ("hook", program.hook.to_string()),
+                ("interface", program.interface.clone()),
+                ("mode", program.mode.clone()),
+            ];
+            ConstGauge::new(1i64).encode(metric.encode_family(&labels)?)?;
+        }
+
+        if let Ok(counters) = datapath.counters() {
+            let mut packets = encoder.encode_descriptor(
+                "veil_datapath_packets",
+                "Packets seen by the eBPF programs, by hook and interface.",
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for c in &counters {
+                let labels = [
+                    ("hook", c.hook.to_string()),
+                    ("interface", c.interface.clone()),
+                ];
+                ConstCounter::new(c.packets).encode(packets.encode_family(&labels)?)?;
+            }
+            let mut bytes = encoder.encode_descriptor(
+                "veil_datapath_bytes",
+                "Bytes seen by the eBPF programs, by hook and interface.",
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for c in &counters {
+                let labels = [
+                    ("hook", c.hook.to_string()),
+                    ("interface", c.interface.clone()),
+                ];
+                ConstCounter::new(c.bytes).encode(bytes.encode_family(&labels)?)?;
+            }
+        }
+
+        if let Ok(events) = datapath.overlay().events() {
+            let mut drops = encoder.encode_descriptor(
+                "veil_datapath_drops",
+                "Packets dropped by the eBPF programs, by reason.",
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for (event, count) in events.iter().filter(|(e, _)| e.is_drop()) {
+                let reason = event.name().trim_start_matches("drop-").to_string();
+                ConstCounter::new(*count).encode(drops.encode_family(&[("reason", reason)])?)?;
+            }
+            let mut handled = encoder.encode_descriptor(
+                "veil_datapath_handled",
+                "Packets the eBPF programs forwarded or passed on, by action.",
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for (event, count) in events.iter().filter(|(e, _)| !e.is_drop()) {
+                let action = event.name().to_string();
+                ConstCounter::new(*count).encode(handled.encode_family(&[("action", action)])?)?;
+            }
+        }
+
+        if let Some(overlay) = &self.state.overlay {
+            let status = overlay.status(&datapath);
+            for (name, help, value) in [
+                (
+                    "veil_overlay_routes",
+                    "Remote pod CIDRs and moved pods in the overlay's route map.",
+                    status.routes.len() as i64,
+                ),
+                (
+                    "veil_overlay_endpoints",
+                    "Local pods in the overlay's endpoint map.",
+                    status.endpoints.len() as i64,
+                ),
+                (
+                    "veil_overlay_inventory_valid",
+                    "1 when the last inventory read was accepted, 0 when it was refused.",
+                    i64::from(status.inventory_error.is_none()),
+                ),
+            ] {
+                let gauge = ConstGauge::new(value);
+                let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+                gauge.encode(metric)?;
+            }
+        }
+        Ok(())
+    }
+}
