@@ -6,6 +6,7 @@
 mod bench;
 mod demo;
 mod ebpf;
+mod ktls_vm;
 mod paths;
 mod setup;
 mod shell;
@@ -34,6 +35,8 @@ enum Command {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
+    /// Run only the kernel-TLS tests, in a qemu VM (part of `test`).
+    KtlsVm,
     /// Bring up a two-node test bed with agents, show traffic and counters, tear down.
     Demo,
     /// Benchmark every datapath configuration side by side; writes perf/results/.
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         Command::Setup => setup::ensure_toolchain(),
         Command::BuildEbpf => ebpf::build().map(|object| println!("{}", object.display())),
         Command::Test { cargo_test_args } => test::run(&cargo_test_args),
+        Command::KtlsVm => ebpf::build().and_then(|object| ktls_vm::run(&object)),
         Command::Demo => demo::run(),
         Command::Bench { args } => bench::run(&args),
     };

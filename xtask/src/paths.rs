@@ -33,3 +33,12 @@ pub fn ebpf_object() -> PathBuf {
 pub fn debug_bin_dir() -> PathBuf {
     target_dir().join("debug")
 }
+
+/// Downloads and other slow-to-make artefacts (kernels, initramfs): under
+/// `VEIL_CACHE_DIR` when set (CI keeps it outside the clone), else in the target dir.
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os("VEIL_CACHE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => target_dir().join("veil-cache"),
+    }
+}

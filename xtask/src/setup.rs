@@ -34,6 +34,12 @@ const APT_PACKAGES: &[&str] = &[
     // Identity tests: a real ACME server; mTLS interop: a TLS client that is not rustls.
     "pebble",
     "openssl",
+    // kTLS tests: a VM booting Debian's kernel (this host's has no TLS).
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
+    "cpio",
+    "xz-utils",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

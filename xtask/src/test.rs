@@ -3,7 +3,7 @@
 use anyhow::Result;
 
 use crate::{
-    ebpf, paths,
+    ebpf, ktls_vm, paths,
     shell::{self, step},
 };
 
@@ -51,5 +51,6 @@ pub fn run(cargo_test_args: &[String]) -> Result<()> {
             .args(["test", "--workspace", "--no-fail-fast"])
             .args(cargo_test_args),
     )?;
+    ktls_vm::run(&object)?;
     Ok(())
 }

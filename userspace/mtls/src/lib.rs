@@ -11,7 +11,9 @@
 //! TLS 1.3 only, ECDSA P-256 certificates; cipher suites and key-exchange
 //! groups are chosen in one place, [`settings::TlsSettings`].
 
+pub mod ktls;
 pub mod preface;
+pub mod relay;
 pub mod settings;
 pub mod verifier;
 

@@ -1,0 +1,115 @@
+//! Moving bytes between a pod's plain socket and a kTLS socket with splice:
+//! the bytes never enter userspace, and the kernel does the crypto.
+//!
+//! One blocking thread per direction: splice socket → pipe, then drain the
+//! pipe into the other socket before reading again (a pipe refilled before it
+//! is empty deadlocks request/response traffic). End of stream on one side
+//! becomes `shutdown(SHUT_WR)` on the other, so half-close propagates; an
+//! error (a reset) on either side aborts the relay and resets both peers.
+//!
+//! `SPLICE_F_MORE` is never used: kTLS would hold the record back.
+
+use std::{
+    net::{Shutdown, TcpStream},
+    os::fd::{AsFd, OwnedFd},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use nix::fcntl::{SpliceFFlags, splice};
+
+/// Largest chunk moved per splice call.
+const CHUNK: usize = 64 * 1024;
+
+/// Bytes moved in each direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    pub a_to_b: u64,
+    pub b_to_a: u64,
+}
+
+/// Relays between `a` and `b` until both directions have ended.
+pub fn splice_relay(a: TcpStream, b: TcpStream) -> std::io::Result<RelayStats> {
+    let aborted = Arc::new(AtomicBool::new(false));
+    let (a2, b2) = (a.try_clone()?, b.try_clone()?);
+    let forward = {
+        let aborted = Arc::clone(&aborted);
+        std::thread::spawn(move || one_way(&a, &b, &aborted))
+    };
+    let backward = one_way(&b2, &a2, &aborted);
+    let forward = forward
+        .join()
+        .map_err(|_| std::io::Error::other("relay thread panicked"))?;
+    // Every descriptor of both sockets closes here; after an abort they carry
+    // SO_LINGER 0, so both peers get a RST rather than a FIN.
+    Ok(RelayStats {
+        a_to_b: forward?,
+        b_to_a: backward?,
+    })
+}
+
+/// Moves `from` → `to` until EOF (then half-closes `to`) or an error (then
+/// aborts the relay so both peers are reset).
+fn one_way(from: &TcpStream, to: &TcpStream, aborted: &AtomicBool) -> std::io::Result<u64> {
+    let (pipe_read, pipe_write): (OwnedFd, OwnedFd) = nix::unistd::pipe()?;
+    let mut total = 0u64;
+    loop {
+        let filled = match splice(
+            from.as_fd(),
+            None,
+            pipe_write.as_fd(),
+            None,
+            CHUNK,
+            SpliceFFlags::SPLICE_F_MOVE,
+        ) {
+            Ok(0) if aborted.load(Ordering::SeqCst) => return Ok(total),
+            Ok(0) => {
+                let _ = to.shutdown(Shutdown::Write);
+                return Ok(total);
+            }
+            Ok(n) => n,
+            Err(errno) => return Err(abort(from, to, aborted, errno)),
+        };
+        let mut left = filled;
+        while left > 0 {
+            match splice(
+                pipe_read.as_fd(),
+                None,
+                to.as_fd(),
+                None,
+                left,
+                SpliceFFlags::SPLICE_F_MOVE,
+            ) {
+                Ok(n) => left -= n,
+                Err(errno) => return Err(abort(from, to, aborted, errno)),
+            }
+        }
+        total += filled as u64;
+    }
+}
+
+/// A reset (or any error) on one side: both sockets will close with a RST,
+/// and the other direction's thread is woken (by shutting down its read side)
+/// to stop without sending a FIN.
+fn abort(
+    from: &TcpStream,
+    to: &TcpStream,
+    aborted: &AtomicBool,
+    errno: nix::errno::Errno,
+) -> std::io::Error {
+    aborted.store(true, Ordering::SeqCst);
+    for stream in [from, to] {
+        let _ = nix::sys::socket::setsockopt(
+            stream,
+            nix::sys::socket::sockopt::Linger,
+            &libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            },
+        );
+        let _ = stream.shutdown(Shutdown::Read);
+    }
+    errno.into()
+}
