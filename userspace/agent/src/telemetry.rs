@@ -129,72 +129,80 @@ impl Collector for DatapathCollector {
         )?;
         info.encode(metric.encode_family(&labels)?)?;
 
-        let programs = datapath.programs();
-        let mut metric = encoder.encode_descriptor(
+        let programs: Vec<Labelled<ConstGauge<i64>>> = datapath
+            .programs()
+            .into_iter()
+            .map(|p| {
+                let labels = vec![
+                    ("hook", p.hook.to_string()),
+                    ("interface", p.interface),
+                    ("mode", p.mode),
+                ];
+                (labels, ConstGauge::new(1))
+            })
+            .collect();
+        encode_family(
+            &mut encoder,
             "veil_datapath_programs_attached",
             "eBPF programs attached, by hook and mode.",
-            None,
-            ConstGauge::new(0i64).metric_type(),
+            programs,
         )?;
-        for program in &programs {
-            let labels = [
-                ("hook", program.hook.to_string()),
-                ("interface", program.interface.clone()),
-                ("mode", program.mode.clone()),
-            ];
-            ConstGauge::new(1i64).encode(metric.encode_family(&labels)?)?;
-        }
 
         if let Ok(counters) = datapath.counters() {
-            let mut packets = encoder.encode_descriptor(
+            let labels = |c: &veil_api::InterfaceCounters| {
+                vec![
+                    ("hook", c.hook.to_string()),
+                    ("interface", c.interface.clone()),
+                ]
+            };
+            encode_family(
+                &mut encoder,
                 "veil_datapath_packets",
                 "Packets seen by the eBPF programs, by hook and interface.",
-                None,
-                ConstCounter::new(0u64).metric_type(),
+                counters
+                    .iter()
+                    .map(|c| (labels(c), ConstCounter::new(c.packets)))
+                    .collect(),
             )?;
-            for c in &counters {
-                let labels = [
-                    ("hook", c.hook.to_string()),
-                    ("interface", c.interface.clone()),
-                ];
-                ConstCounter::new(c.packets).encode(packets.encode_family(&labels)?)?;
-            }
-            let mut bytes = encoder.encode_descriptor(
+            encode_family(
+                &mut encoder,
                 "veil_datapath_bytes",
                 "Bytes seen by the eBPF programs, by hook and interface.",
-                None,
-                ConstCounter::new(0u64).metric_type(),
+                counters
+                    .iter()
+                    .map(|c| (labels(c), ConstCounter::new(c.bytes)))
+                    .collect(),
             )?;
-            for c in &counters {
-                let labels = [
-                    ("hook", c.hook.to_string()),
-                    ("interface", c.interface.clone()),
-                ];
-                ConstCounter::new(c.bytes).encode(bytes.encode_family(&labels)?)?;
-            }
         }
 
         if let Ok(events) = datapath.overlay().events() {
-            let mut drops = encoder.encode_descriptor(
+            let (drops, handled): (Vec<_>, Vec<_>) = events.iter().partition(|(e, _)| e.is_drop());
+            encode_family(
+                &mut encoder,
                 "veil_datapath_drops",
                 "Packets dropped by the eBPF programs, by reason.",
-                None,
-                ConstCounter::new(0u64).metric_type(),
+                drops
+                    .iter()
+                    .map(|(e, n)| {
+                        let reason = e.name().trim_start_matches("drop-").to_string();
+                        (vec![("reason", reason)], ConstCounter::new(*n))
+                    })
+                    .collect(),
             )?;
-            for (event, count) in events.iter().filter(|(e, _)| e.is_drop()) {
-                let reason = event.name().trim_start_matches("drop-").to_string();
-                ConstCounter::new(*count).encode(drops.encode_family(&[("reason", reason)])?)?;
-            }
-            let mut handled = encoder.encode_descriptor(
+            encode_family(
+                &mut encoder,
                 "veil_datapath_handled",
                 "Packets the eBPF programs forwarded or passed on, by action.",
-                None,
-                ConstCounter::new(0u64).metric_type(),
+                handled
+                    .iter()
+                    .map(|(e, n)| {
+                        (
+                            vec![("action", e.name().to_string())],
+                            ConstCounter::new(*n),
+                        )
+                    })
+                    .collect(),
             )?;
-            for (event, count) in events.iter().filter(|(e, _)| !e.is_drop()) {
-                let action = event.name().to_string();
-                ConstCounter::new(*count).encode(handled.encode_family(&[("action", action)])?)?;
-            }
         }
 
         if let Some(overlay) = &self.state.overlay {
@@ -223,4 +231,24 @@ impl Collector for DatapathCollector {
         }
         Ok(())
     }
+}
+
+/// One series of a metric family: its labels and its value.
+type Labelled<M> = (Vec<(&'static str, String)>, M);
+
+/// Writes one metric family (descriptor, then one line per label set).
+fn encode_family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: Vec<Labelled<M>>,
+) -> Result<(), std::fmt::Error> {
+    let Some(metric_type) = series.first().map(|(_, m)| m.metric_type()) else {
+        return Ok(());
+    };
+    let mut family = encoder.encode_descriptor(name, help, None, metric_type)?;
+    for (labels, metric) in &series {
+        metric.encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
 }
