@@ -36,6 +36,13 @@ const MODULES: &[&str] = &[
     "poly1305-x86_64",
 ];
 const EXIT_MARKER: &str = "VEIL-VM-EXIT ";
+/// Test targets of veil-mtls run in the VM, with their arguments: the kTLS
+/// tests (ignored on hosts without TLS) and the session relay, which must
+/// pick the kernel there.
+const TEST_TARGETS: &[(&str, &str)] = &[
+    ("ktls_vm", "--ignored --test-threads=1 --nocapture"),
+    ("session_relay", "--test-threads=1 --nocapture"),
+];
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A Debian kernel package unpacked in the cache.
@@ -51,8 +58,8 @@ pub fn run(ebpf_object: &Path) -> Result<()> {
     std::fs::create_dir_all(&cache)
         .with_context(|| format!("cannot create {}", cache.display()))?;
     let kernel = ensure_kernel(&cache)?;
-    let test_binary = build_static_tests(ebpf_object)?;
-    let initrd = build_initramfs(&cache, &kernel, &test_binary)?;
+    let test_binaries = build_static_tests(ebpf_object)?;
+    let initrd = build_initramfs(&cache, &kernel, &test_binaries)?;
     boot(&kernel.vmlinuz, &initrd)
 }
 
@@ -99,8 +106,8 @@ fn ensure_kernel(cache: &Path) -> Result<Kernel> {
     })
 }
 
-/// Builds the kTLS tests as a static binary and returns its path.
-fn build_static_tests(ebpf_object: &Path) -> Result<PathBuf> {
+/// Builds the VM's test targets as static binaries: (target name, path).
+fn build_static_tests(ebpf_object: &Path) -> Result<Vec<(String, PathBuf)>> {
     println!("    building the kTLS tests as a static binary");
     let output = shell::cargo()
         .current_dir(paths::repo_root())
@@ -115,9 +122,8 @@ fn build_static_tests(ebpf_object: &Path) -> Result<PathBuf> {
             "x86_64-unknown-linux-gnu",
             "-p",
             "veil-mtls",
-            "--test",
-            "ktls_vm",
         ])
+        .args(TEST_TARGETS.iter().flat_map(|(name, _)| ["--test", name]))
         .output()
         .context("cannot run cargo")?;
     ensure!(
@@ -125,15 +131,24 @@ fn build_static_tests(ebpf_object: &Path) -> Result<PathBuf> {
         "building the static kTLS tests failed:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8_lossy(&output.stdout)
+    let messages: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
         .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "ktls_vm")
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .context("cargo built no ktls_vm test executable")
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect();
+    TEST_TARGETS
+        .iter()
+        .map(|(name, _)| {
+            messages
+                .iter()
+                .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == *name)
+                .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+                .map(|path| (name.to_string(), path))
+                .with_context(|| format!("cargo built no {name} test executable"))
+        })
+        .collect()
 }
 
-fn build_initramfs(cache: &Path, kernel: &Kernel, test_binary: &Path) -> Result<PathBuf> {
+fn build_initramfs(cache: &Path, kernel: &Kernel, tests: &[(String, PathBuf)]) -> Result<PathBuf> {
     let dir = cache.join("initramfs");
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
@@ -143,7 +158,9 @@ fn build_initramfs(cache: &Path, kernel: &Kernel, test_binary: &Path) -> Result<
     }
     std::fs::copy("/bin/busybox", dir.join("bin/busybox"))
         .context("busybox-static is not installed")?;
-    std::fs::copy(test_binary, dir.join("test"))?;
+    for (name, path) in tests {
+        std::fs::copy(path, dir.join(format!("test-{name}")))?;
+    }
 
     let mut ordered: Vec<PathBuf> = Vec::new();
     for module in MODULES {
@@ -200,12 +217,18 @@ fn build_initramfs(cache: &Path, kernel: &Kernel, test_binary: &Path) -> Result<
 /bin/busybox mount -t devtmpfs dev /dev
 for m in /modules/*.ko; do /bin/busybox insmod "$m" 2>/dev/null; done
 /bin/busybox ip link set lo up
-/test --ignored --test-threads=1 --nocapture
-echo "VEIL-VM-EXIT $?"
+status=0
+{TESTS}
+echo "VEIL-VM-EXIT $status"
 /bin/busybox poweroff -f
 "#;
+    let runs: String = TEST_TARGETS
+        .iter()
+        .map(|(name, args)| format!("/test-{name} {args} || status=1\n"))
+        .collect();
+    let init = init.replace("{TESTS}\n", &runs);
     let init_path = dir.join("init");
-    std::fs::write(&init_path, init)?;
+    std::fs::write(&init_path, &init)?;
     shell::run(Command::new("chmod").arg("755").arg(&init_path))?;
     let initrd = cache.join("initrd.cpio.gz");
     shell::run(

@@ -67,7 +67,20 @@ struct ChachaInfo {
 /// userspace. The socket must not have been used for anything since the
 /// handshake.
 pub fn enable(socket: BorrowedFd<'_>, secrets: ExtractedSecrets) -> Result<(), KtlsError> {
-    set_ulp(socket)?;
+    attach_ulp(socket)?;
+    install_keys(socket, secrets)
+}
+
+/// First half of [`enable`]: turns `socket` into a kernel TLS socket, or says
+/// `Unsupported` — before the rustls session is consumed, so the caller can
+/// still keep it in userspace.
+pub fn attach_ulp(socket: BorrowedFd<'_>) -> Result<(), KtlsError> {
+    set_ulp(socket)
+}
+
+/// Second half of [`enable`]: installs the session keys on a socket that
+/// [`attach_ulp`] accepted.
+pub fn install_keys(socket: BorrowedFd<'_>, secrets: ExtractedSecrets) -> Result<(), KtlsError> {
     let (tx_seq, tx) = secrets.tx;
     let (rx_seq, rx) = secrets.rx;
     set_crypto(socket, TLS_TX, tx_seq, &tx)?;

@@ -14,6 +14,7 @@
 pub mod ktls;
 pub mod preface;
 pub mod relay;
+pub mod session;
 pub mod settings;
 pub mod verifier;
 

@@ -70,7 +70,7 @@ fn one_way(from: &TcpStream, to: &TcpStream, aborted: &AtomicBool) -> std::io::R
                 return Ok(total);
             }
             Ok(n) => n,
-            Err(errno) => return Err(abort(from, to, aborted, errno)),
+            Err(errno) => return Err(abort_both(from, to, aborted, errno.into())),
         };
         let mut left = filled;
         while left > 0 {
@@ -83,24 +83,25 @@ fn one_way(from: &TcpStream, to: &TcpStream, aborted: &AtomicBool) -> std::io::R
                 SpliceFFlags::SPLICE_F_MOVE,
             ) {
                 Ok(n) => left -= n,
-                Err(errno) => return Err(abort(from, to, aborted, errno)),
+                Err(errno) => return Err(abort_both(from, to, aborted, errno.into())),
             }
         }
         total += filled as u64;
     }
 }
 
-/// A reset (or any error) on one side: both sockets will close with a RST,
-/// and the other direction's thread is woken (by shutting down its read side)
-/// to stop without sending a FIN.
-fn abort(
-    from: &TcpStream,
-    to: &TcpStream,
+/// A reset (or any error) on one side of a relay: marks the relay aborted,
+/// gives both sockets SO_LINGER 0 (their final close sends a RST, not a FIN)
+/// and shuts their read side so the other direction's thread wakes and stops
+/// without half-closing anything. Returns `error`.
+pub(crate) fn abort_both(
+    a: &TcpStream,
+    b: &TcpStream,
     aborted: &AtomicBool,
-    errno: nix::errno::Errno,
+    error: std::io::Error,
 ) -> std::io::Error {
     aborted.store(true, Ordering::SeqCst);
-    for stream in [from, to] {
+    for stream in [a, b] {
         let _ = nix::sys::socket::setsockopt(
             stream,
             nix::sys::socket::sockopt::Linger,
@@ -111,5 +112,5 @@ fn abort(
         );
         let _ = stream.shutdown(Shutdown::Read);
     }
-    errno.into()
+    error
 }

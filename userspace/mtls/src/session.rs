@@ -1,0 +1,225 @@
+//! An established agent-to-agent TLS session, in the kernel when it can be.
+//!
+//! [`Session::establish`] finishes the handshake and tries the kernel first:
+//! with the TLS ULP the keys go to the kernel and [`Session::relay`] splices;
+//! without it the same session stays in rustls and the relay copies through
+//! userspace. The choice is automatic and visible as [`Mode`].
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, TcpStream},
+    os::fd::AsFd,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use rustls::Connection;
+
+use crate::{
+    ktls::{self, KtlsError},
+    relay::{self, RelayStats},
+};
+
+/// Where the record encryption happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Kernel,
+    Userspace,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kernel => "ktls",
+            Self::Userspace => "userspace",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("TLS handshake failed: {0}")]
+    Handshake(std::io::Error),
+    #[error("cannot hand the session to the kernel: {0}")]
+    Kernel(KtlsError),
+    #[error("cannot extract the session keys: {0}")]
+    Secrets(rustls::Error),
+}
+
+/// A TLS session ready to carry a pod's bytes.
+pub enum Session {
+    Kernel(TcpStream),
+    /// The rustls state is large; boxed so the kernel variant stays small.
+    Userspace(Box<Connection>, TcpStream),
+}
+
+impl Session {
+    /// Completes the handshake on `tcp`, then moves the session into the
+    /// kernel if it has TLS, else keeps it in rustls.
+    ///
+    /// For the kernel path the server must send no session tickets, and no
+    /// application byte may arrive before this returns on both sides.
+    pub fn establish(mut connection: Connection, mut tcp: TcpStream) -> Result<Self, SessionError> {
+        while connection.is_handshaking() {
+            connection
+                .complete_io(&mut tcp)
+                .map_err(SessionError::Handshake)?;
+        }
+        while connection.wants_write() {
+            connection
+                .write_tls(&mut tcp)
+                .map_err(SessionError::Handshake)?;
+        }
+        match ktls::attach_ulp(tcp.as_fd()) {
+            Ok(()) => {}
+            Err(KtlsError::Unsupported) => {
+                return Ok(Self::Userspace(Box::new(connection), tcp));
+            }
+            Err(other) => return Err(SessionError::Kernel(other)),
+        }
+        let secrets = match connection {
+            Connection::Client(c) => c.dangerous_extract_secrets(),
+            Connection::Server(s) => s.dangerous_extract_secrets(),
+        }
+        .map_err(SessionError::Secrets)?;
+        ktls::install_keys(tcp.as_fd(), secrets).map_err(SessionError::Kernel)?;
+        Ok(Self::Kernel(tcp))
+    }
+
+    pub fn mode(&self) -> Mode {
+        match self {
+            Self::Kernel(_) => Mode::Kernel,
+            Self::Userspace(..) => Mode::Userspace,
+        }
+    }
+
+    /// Relays between the pod's `plain` socket and this session until both
+    /// directions end; half-close and resets propagate either way.
+    pub fn relay(self, plain: TcpStream) -> std::io::Result<RelayStats> {
+        match self {
+            Self::Kernel(tls) => relay::splice_relay(plain, tls),
+            Self::Userspace(connection, tls) => userspace_relay(plain, *connection, tls),
+        }
+    }
+}
+
+/// The fallback relay: rustls encrypts in userspace. One thread per
+/// direction; the connection is locked only to move bytes in or out of it,
+/// never across a blocking socket call.
+fn userspace_relay(
+    plain: TcpStream,
+    connection: Connection,
+    tls: TcpStream,
+) -> std::io::Result<RelayStats> {
+    let connection = Arc::new(Mutex::new(connection));
+    let aborted = Arc::new(AtomicBool::new(false));
+    let (plain2, tls2) = (plain.try_clone()?, tls.try_clone()?);
+    let outbound = {
+        let (connection, aborted) = (Arc::clone(&connection), Arc::clone(&aborted));
+        std::thread::spawn(move || encrypt_direction(&plain, &tls, &connection, &aborted))
+    };
+    let inbound = decrypt_direction(&tls2, &plain2, &connection, &aborted);
+    let outbound = outbound
+        .join()
+        .map_err(|_| std::io::Error::other("relay thread panicked"))?;
+    Ok(RelayStats {
+        a_to_b: outbound?,
+        b_to_a: inbound?,
+    })
+}
+
+fn lock(connection: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+    connection.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// plain → TLS records. EOF sends close_notify and half-closes the TLS socket.
+fn encrypt_direction(
+    plain: &TcpStream,
+    tls: &TcpStream,
+    connection: &Mutex<Connection>,
+    aborted: &AtomicBool,
+) -> std::io::Result<u64> {
+    let mut buffer = vec![0u8; 16 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match (&*plain).read(&mut buffer) {
+            Ok(0) if aborted.load(Ordering::SeqCst) => return Ok(total),
+            Ok(n) => n,
+            Err(error) => return Err(relay::abort_both(plain, tls, aborted, error)),
+        };
+        let mut records = Vec::new();
+        {
+            let mut connection = lock(connection);
+            if n == 0 {
+                connection.send_close_notify();
+            } else {
+                connection.writer().write_all(&buffer[..n])?;
+            }
+            while connection.wants_write() {
+                connection.write_tls(&mut records)?;
+            }
+        }
+        if let Err(error) = (&*tls).write_all(&records) {
+            return Err(relay::abort_both(plain, tls, aborted, error));
+        }
+        if n == 0 {
+            let _ = tls.shutdown(Shutdown::Write);
+            return Ok(total);
+        }
+        total += n as u64;
+    }
+}
+
+/// TLS records → plain. close_notify or EOF half-closes the plain socket.
+fn decrypt_direction(
+    tls: &TcpStream,
+    plain: &TcpStream,
+    connection: &Mutex<Connection>,
+    aborted: &AtomicBool,
+) -> std::io::Result<u64> {
+    let mut records = vec![0u8; 32 * 1024];
+    let mut plaintext = vec![0u8; 32 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match (&*tls).read(&mut records) {
+            Ok(0) if aborted.load(Ordering::SeqCst) => return Ok(total),
+            Ok(n) => n,
+            Err(error) => return Err(relay::abort_both(tls, plain, aborted, error)),
+        };
+        let mut out = Vec::new();
+        let mut closed = n == 0;
+        {
+            let mut connection = lock(connection);
+            let mut input = &records[..n];
+            while !input.is_empty() {
+                connection.read_tls(&mut input)?;
+                if let Err(error) = connection.process_new_packets() {
+                    let error = std::io::Error::new(std::io::ErrorKind::InvalidData, error);
+                    drop(connection);
+                    return Err(relay::abort_both(tls, plain, aborted, error));
+                }
+                loop {
+                    match connection.reader().read(&mut plaintext) {
+                        Ok(0) => {
+                            closed = true;
+                            break;
+                        }
+                        Ok(m) => out.extend_from_slice(&plaintext[..m]),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        if let Err(error) = (&*plain).write_all(&out) {
+            return Err(relay::abort_both(tls, plain, aborted, error));
+        }
+        total += out.len() as u64;
+        if closed {
+            let _ = plain.shutdown(Shutdown::Write);
+            return Ok(total);
+        }
+    }
+}
