@@ -4,6 +4,7 @@
 //! Debian 12 machine needs nothing but `cargo xtask demo` or `cargo xtask test`.
 
 mod bench;
+mod crds;
 mod demo;
 mod ebpf;
 mod ktls_vm;
@@ -35,6 +36,8 @@ enum Command {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
+    /// Regenerate the CRD manifests in deploy/crds/ from the Rust types.
+    GenCrds,
     /// Run only the kernel-TLS tests, in a qemu VM (part of `test`).
     KtlsVm,
     /// Bring up a two-node test bed with agents, show traffic and counters, tear down.
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
         Command::Setup => setup::ensure_toolchain(),
         Command::BuildEbpf => ebpf::build().map(|object| println!("{}", object.display())),
         Command::Test { cargo_test_args } => test::run(&cargo_test_args),
+        Command::GenCrds => crds::generate(),
         Command::KtlsVm => ebpf::build().and_then(|object| ktls_vm::run(&object)),
         Command::Demo => demo::run(),
         Command::Bench { args } => bench::run(&args),

@@ -3,7 +3,7 @@
 use anyhow::Result;
 
 use crate::{
-    ebpf, ktls_vm, paths,
+    crds, ebpf, ktls_vm, paths,
     shell::{self, step},
 };
 
@@ -17,6 +17,9 @@ pub fn run(cargo_test_args: &[String]) -> Result<()> {
             .env("VEIL_BIN_DIR", paths::debug_bin_dir());
         command
     };
+
+    step("Checking the CRD manifests against the Rust types");
+    crds::check()?;
 
     step("Checking formatting (cargo fmt)");
     shell::run(workspace_cargo().args(["fmt", "--all", "--", "--check"]))?;
