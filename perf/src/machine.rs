@@ -37,7 +37,7 @@ impl Machine {
             kernel: nix::sys::utsname::uname()
                 .map(|u| u.release().to_string_lossy().into_owned())
                 .unwrap_or_else(|_| "unknown".into()),
-            ktls_available: ktls_available(),
+            ktls_available: veil_mtls::ktls::kernel_supports_tls(),
         }
     }
 
@@ -56,20 +56,4 @@ impl Machine {
             }
         )
     }
-}
-
-/// True when the `tls` TCP ULP is registered or can be loaded as a module.
-pub fn ktls_available() -> bool {
-    let registered = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
-        .is_ok_and(|ulps| ulps.split_whitespace().any(|u| u == "tls"));
-    let release = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let module_dir = std::path::Path::new("/lib/modules")
-        .join(release)
-        .join("kernel/net/tls");
-    let loadable = std::fs::read_dir(module_dir).is_ok_and(|mut entries| {
-        entries.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("tls.ko")))
-    });
-    registered || loadable
 }

@@ -104,6 +104,20 @@ fn counters_move_when_pods_on_two_nodes_talk() {
         );
     }
 
+    // A healthy node: `veilctl check` finds nothing worse than the host's
+    // lack of kernel TLS, and exits 0.
+    let (code, report) = agents[0].veilctl_exit(&["check", "-o", "json"]).unwrap();
+    assert_eq!(code, 0, "{report}");
+    let findings: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert!(
+        findings
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["severity"] == "info"),
+        "{report}"
+    );
+
     // The table view shows the same programs.
     let table = agents[0].veilctl(&["status"]).unwrap();
     assert!(table.contains("veil_underlay_ingress"), "{table}");

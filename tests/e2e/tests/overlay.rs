@@ -434,6 +434,9 @@ fn moving_a_pod_updates_the_maps_live_and_leaves_other_flows_alone() {
         agents[0].metric("veil_overlay_inventory_valid").unwrap(),
         Some(0.0)
     );
+    let (code, report) = agents[0].veilctl_exit(&["check"]).unwrap();
+    assert_eq!(code, 3, "check exits 3 when it finds problems:\n{report}");
+    assert!(report.contains("inventory is refused"), "{report}");
     traffic::ping(&topology, b, moving.ip(), 1).unwrap();
     exchange(&mut client, &mut server);
 }

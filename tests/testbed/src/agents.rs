@@ -136,6 +136,24 @@ impl Agent {
             .find_map(|line| line.strip_prefix(series)?.trim().parse().ok()))
     }
 
+    /// Runs `veilctl args…` inside the node; returns its exit code and stdout
+    /// whatever the code (for commands whose exit code is the answer).
+    pub fn veilctl_exit(&self, args: &[&str]) -> Result<(i32, String)> {
+        let output = self
+            .ns
+            .command(&self.veilctl)
+            .args(args)
+            .output()
+            .map_err(|source| TestbedError::Spawn {
+                command: "veilctl".into(),
+                source,
+            })?;
+        Ok((
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        ))
+    }
+
     /// `veilctl status -o json`, parsed.
     pub fn status(&self) -> Result<AgentStatus> {
         let json = self.veilctl(&["status", "-o", "json"])?;

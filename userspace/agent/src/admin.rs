@@ -29,6 +29,12 @@ pub struct AdminState {
     pub overlay: Option<Arc<OverlaySync>>,
 }
 
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AdminState({})", self.node_name)
+    }
+}
+
 impl AdminState {
     /// Why the agent is not ready; empty when it is.
     pub fn readiness_problems(&self) -> Vec<String> {
@@ -93,5 +99,6 @@ async fn status(
         counters,
         events,
         overlay: state.overlay.as_ref().map(|o| o.status(&datapath)),
+        kernel_tls: veil_mtls::ktls::kernel_supports_tls(),
     }))
 }

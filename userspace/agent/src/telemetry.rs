@@ -102,12 +102,6 @@ struct DatapathCollector {
     state: Arc<AdminState>,
 }
 
-impl std::fmt::Debug for AdminState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AdminState({})", self.node_name)
-    }
-}
-
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let datapath = self

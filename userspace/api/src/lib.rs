@@ -36,6 +36,9 @@ pub struct AgentStatus {
     /// The overlay's state, when the agent runs one.
     #[serde(default)]
     pub overlay: Option<OverlayStatus>,
+    /// Whether the node's kernel can do TLS (kTLS); without it mTLS runs in userspace.
+    #[serde(default)]
+    pub kernel_tls: bool,
 }
 
 /// Packets counted under one datapath event.
@@ -165,6 +168,7 @@ mod tests {
                 packets: 3,
             }],
             overlay: None,
+            kernel_tls: false,
         };
         let json = serde_json::to_string(&status).unwrap();
         assert!(json.contains("\"hook\":\"tc-ingress\""), "{json}");

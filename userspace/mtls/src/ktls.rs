@@ -61,6 +61,21 @@ struct ChachaInfo {
     rec_seq: [u8; 8],
 }
 
+/// Whether this kernel can do TLS: the `tls` ULP is registered, or its module
+/// is installed and will load on first use.
+pub fn kernel_supports_tls() -> bool {
+    let registered = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
+        .is_ok_and(|ulps| ulps.split_whitespace().any(|u| u == "tls"));
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let loadable = std::path::Path::new("/lib/modules")
+        .join(release)
+        .join("kernel/net/tls")
+        .is_dir();
+    registered || loadable
+}
+
 /// Installs `secrets` on `socket` for both directions.
 ///
 /// `Unsupported` means the kernel has no TLS: the caller keeps the session in

@@ -8,19 +8,6 @@ use std::{
 
 use veil_mtls::ktls::{self, KtlsError};
 
-fn kernel_has_tls() -> bool {
-    let registered = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
-        .is_ok_and(|ulps| ulps.split_whitespace().any(|u| u == "tls"));
-    let release = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let loadable = std::path::Path::new("/lib/modules")
-        .join(release)
-        .join("kernel/net/tls")
-        .is_dir();
-    registered || loadable
-}
-
 #[test]
 fn the_tls_ulp_is_detected_or_reported_unsupported() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -44,9 +31,12 @@ fn the_tls_ulp_is_detected_or_reported_unsupported() {
         ),
     };
     match ktls::enable(client.as_fd(), secrets) {
-        Ok(()) => assert!(kernel_has_tls(), "kTLS worked on a kernel said to lack it"),
+        Ok(()) => assert!(
+            veil_mtls::ktls::kernel_supports_tls(),
+            "kTLS worked on a kernel said to lack it"
+        ),
         Err(KtlsError::Unsupported) => assert!(
-            !kernel_has_tls(),
+            !veil_mtls::ktls::kernel_supports_tls(),
             "the kernel has TLS but enable said Unsupported"
         ),
         Err(other) => panic!("unexpected error: {other}"),

@@ -20,19 +20,6 @@ use veil_mtls::{
 const TRUST_DOMAIN: &str = "cluster.local";
 const SIXTEEN_MIB: usize = 16 << 20;
 
-fn kernel_has_tls() -> bool {
-    let registered = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
-        .is_ok_and(|ulps| ulps.split_whitespace().any(|u| u == "tls"));
-    let release = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default();
-    registered
-        || std::path::Path::new("/lib/modules")
-            .join(release)
-            .join("kernel/net/tls")
-            .is_dir()
-}
-
 /// Two established sessions (client side, server side) over loopback.
 fn sessions() -> (Session, Session) {
     let ca = CertificateAuthority::generate(TRUST_DOMAIN, DEFAULT_LEAF_LIFETIME).unwrap();
@@ -101,7 +88,7 @@ fn pattern(offset: usize) -> u8 {
 #[test]
 fn the_mode_follows_the_kernel_and_bytes_arrive_exactly_with_half_close() {
     let (mut app_client, mut app_server, mode) = relayed_apps();
-    let expected = if kernel_has_tls() {
+    let expected = if veil_mtls::ktls::kernel_supports_tls() {
         Mode::Kernel
     } else {
         Mode::Userspace

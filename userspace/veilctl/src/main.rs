@@ -1,8 +1,10 @@
 //! `veilctl`: look at what a Veil agent is doing.
 //!
 //! Tables for people, `-o json` for scripts. Exit codes: 0 success, 1 the
-//! agent could not be reached or answered an error, 2 bad usage.
+//! agent could not be reached or answered an error, 2 bad usage, 3 `check`
+//! found problems (warnings or errors).
 
+mod check;
 mod client;
 mod render;
 
@@ -38,6 +40,8 @@ enum Output {
 enum Command {
     /// Agent version, attached programs and their packet counters.
     Status,
+    /// Find misconfigurations on this node and say how to fix each (exit 3 if any).
+    Check,
 }
 
 fn main() -> ExitCode {
@@ -57,6 +61,30 @@ fn main() -> ExitCode {
                     },
                 }
                 ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Check => match client.status() {
+            Ok(status) => {
+                let found = check::findings(&status);
+                match cli.output {
+                    Output::Table => print!("{}", render::findings(&status.node, &found)),
+                    Output::Json => match serde_json::to_string_pretty(&found) {
+                        Ok(json) => println!("{json}"),
+                        Err(err) => {
+                            eprintln!("error: cannot encode findings as JSON: {err}");
+                            return ExitCode::FAILURE;
+                        }
+                    },
+                }
+                if found.iter().any(|f| f.severity > check::Severity::Info) {
+                    ExitCode::from(3)
+                } else {
+                    ExitCode::SUCCESS
+                }
             }
             Err(err) => {
                 eprintln!("error: {err}");

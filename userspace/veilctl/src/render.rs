@@ -40,8 +40,14 @@ pub fn status(status: &AgentStatus) -> String {
         counters.to_string()
     };
     let mut text = format!(
-        "Node {} · veil-agent {}\n\nPrograms\n{programs}\n\nCounters\n{counters}\n",
-        status.node, status.version
+        "Node {} · veil-agent {} · kernel TLS {}\n\nPrograms\n{programs}\n\nCounters\n{counters}\n",
+        status.node,
+        status.version,
+        if status.kernel_tls {
+            "available"
+        } else {
+            "not available (userspace TLS)"
+        }
     );
     if !status.events.is_empty() {
         let mut events = Table::new();
@@ -58,6 +64,25 @@ pub fn status(status: &AgentStatus) -> String {
         text.push_str(&overlay_section(overlay));
     }
     text
+}
+
+/// `veilctl check` as text.
+pub fn findings(node: &str, found: &[crate::check::Finding]) -> String {
+    if found.is_empty() {
+        return format!("Node {node}: no problems found.\n");
+    }
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_BORDERS_ONLY)
+        .set_header(["SEVERITY", "PROBLEM", "FIX"]);
+    for finding in found {
+        table.add_row([
+            format!("{:?}", finding.severity).to_lowercase(),
+            finding.problem.clone(),
+            finding.fix.clone(),
+        ]);
+    }
+    format!("Node {node}: {} finding(s)\n{table}\n", found.len())
 }
 
 fn overlay_section(overlay: &veil_api::OverlayStatus) -> String {
@@ -123,6 +148,7 @@ mod tests {
             counters,
             events: Vec::new(),
             overlay: None,
+            kernel_tls: true,
         }
     }
 
@@ -135,7 +161,10 @@ mod tests {
             packets: 42,
             bytes: 4200,
         }]));
-        assert!(text.starts_with("Node node1 · veil-agent 0.1.0"), "{text}");
+        assert!(
+            text.starts_with("Node node1 · veil-agent 0.1.0 · kernel TLS available"),
+            "{text}"
+        );
         let program_row = text
             .lines()
             .find(|l| l.contains("veil_underlay_ingress"))

@@ -1,0 +1,191 @@
+//! `veilctl check`: what is wrong on this node, and how to fix it.
+//!
+//! Each finding names the problem in the operator's terms and the next step.
+//! Read from the agent's status, so it sees what the agent and the kernel see.
+
+use serde::Serialize;
+use veil_api::{AgentStatus, HookKind};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    Warning,
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub severity: Severity,
+    pub problem: String,
+    pub fix: String,
+}
+
+fn finding(severity: Severity, problem: impl Into<String>, fix: impl Into<String>) -> Finding {
+    Finding {
+        severity,
+        problem: problem.into(),
+        fix: fix.into(),
+    }
+}
+
+/// Every misconfiguration visible in `status`, worst first.
+pub fn findings(status: &AgentStatus) -> Vec<Finding> {
+    let mut found = Vec::new();
+    if let Some(overlay) = &status.overlay {
+        if let Some(error) = &overlay.inventory_error {
+            found.push(finding(
+                Severity::Error,
+                format!("the inventory is refused: {error}"),
+                format!(
+                    "fix {} — the agent keeps using the last good version until then",
+                    overlay.inventory
+                ),
+            ));
+        }
+        for warning in &overlay.warnings {
+            found.push(finding(
+                Severity::Warning,
+                warning.clone(),
+                "create the pod's veth or correct its `interface` in the inventory",
+            ));
+        }
+    }
+    for event in status.events.iter().filter(|e| e.drop && e.packets > 0) {
+        let (problem, fix) = match event.event.as_str() {
+            "drop-wrong-vni" => (
+                "VXLAN with another VNI reaches this node",
+                "give every agent the same overlay.vni (and keep other VXLAN users off UDP 4789)",
+            ),
+            "drop-too-big" => (
+                "pods send packets that do not fit the underlay once encapsulated",
+                "set pod MTUs to the underlay MTU minus 50 (ICMP fragmentation-needed is sent for DF packets)",
+            ),
+            "drop-unknown-destination" => (
+                "other nodes send pods to this node that it does not have",
+                "the nodes' inventories disagree: distribute the same inventory to every node",
+            ),
+            "drop-malformed" | "drop-truncated" => (
+                "broken VXLAN arrives on UDP 4789",
+                "find the sender on the underlay; fragmented VXLAN means an underlay MTU too small",
+            ),
+            "drop-inner-not-ipv4" => (
+                "pods send non-IPv4 traffic across nodes",
+                "only IPv4 is carried today",
+            ),
+            "drop-encap-failed" => (
+                "the kernel refused to grow packets for encapsulation",
+                "report this with the kernel version",
+            ),
+            _ => ("packets dropped", "see the agent log"),
+        };
+        found.push(finding(
+            Severity::Warning,
+            format!("{problem} ({} packets, {})", event.packets, event.event),
+            fix,
+        ));
+    }
+    for program in status
+        .programs
+        .iter()
+        .filter(|p| p.hook == HookKind::Xdp && p.mode == "generic")
+    {
+        found.push(finding(
+            Severity::Warning,
+            format!("XDP runs in generic mode on {}", program.interface),
+            "the driver lacks native XDP: expect lower throughput, or use a NIC driver with XDP support",
+        ));
+    }
+    if !status.kernel_tls {
+        found.push(finding(
+            Severity::Info,
+            "the kernel has no TLS (kTLS): mTLS records are encrypted in userspace",
+            "use a kernel with CONFIG_TLS (y or m) for zero-copy kernel encryption",
+        ));
+    }
+    found.sort_by_key(|f| std::cmp::Reverse(f.severity));
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use veil_api::{AttachedProgram, EventCount, OverlayStatus};
+
+    use super::*;
+
+    fn status() -> AgentStatus {
+        AgentStatus {
+            version: "0.1.0".into(),
+            node: "node1".into(),
+            programs: vec![AttachedProgram {
+                name: "veil_underlay_ingress".into(),
+                hook: HookKind::Xdp,
+                interface: "ul0".into(),
+                ifindex: 2,
+                mode: "native".into(),
+            }],
+            counters: vec![],
+            events: vec![],
+            overlay: None,
+            kernel_tls: true,
+        }
+    }
+
+    #[test]
+    fn a_healthy_node_has_no_findings() {
+        assert_eq!(findings(&status()), []);
+    }
+
+    #[test]
+    fn each_problem_is_found_with_a_fix_worst_first() {
+        let mut s = status();
+        s.kernel_tls = false;
+        s.programs[0].mode = "generic".into();
+        s.events = vec![
+            EventCount {
+                event: "drop-wrong-vni".into(),
+                drop: true,
+                packets: 3,
+            },
+            EventCount {
+                event: "encapsulated".into(),
+                drop: false,
+                packets: 100,
+            },
+            EventCount {
+                event: "drop-too-big".into(),
+                drop: true,
+                packets: 0,
+            },
+        ];
+        s.overlay = Some(OverlayStatus {
+            vni: 1,
+            underlay_ip: "198.18.0.1".into(),
+            underlay_mtu: 1500,
+            inventory: "/etc/veil/inventory.toml".into(),
+            inventory_error: Some("line 3: bad MAC".into()),
+            warnings: vec![],
+            routes: vec![],
+            endpoints: vec![],
+        });
+        let found = findings(&s);
+        let problems: Vec<&str> = found.iter().map(|f| f.problem.as_str()).collect();
+        assert_eq!(found[0].severity, Severity::Error);
+        assert!(
+            problems[0].contains("inventory is refused: line 3"),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("another VNI") && p.contains("3 packets"))
+        );
+        assert!(
+            !problems.iter().any(|p| p.contains("do not fit")),
+            "zero counters are not problems"
+        );
+        assert!(problems.iter().any(|p| p.contains("generic mode on ul0")));
+        assert_eq!(found.last().unwrap().severity, Severity::Info);
+        assert!(found.iter().all(|f| !f.fix.is_empty()));
+    }
+}
