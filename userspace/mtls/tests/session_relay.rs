@@ -2,72 +2,20 @@
 //! tests: kernel TLS where it exists, rustls in userspace where it does not
 //! (this CI host) — chosen automatically, with the same guarantees.
 
+mod common;
+
 use std::{
     io::{Read, Write},
     net::{Shutdown, TcpListener, TcpStream},
-    sync::Arc,
     time::Duration,
 };
 
-use rustls::{ClientConnection, ServerConnection, pki_types::ServerName};
-use veil_identity::{CertificateAuthority, SpiffeId, WorkloadKey, ca::DEFAULT_LEAF_LIFETIME};
-use veil_mtls::{
-    TlsSettings, WorkloadCredentials,
-    session::{Mode, Session},
-    verifier::{ExpectedPeer, TrustState},
-};
-
-const TRUST_DOMAIN: &str = "cluster.local";
-const SIXTEEN_MIB: usize = 16 << 20;
-
-/// Two established sessions (client side, server side) over loopback.
-fn sessions() -> (Session, Session) {
-    let ca = CertificateAuthority::generate(TRUST_DOMAIN, DEFAULT_LEAF_LIFETIME).unwrap();
-    let trust = Arc::new(TrustState::default());
-    *trust.roots.write().unwrap() = ca
-        .trust_bundle()
-        .iter()
-        .map(|pem| {
-            use rustls::pki_types::pem::PemObject;
-            rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
-        })
-        .collect();
-    let issue = |sa: &str| {
-        let id = SpiffeId::new(TRUST_DOMAIN, "shop", sa).unwrap();
-        let key = WorkloadKey::generate().unwrap();
-        let issued = ca.sign(&key.csr_pem(&id).unwrap(), &id).unwrap();
-        (id, WorkloadCredentials::new(&issued, &key).unwrap())
-    };
-    let (server_id, server_creds) = issue("checkout");
-    let (_, client_creds) = issue("cart");
-    let settings = TlsSettings::default();
-    let mut server_config = settings
-        .server_config(&server_creds, Arc::clone(&trust), TRUST_DOMAIN)
-        .unwrap();
-    server_config.send_tls13_tickets = 0;
-    let client_config = settings
-        .client_config(&client_creds, trust, ExpectedPeer::Identity(server_id))
-        .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = listener.local_addr().unwrap();
-    let server = std::thread::spawn(move || {
-        let (tcp, _) = listener.accept().unwrap();
-        let connection = ServerConnection::new(Arc::new(server_config)).unwrap();
-        Session::establish(connection.into(), tcp).unwrap()
-    });
-    let tcp = TcpStream::connect(address).unwrap();
-    let connection = ClientConnection::new(
-        Arc::new(client_config),
-        ServerName::try_from("veil.invalid").unwrap(),
-    )
-    .unwrap();
-    let client = Session::establish(connection.into(), tcp).unwrap();
-    (client, server.join().unwrap())
-}
+use common::{SIXTEEN_MIB, pattern, session_pair};
+use veil_mtls::{TlsSettings, session::Mode};
 
 /// app ⇄ relay ⇄ session ⇄ relay ⇄ app; returns the two app sockets and the mode.
 fn relayed_apps() -> (TcpStream, TcpStream, Mode) {
-    let (client_session, server_session) = sessions();
+    let (client_session, server_session) = session_pair(&TlsSettings::default());
     let mode = client_session.mode();
     assert_eq!(server_session.mode(), mode);
     let app_listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -79,10 +27,6 @@ fn relayed_apps() -> (TcpStream, TcpStream, Mode) {
     std::thread::spawn(move || client_session.relay(front));
     std::thread::spawn(move || server_session.relay(back));
     (app_client, app_server, mode)
-}
-
-fn pattern(offset: usize) -> u8 {
-    (offset.wrapping_mul(31) ^ (offset >> 11)) as u8
 }
 
 #[test]

@@ -1,0 +1,70 @@
+//! Fixtures shared by the session and kTLS tests: a CA, two workloads and an
+//! established session pair over loopback.
+
+use std::{
+    net::{TcpListener, TcpStream},
+    sync::Arc,
+};
+
+use rustls::{ClientConnection, ServerConnection, pki_types::ServerName};
+use veil_identity::{CertificateAuthority, SpiffeId, WorkloadKey, ca::DEFAULT_LEAF_LIFETIME};
+use veil_mtls::{
+    TlsSettings, WorkloadCredentials,
+    session::Session,
+    verifier::{ExpectedPeer, TrustState},
+};
+
+pub const TRUST_DOMAIN: &str = "cluster.local";
+pub const SIXTEEN_MIB: usize = 16 << 20;
+
+/// The byte at `offset` of every test stream.
+pub fn pattern(offset: usize) -> u8 {
+    (offset.wrapping_mul(31) ^ (offset >> 11)) as u8
+}
+
+/// Two sessions (client side, server side) established over loopback with
+/// `settings`. Both handshakes finish before this returns, so no application
+/// byte can reach rustls meant for the kernel.
+pub fn session_pair(settings: &TlsSettings) -> (Session, Session) {
+    let ca = CertificateAuthority::generate(TRUST_DOMAIN, DEFAULT_LEAF_LIFETIME).unwrap();
+    let trust = Arc::new(TrustState::default());
+    *trust.roots.write().unwrap() = ca
+        .trust_bundle()
+        .iter()
+        .map(|pem| {
+            use rustls::pki_types::pem::PemObject;
+            rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+        })
+        .collect();
+    let issue = |sa: &str| {
+        let id = SpiffeId::new(TRUST_DOMAIN, "shop", sa).unwrap();
+        let key = WorkloadKey::generate().unwrap();
+        let issued = ca.sign(&key.csr_pem(&id).unwrap(), &id).unwrap();
+        (id, WorkloadCredentials::new(&issued, &key).unwrap())
+    };
+    let (server_id, server_creds) = issue("checkout");
+    let (_, client_creds) = issue("cart");
+    let mut server_config = settings
+        .server_config(&server_creds, Arc::clone(&trust), TRUST_DOMAIN)
+        .unwrap();
+    // A session ticket on the kernel's RX path would stall it.
+    server_config.send_tls13_tickets = 0;
+    let client_config = settings
+        .client_config(&client_creds, trust, ExpectedPeer::Identity(server_id))
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        let connection = ServerConnection::new(Arc::new(server_config)).unwrap();
+        Session::establish(connection.into(), tcp).unwrap()
+    });
+    let tcp = TcpStream::connect(address).unwrap();
+    let connection = ClientConnection::new(
+        Arc::new(client_config),
+        ServerName::try_from("veil.invalid").unwrap(),
+    )
+    .unwrap();
+    let client = Session::establish(connection.into(), tcp).unwrap();
+    (client, server.join().unwrap())
+}
