@@ -23,15 +23,26 @@ pub fn kernel_vxlan_ip(node: usize) -> std::net::Ipv4Addr {
 impl Topology {
     /// Routes `a` ↔ `b` over the underlay with plain routes (no encapsulation).
     pub fn route_pair_direct(&self, a: PodRef, b: PodRef) -> Result<()> {
+        self.route_pair(a, b, "ul0", addressing::node_underlay_ip)
+    }
+
+    /// Routes each pod's /32 on the other's node via `next_hop(pod's node)` on `device`.
+    fn route_pair(
+        &self,
+        a: PodRef,
+        b: PodRef,
+        device: &str,
+        next_hop: fn(usize) -> std::net::Ipv4Addr,
+    ) -> Result<()> {
         for (from, to) in [(a, b), (b, a)] {
             self.node(from.node).ip(&[
                 "route",
                 "replace",
                 &format!("{}/32", to.ip()),
                 "via",
-                &addressing::node_underlay_ip(to.node).to_string(),
+                &next_hop(to.node).to_string(),
                 "dev",
-                "ul0",
+                device,
             ])?;
         }
         Ok(())
@@ -91,18 +102,7 @@ impl Topology {
 
     /// Routes `a` ↔ `b` through the kernel VXLAN device (see [`Self::install_kernel_vxlan`]).
     pub fn route_pair_kernel_vxlan(&self, a: PodRef, b: PodRef) -> Result<()> {
-        for (from, to) in [(a, b), (b, a)] {
-            self.node(from.node).ip(&[
-                "route",
-                "replace",
-                &format!("{}/32", to.ip()),
-                "via",
-                &kernel_vxlan_ip(to.node).to_string(),
-                "dev",
-                KERNEL_VXLAN_DEVICE,
-            ])?;
-        }
-        Ok(())
+        self.route_pair(a, b, KERNEL_VXLAN_DEVICE, kernel_vxlan_ip)
     }
 }
 
