@@ -38,18 +38,13 @@ impl std::fmt::Debug for AdminState {
 impl AdminState {
     /// Why the agent is not ready; empty when it is.
     pub fn readiness_problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        if let Some(overlay) = &self.overlay {
-            let datapath = self.datapath.lock().unwrap_or_else(|p| p.into_inner());
-            let status = overlay.status(&datapath);
-            if let Some(error) = status.inventory_error {
-                problems.push(format!("inventory refused: {error}"));
+        match &self.overlay {
+            Some(overlay) => {
+                let datapath = self.datapath.lock().unwrap_or_else(|p| p.into_inner());
+                overlay.readiness_problems(&datapath)
             }
-            if status.underlay_ip == "0.0.0.0" {
-                problems.push("overlay not configured yet".into());
-            }
+            None => Vec::new(),
         }
-        problems
     }
 }
 

@@ -224,10 +224,11 @@ impl Inventory {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const GOOD: &str = r#"
+    /// Two nodes and one pod on node1; other modules' tests build on it.
+    pub(crate) const GOOD: &str = r#"
 [[nodes]]
 name = "node1"
 underlay_ip = "198.18.0.1"

@@ -94,6 +94,24 @@ impl OverlaySync {
         }
     }
 
+    /// Why the overlay is not ready: a refused inventory, or no configuration
+    /// applied yet. Reads only the sync report and the config entry.
+    pub fn readiness_problems(&self, datapath: &Datapath) -> Vec<String> {
+        let mut problems = Vec::new();
+        let report = self.report.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(error) = &report.inventory_error {
+            problems.push(format!("inventory refused: {error}"));
+        }
+        let configured = datapath
+            .overlay()
+            .config()
+            .is_ok_and(|config| config.underlay_ifindex != 0);
+        if !configured {
+            problems.push("overlay not configured yet".into());
+        }
+        problems
+    }
+
     /// The overlay as the admin API shows it.
     pub fn status(&self, datapath: &Datapath) -> OverlayStatus {
         let report = self

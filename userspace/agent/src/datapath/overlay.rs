@@ -236,33 +236,16 @@ mod tests {
     use crate::datapath::links::Link;
 
     fn inventory(extra_pods: &str) -> Inventory {
-        Inventory::parse(
-            &format!(
-                r#"
-[[nodes]]
-name = "node1"
-underlay_ip = "198.18.0.1"
-underlay_mac = "02:00:00:00:00:01"
-pod_cidr = "198.19.1.0/24"
-[[nodes]]
-name = "node2"
-underlay_ip = "198.18.0.2"
-underlay_mac = "02:00:00:00:00:02"
-pod_cidr = "198.19.2.0/24"
-[[pods]]
-name = "n1p1"
-node = "node1"
-ip = "198.19.1.1"
-mac = "02:00:00:00:01:01"
-interface = "vp1"
+        let n2p1 = r#"
 [[pods]]
 name = "n2p1"
 node = "node2"
 ip = "198.19.2.1"
 mac = "02:00:00:00:02:01"
 interface = "vp1"
-{extra_pods}"#
-            ),
+"#;
+        Inventory::parse(
+            &format!("{}{n2p1}{extra_pods}", crate::inventory::tests::GOOD),
             Path::new("inventory.toml"),
         )
         .unwrap()
