@@ -9,6 +9,9 @@ pub const ENCAP_ROOM: usize = IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN;
 
 pub const ETH_P_IPV4: u16 = 0x0800;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_TCP: u8 = 6;
+pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_ACK: u8 = 0x10;
 /// "More fragments" flag and fragment offset bits of `frag_off`.
 pub const IP_MF_AND_OFFSET: u16 = 0x3fff;
 /// The VXLAN "I" flag: the VNI is valid (RFC 7348).
@@ -45,6 +48,14 @@ pub struct UdpHdr {
     pub dest: u16,
     pub len: u16,
     pub check: u16,
+}
+
+/// The first four bytes of a TCP header: the ports, big-endian.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TcpPorts {
+    pub source: u16,
+    pub dest: u16,
 }
 
 #[repr(C)]

@@ -10,6 +10,7 @@
 mod counters;
 mod frag_needed;
 mod headers;
+mod mesh_steering;
 mod overlay_maps;
 mod pod_egress;
 mod underlay_ingress;

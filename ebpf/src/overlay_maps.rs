@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray},
 };
 use veil_common::overlay::{
-    DATAPATH_EVENT_COUNT, DatapathEvent, LocalEndpoint, MAX_LOCAL_ENDPOINTS, MAX_NODE_ROUTES,
-    OverlayConfig, RemoteNode,
+    DATAPATH_EVENT_COUNT, DatapathEvent, LocalEndpoint, MAX_LOCAL_ENDPOINTS, MAX_MESH_PEERS,
+    MAX_NODE_ROUTES, OverlayConfig, RemoteNode,
 };
 
 /// This node's settings; index 0. Empty (all zero) until the agent writes it.
@@ -26,6 +26,11 @@ static LOCAL_ENDPOINTS: HashMap<[u8; 4], LocalEndpoint> =
 /// Redirect targets for decapsulated packets: pod veth ifindex → itself.
 #[map(name = "POD_DEVICES")]
 pub static POD_DEVICES: DevMapHash = DevMapHash::with_max_entries(MAX_LOCAL_ENDPOINTS, 0);
+
+/// Meshed pods on other nodes, by address → their mTLS mode. TCP from a
+/// meshed local pod to one of these goes through the agents.
+#[map(name = "MESH_PEERS")]
+pub static MESH_PEERS: HashMap<[u8; 4], u32> = HashMap::with_max_entries(MAX_MESH_PEERS, 0);
 
 #[map(name = "DATAPATH_EVENTS")]
 static DATAPATH_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DATAPATH_EVENT_COUNT, 0);

@@ -7,7 +7,8 @@
 //! tells the kernel where the inner headers are, so GSO super-packets stay
 //! whole until the underlay device (or the kernel, in software) segments them.
 //! Pod-to-pod on the same node, non-IPv4 and unknown destinations are left to
-//! the kernel untouched.
+//! the kernel untouched. Meshed TCP is steered to the agent first
+//! ([`crate::mesh_steering`]).
 
 use aya_ebpf::{
     bindings::{
@@ -31,6 +32,7 @@ use crate::{
         ENCAP_ROOM, ETH_HLEN, ETH_P_IPV4, EncapHeaders, EthHdr, IPPROTO_UDP, IPV4_HLEN, Ipv4Hdr,
         UdpHdr, VxlanHdr, ipv4_checksum,
     },
+    mesh_steering,
     overlay_maps::{NODE_ROUTES, count_event, local_endpoint, overlay_config},
 };
 
@@ -63,6 +65,9 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, DatapathEvent> {
     let Ok(ip) = ctx.load::<Ipv4Hdr>(ETH_HLEN) else {
         return Ok(pass);
     };
+    if let Some(verdict) = mesh_steering::steer(ctx, &ip) {
+        return verdict;
+    }
     if local_endpoint(&ip.daddr).is_some() {
         count_event(DatapathEvent::SameNode);
         return Ok(pass);

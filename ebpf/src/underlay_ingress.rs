@@ -13,14 +13,14 @@ use aya_ebpf::{
 };
 use veil_common::{
     counters::Hook,
-    overlay::{DatapathEvent, VXLAN_PORT},
+    overlay::{DatapathEvent, MESH_MODE_STRICT, VXLAN_PORT},
 };
 
 use crate::{
     counters::count_packet,
     headers::{
-        ENCAP_ROOM, ETH_HLEN, ETH_P_IPV4, EthHdr, IP_MF_AND_OFFSET, IPPROTO_UDP, IPV4_HLEN,
-        Ipv4Hdr, UDP_HLEN, UdpHdr, VXLAN_FLAG_VNI, VXLAN_HLEN, VxlanHdr,
+        ENCAP_ROOM, ETH_HLEN, ETH_P_IPV4, EthHdr, IP_MF_AND_OFFSET, IPPROTO_TCP, IPPROTO_UDP,
+        IPV4_HLEN, Ipv4Hdr, UDP_HLEN, UdpHdr, VXLAN_FLAG_VNI, VXLAN_HLEN, VxlanHdr,
     },
     overlay_maps::{POD_DEVICES, count_event, local_endpoint, overlay_config},
 };
@@ -116,6 +116,11 @@ fn try_underlay_ingress(ctx: &XdpContext) -> Result<u32, DatapathEvent> {
     let Some(endpoint) = local_endpoint(&inner_ip.daddr) else {
         return Err(DatapathEvent::DropUnknownDestination);
     };
+    // Meshed traffic reaches a pod through the agents (:15008 on the
+    // underlay), never as overlay TCP: this is plaintext from outside the mesh.
+    if endpoint.mode == MESH_MODE_STRICT && inner_ip.protocol == IPPROTO_TCP {
+        return Err(DatapathEvent::DropPlaintextToStrict);
+    }
 
     // The inner frame now goes from this node's veth to the pod.
     // SAFETY: bounds checked by `header` above; nothing has moved the data since.

@@ -38,12 +38,34 @@ impl Agent {
         Self::start_with(topology, node, Some(vni))
     }
 
+    /// Like [`Self::start_overlay`], with `extra` (TOML sections such as
+    /// `[mesh]`) appended to the agent's config.
+    pub fn start_overlay_with(
+        topology: &Topology,
+        node: usize,
+        vni: u32,
+        extra: &str,
+    ) -> Result<Self> {
+        topology.write_inventory()?;
+        Self::start_configured(topology, node, Some(vni), extra)
+    }
+
     fn start_with(topology: &Topology, node: usize, overlay_vni: Option<u32>) -> Result<Self> {
+        Self::start_configured(topology, node, overlay_vni, "")
+    }
+
+    fn start_configured(
+        topology: &Topology,
+        node: usize,
+        overlay_vni: Option<u32>,
+        extra: &str,
+    ) -> Result<Self> {
         let agent_bin = binaries::locate("veil-agent")?;
         let veilctl = binaries::locate("veilctl")?;
         let ns = topology.node(node);
         let config_path = topology.workdir().join(format!("agent-n{node}.toml"));
-        std::fs::write(&config_path, config_for(topology, node, overlay_vni))
+        let config = format!("{}{extra}", config_for(topology, node, overlay_vni));
+        std::fs::write(&config_path, config)
             .map_err(io_error(format!("cannot write {}", config_path.display())))?;
         let log_path = topology.workdir().join(format!("agent-n{node}.log"));
         let log = File::create(&log_path)

@@ -50,6 +50,13 @@ impl Topology {
                 link_mac(&self.pod(pod), "eth0")?,
                 self.host_veth(pod),
             );
+            if let Some(mesh) = self.mesh_of(pod) {
+                let _ = write!(
+                    text,
+                    "\n[pods.mesh]\nnamespace = \"{}\"\nservice_account = \"{}\"\nmode = \"{}\"\n",
+                    mesh.namespace, mesh.service_account, mesh.mode
+                );
+            }
         }
         Ok(text)
     }

@@ -32,7 +32,7 @@ pub mod traffic;
 pub use addressing::PodRef;
 pub use agents::Agent;
 pub use privileges::{require_program, require_root};
-pub use topology::{Routing, Topology, TopologySpec};
+pub use topology::{PodMesh, Routing, Topology, TopologySpec};
 
 /// Everything that can go wrong while building or using a test bed.
 #[derive(Debug, thiserror::Error)]

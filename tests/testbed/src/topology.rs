@@ -110,7 +110,28 @@ pub struct Topology {
     created: Vec<NetNs>,
     /// Pods moved away from the node that owns their address, and where to.
     moved: HashMap<PodRef, usize>,
+    /// Meshed pods and their settings, for the inventory.
+    mesh: HashMap<PodRef, PodMesh>,
     workdir: tempfile::TempDir,
+}
+
+/// A pod's mesh membership, as the inventory's `[pods.mesh]` table says it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodMesh {
+    pub namespace: String,
+    pub service_account: String,
+    /// `strict`, `permissive` or `disable`.
+    pub mode: String,
+}
+
+impl PodMesh {
+    pub fn new(namespace: &str, service_account: &str, mode: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+            mode: mode.into(),
+        }
+    }
 }
 
 impl Topology {
@@ -126,6 +147,7 @@ impl Topology {
             spec,
             created: Vec::new(),
             moved: HashMap::new(),
+            mesh: HashMap::new(),
             workdir,
         };
         // On error `topology` drops here and removes whatever was built.
@@ -188,6 +210,19 @@ impl Topology {
             Some(_) => format!("v{}p{}", pod.node, pod.pod),
             None => pod.host_veth(),
         }
+    }
+
+    /// Makes `pod` meshed with `mesh` (or not meshed with `None`) in the
+    /// inventory written next.
+    pub fn set_mesh(&mut self, pod: PodRef, mesh: Option<PodMesh>) {
+        match mesh {
+            Some(mesh) => self.mesh.insert(pod, mesh),
+            None => self.mesh.remove(&pod),
+        };
+    }
+
+    pub(crate) fn mesh_of(&self, pod: PodRef) -> Option<&PodMesh> {
+        self.mesh.get(&pod)
     }
 
     pub(crate) fn moved_to(&self, pod: PodRef) -> Option<usize> {

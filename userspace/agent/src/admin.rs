@@ -27,6 +27,7 @@ pub struct AdminState {
     pub node_name: String,
     pub datapath: Arc<Mutex<Datapath>>,
     pub overlay: Option<Arc<OverlaySync>>,
+    pub mesh: Option<Arc<crate::mesh::MeshState>>,
 }
 
 impl std::fmt::Debug for AdminState {

@@ -60,6 +60,42 @@ pub struct AgentConfig {
     /// The VXLAN overlay; without this section the agent only counts packets.
     #[serde(default)]
     pub overlay: Option<OverlaySection>,
+    /// Transparent mTLS between meshed pods; needs `[overlay]` (the inventory
+    /// says which pods are meshed and who they are).
+    #[serde(default)]
+    pub mesh: Option<MeshSection>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshSection {
+    /// SPIFFE trust domain of the mesh.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Root CA certificate (PEM). Until the `ECDSACert` controller signs
+    /// CSRs, each agent signs its own workloads' certificates with this root
+    /// (the workload keys are made on the node and never leave it).
+    pub ca_cert: PathBuf,
+    /// Root CA private key (PEM); must not be readable by group or others.
+    pub ca_key: PathBuf,
+    /// Lifetime of workload certificates, in hours; renewed at 2/3 of it.
+    #[serde(default = "default_certificate_lifetime_hours")]
+    pub certificate_lifetime_hours: u64,
+    /// Port of the inbound mTLS listener that peer agents dial.
+    #[serde(default = "default_inbound_port")]
+    pub inbound_port: u16,
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".into()
+}
+
+fn default_certificate_lifetime_hours() -> u64 {
+    24
+}
+
+fn default_inbound_port() -> u16 {
+    veil_api::DEFAULT_INBOUND_MTLS_PORT
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -153,6 +189,25 @@ impl AgentConfig {
                 return Err(format!(
                     "overlay.underlay_mtu = {} is out of range (626 to 9000)",
                     overlay.underlay_mtu
+                ));
+            }
+        }
+        if let Some(mesh) = &self.mesh {
+            if self.overlay.is_none() {
+                return Err("[mesh] needs [overlay]: the inventory says which pods are \
+                            meshed and which identity each has; add an [overlay] section"
+                    .into());
+            }
+            if !(1..=24 * 365).contains(&mesh.certificate_lifetime_hours) {
+                return Err(format!(
+                    "mesh.certificate_lifetime_hours = {} is out of range (1 to 8760)",
+                    mesh.certificate_lifetime_hours
+                ));
+            }
+            if mesh.trust_domain.is_empty() || mesh.trust_domain.contains(['/', ' ']) {
+                return Err(format!(
+                    "mesh.trust_domain = {:?} is not a trust domain name (like cluster.local)",
+                    mesh.trust_domain
                 ));
             }
         }

@@ -143,6 +143,61 @@ pub struct PodSpec {
     pub mac: MacAddress,
     /// The host-side veth on its node.
     pub interface: String,
+    /// Mesh membership; absent means the pod is not meshed (plaintext overlay).
+    #[serde(default)]
+    pub mesh: Option<PodMesh>,
+}
+
+/// A meshed pod's workload identity and mTLS mode.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodMesh {
+    /// Kubernetes namespace (the `ns` part of the SPIFFE ID).
+    pub namespace: String,
+    /// Service account (the `sa` part of the SPIFFE ID).
+    pub service_account: String,
+    #[serde(default)]
+    pub mode: MeshMode,
+}
+
+/// How a meshed pod treats plaintext.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MeshMode {
+    /// Only mTLS from other meshed pods; plaintext TCP from outside the mesh is dropped.
+    Strict,
+    /// mTLS between meshed pods, plaintext accepted from pods outside the mesh.
+    #[default]
+    Permissive,
+    /// Not meshed: never intercepted.
+    Disable,
+}
+
+impl MeshMode {
+    /// The value the datapath keeps in `LocalEndpoint::mode` / `MESH_PEERS`.
+    pub fn datapath_value(self) -> u32 {
+        use veil_common::overlay::{MESH_MODE_DISABLED, MESH_MODE_PERMISSIVE, MESH_MODE_STRICT};
+        match self {
+            Self::Strict => MESH_MODE_STRICT,
+            Self::Permissive => MESH_MODE_PERMISSIVE,
+            Self::Disable => MESH_MODE_DISABLED,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Strict => "strict",
+            Self::Permissive => "permissive",
+            Self::Disable => "disable",
+        }
+    }
+}
+
+impl PodSpec {
+    /// The pod's mesh settings when it takes part in the mesh (mode not `disable`).
+    pub fn meshed(&self) -> Option<&PodMesh> {
+        self.mesh.as_ref().filter(|m| m.mode != MeshMode::Disable)
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,6 +234,10 @@ impl Inventory {
 
     pub fn node(&self, name: &str) -> Option<&NodeSpec> {
         self.nodes.iter().find(|n| n.name == name)
+    }
+
+    pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&PodSpec> {
+        self.pods.iter().find(|p| p.ip == ip)
     }
 
     fn validate(&self) -> Result<(), String> {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod datapath;
 pub mod inventory;
 pub mod logging;
+pub mod mesh;
 pub mod overlay_sync;
 pub mod telemetry;
 
@@ -33,6 +34,8 @@ pub enum AgentError {
     Admin(#[from] admin::AdminError),
     #[error(transparent)]
     Telemetry(#[from] telemetry::TelemetryError),
+    #[error("cannot start the mesh: {0}")]
+    Mesh(#[from] mesh::MeshError),
 }
 
 /// Runs the agent until `shutdown` completes, then detaches everything.
@@ -51,6 +54,7 @@ pub async fn run(
             },
             inventory: section.inventory.clone(),
             report: Mutex::default(),
+            latest: Default::default(),
         })
     });
     if let Some(overlay) = &overlay {
@@ -59,6 +63,15 @@ pub async fn run(
         let _ = tokio::task::spawn_blocking(move || sync.sync_once(&dp)).await;
         tokio::spawn(Arc::clone(overlay).run(Arc::clone(&datapath)));
     }
+    // The mesh needs the inventory (who is meshed, as whom), synced above.
+    let mesh = match (&config.mesh, &overlay) {
+        (Some(section), Some(overlay)) => Some(mesh::Mesh::start(
+            section,
+            &config.node_name,
+            Arc::clone(overlay),
+        )?),
+        _ => None,
+    };
     let listener = admin::bind(config.admin_listen).await?;
     let metrics = telemetry::bind("metrics", config.metrics_listen).await?;
     let readiness = telemetry::bind("readiness", config.readiness_listen).await?;
@@ -66,15 +79,18 @@ pub async fn run(
         node = %config.node_name,
         admin = %config.admin_listen,
         overlay = overlay.is_some(),
+        mesh = mesh.is_some(),
         "agent ready"
     );
     let state = Arc::new(AdminState {
         node_name: config.node_name,
         datapath,
         overlay,
+        mesh: mesh.as_ref().map(|m| Arc::clone(&m.state)),
     });
     telemetry::spawn(metrics, readiness, Arc::clone(&state));
     admin::serve(listener, Arc::clone(&state), shutdown).await?;
     info!("agent stopping: detaching programs");
+    drop(mesh);
     Ok(())
 }

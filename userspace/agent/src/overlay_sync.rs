@@ -36,6 +36,8 @@ pub struct OverlaySync {
     pub settings: OverlaySettings,
     pub inventory: PathBuf,
     pub report: Mutex<SyncReport>,
+    /// The last inventory accepted, for the mesh (who is meshed, and as whom).
+    pub latest: std::sync::RwLock<Option<Arc<Inventory>>>,
 }
 
 impl OverlaySync {
@@ -43,10 +45,16 @@ impl OverlaySync {
     pub fn sync_once(&self, datapath: &Mutex<Datapath>) {
         let result = Inventory::load(&self.inventory)
             .map_err(|e| e.to_string())
-            .and_then(|inventory| overlay::plan(&inventory, &self.settings, &links::current()));
+            .and_then(|inventory| {
+                let plan = overlay::plan(&inventory, &self.settings, &links::current())?;
+                Ok((plan, inventory))
+            });
         let mut report = self.report.lock().unwrap_or_else(|p| p.into_inner());
         let plan = match result {
-            Ok(plan) => plan,
+            Ok((plan, inventory)) => {
+                *self.latest.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(inventory));
+                plan
+            }
             Err(error) => {
                 if report.inventory_error.as_ref() != Some(&error) {
                     warn!(%error, "inventory refused; keeping the last good overlay state");

@@ -12,6 +12,8 @@ pub const DEFAULT_ADMIN_PORT: u16 = 15000;
 pub const DEFAULT_METRICS_PORT: u16 = 15020;
 /// Conventional readiness port.
 pub const DEFAULT_READINESS_PORT: u16 = 15021;
+/// Inbound mTLS port that peer agents dial (the HBONE port in Istio ambient).
+pub const DEFAULT_INBOUND_MTLS_PORT: u16 = 15008;
 /// Path of the Prometheus exposition.
 pub const METRICS_PATH: &str = "/metrics";
 /// Path of the readiness probe: 200 "ready", or 503 with the reasons.

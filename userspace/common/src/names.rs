@@ -19,5 +19,7 @@ pub const MAP_NODE_ROUTES: &str = "NODE_ROUTES";
 pub const MAP_LOCAL_ENDPOINTS: &str = "LOCAL_ENDPOINTS";
 /// Device map (hash): pod veth ifindex → itself, the XDP redirect targets.
 pub const MAP_POD_DEVICES: &str = "POD_DEVICES";
+/// Hash: meshed pod address on another node → its mTLS mode.
+pub const MAP_MESH_PEERS: &str = "MESH_PEERS";
 /// Per-CPU array of packet counts per [`crate::overlay::DatapathEvent`].
 pub const MAP_DATAPATH_EVENTS: &str = "DATAPATH_EVENTS";

@@ -35,6 +35,22 @@ pub struct OverlayConfig {
     pub _pad: [u8; 2],
 }
 
+/// Not meshed: the pod's traffic is never intercepted (plaintext overlay).
+pub const MESH_MODE_DISABLED: u32 = 0;
+/// Meshed; accepts both mTLS (through the agents) and plaintext.
+pub const MESH_MODE_PERMISSIVE: u32 = 1;
+/// Meshed; plaintext TCP from outside the mesh is dropped.
+pub const MESH_MODE_STRICT: u32 = 2;
+
+/// The agent's transparent listener for intercepted outbound connections.
+pub const OUTBOUND_PROXY_PORT: u16 = 15001;
+/// Packet mark the pod-egress program sets on intercepted packets; a policy
+/// routing rule sends marked packets to a `local` route, so the node delivers
+/// them to the agent's socket instead of forwarding them.
+pub const MESH_MARK: u32 = 0x5e11;
+/// Largest number of meshed pods on other nodes.
+pub const MAX_MESH_PEERS: u32 = 65536;
+
 /// Value of the node route table (an LPM trie keyed by pod CIDR or pod /32).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -56,9 +72,9 @@ pub struct LocalEndpoint {
     pub pod_mac: [u8; 6],
     /// MAC of the host-side veth (inner source MAC after decapsulation).
     pub host_mac: [u8; 6],
-    /// Workload identity slot, for the mTLS work (0 = none yet).
+    /// Workload identity slot (0 = none yet; reserved for policy in the datapath).
     pub identity: u32,
-    /// mTLS mode slot, for the mTLS work (0 = none yet).
+    /// The pod's mTLS mode: [`MESH_MODE_DISABLED`], [`MESH_MODE_PERMISSIVE`] or [`MESH_MODE_STRICT`].
     pub mode: u32,
 }
 
@@ -83,10 +99,20 @@ pub enum DatapathEvent {
     DropInnerNotIpv4 = 9,
     DropEncapFailed = 10,
     DropTooBig = 11,
+    /// Pod egress: a meshed pod's new TCP connection to a meshed pod on
+    /// another node, handed to the agent's transparent listener.
+    MeshSteered = 12,
+    /// Pod egress: a packet of an intercepted flow, delivered to the agent's socket.
+    MeshFlow = 13,
+    /// Pod egress: a meshed connection that no agent listener could take
+    /// (the agent is not running); dropped, never sent in plaintext.
+    DropNoProxy = 14,
+    /// Plaintext TCP from outside the mesh to a STRICT pod.
+    DropPlaintextToStrict = 15,
 }
 
 /// Number of [`DatapathEvent`] values (size of the event counter array).
-pub const DATAPATH_EVENT_COUNT: u32 = 12;
+pub const DATAPATH_EVENT_COUNT: u32 = 16;
 
 impl DatapathEvent {
     pub const ALL: [DatapathEvent; DATAPATH_EVENT_COUNT as usize] = [
@@ -102,6 +128,10 @@ impl DatapathEvent {
         Self::DropInnerNotIpv4,
         Self::DropEncapFailed,
         Self::DropTooBig,
+        Self::MeshSteered,
+        Self::MeshFlow,
+        Self::DropNoProxy,
+        Self::DropPlaintextToStrict,
     ];
 
     /// Name shown by `veilctl` and in metrics.
@@ -119,11 +149,26 @@ impl DatapathEvent {
             Self::DropInnerNotIpv4 => "drop-inner-not-ipv4",
             Self::DropEncapFailed => "drop-encap-failed",
             Self::DropTooBig => "drop-too-big",
+            Self::MeshSteered => "mesh-steered",
+            Self::MeshFlow => "mesh-flow",
+            Self::DropNoProxy => "drop-no-proxy",
+            Self::DropPlaintextToStrict => "drop-plaintext-to-strict",
         }
     }
 
     pub const fn is_drop(self) -> bool {
-        (self as u32) >= Self::DropTruncated as u32
+        matches!(
+            self,
+            Self::DropTruncated
+                | Self::DropMalformed
+                | Self::DropWrongVni
+                | Self::DropUnknownDestination
+                | Self::DropInnerNotIpv4
+                | Self::DropEncapFailed
+                | Self::DropTooBig
+                | Self::DropNoProxy
+                | Self::DropPlaintextToStrict
+        )
     }
 }
 

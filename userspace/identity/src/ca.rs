@@ -81,6 +81,21 @@ impl CertificateAuthority {
         Self::with_root(trust_domain, root, leaf_lifetime)
     }
 
+    /// A new self-signed root for `trust_domain`, as PEM (certificate, key):
+    /// what an operator stores once and gives to [`Self::import`]. The key
+    /// is zeroized when dropped.
+    pub fn new_root_pem(
+        trust_domain: &str,
+    ) -> Result<(String, zeroize::Zeroizing<String>), CaError> {
+        let root = new_authority(
+            &format!("Veil root CA ({trust_domain})"),
+            ROOT_LIFETIME,
+            None,
+        )?;
+        let key = zeroize::Zeroizing::new(root.issuer.key().serialize_pem());
+        Ok((root.cert_pem, key))
+    }
+
     /// Uses an existing root (certificate and key, PEM) and makes a new intermediate under it.
     pub fn import(
         trust_domain: &str,

@@ -1,15 +1,19 @@
 //! The connection preface: the first bytes the client agent sends inside TLS.
 //!
-//! Wire format, version 1 (12 bytes, network byte order):
+//! Wire format, version 1 (18 bytes, network byte order):
 //!
 //! ```text
-//!  0       4       5       6               10      12
-//!  +-------+-------+-------+---------------+-------+
-//!  | "VEIL"|  ver  | flags | dst IPv4      | port  |
-//!  +-------+-------+-------+---------------+-------+
+//!  0       4     5       6          10     12         16     18
+//!  +-------+-----+-------+----------+------+----------+------+
+//!  | "VEIL"| ver | flags | dst IPv4 | port | src IPv4 | port |
+//!  +-------+-----+-------+----------+------+----------+------+
 //! ```
 //!
-//! `ver` is 1; `flags` must be 0 (reserved). A server that sees an unknown
+//! `ver` is 1; `flags` must be 0 (reserved). `dst` is where the client pod
+//! was connecting to; `src` is the client pod's own address, which the server
+//! agent uses as the source of its connection to the destination pod (so the
+//! server app sees its real peer) once it has checked that the address
+//! belongs to the identity the client proved. A server that sees an unknown
 //! version refuses the connection rather than guessing, so the format can grow
 //! behind a new version number.
 
@@ -18,7 +22,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 pub const MAGIC: [u8; 4] = *b"VEIL";
 pub const VERSION: u8 = 1;
 /// Length of a version-1 preface.
-pub const LENGTH: usize = 12;
+pub const LENGTH: usize = 18;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PrefaceError {
@@ -39,6 +43,8 @@ pub enum PrefaceError {
 pub struct Preface {
     /// Where the client pod was connecting to.
     pub original_destination: SocketAddrV4,
+    /// The client pod's address and port.
+    pub source: SocketAddrV4,
 }
 
 impl Preface {
@@ -48,6 +54,8 @@ impl Preface {
         bytes[4] = VERSION;
         bytes[6..10].copy_from_slice(&self.original_destination.ip().octets());
         bytes[10..12].copy_from_slice(&self.original_destination.port().to_be_bytes());
+        bytes[12..16].copy_from_slice(&self.source.ip().octets());
+        bytes[16..18].copy_from_slice(&self.source.port().to_be_bytes());
         bytes
     }
 
@@ -64,10 +72,15 @@ impl Preface {
         if bytes[5] != 0 {
             return Err(PrefaceError::ReservedFlags(bytes[5]));
         }
-        let ip = Ipv4Addr::new(bytes[6], bytes[7], bytes[8], bytes[9]);
-        let port = u16::from_be_bytes([bytes[10], bytes[11]]);
+        let address = |at: usize| {
+            SocketAddrV4::new(
+                Ipv4Addr::new(bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]),
+                u16::from_be_bytes([bytes[at + 4], bytes[at + 5]]),
+            )
+        };
         Ok(Self {
-            original_destination: SocketAddrV4::new(ip, port),
+            original_destination: address(6),
+            source: address(12),
         })
     }
 }
@@ -80,11 +93,14 @@ mod tests {
     fn round_trips_with_the_documented_layout() {
         let preface = Preface {
             original_destination: "198.19.2.1:8080".parse().unwrap(),
+            source: "198.19.1.7:40000".parse().unwrap(),
         };
         let bytes = preface.encode();
         assert_eq!(
             bytes,
-            [b'V', b'E', b'I', b'L', 1, 0, 198, 19, 2, 1, 0x1f, 0x90]
+            [
+                b'V', b'E', b'I', b'L', 1, 0, 198, 19, 2, 1, 0x1f, 0x90, 198, 19, 1, 7, 0x9c, 0x40
+            ]
         );
         assert_eq!(Preface::decode(&bytes), Ok(preface));
     }
@@ -93,6 +109,7 @@ mod tests {
     fn every_defect_has_its_own_error() {
         let good = Preface {
             original_destination: "198.19.2.1:80".parse().unwrap(),
+            source: "198.19.1.1:1234".parse().unwrap(),
         }
         .encode();
         assert_eq!(

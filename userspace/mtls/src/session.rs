@@ -72,6 +72,12 @@ impl Session {
                 .write_tls(&mut tcp)
                 .map_err(SessionError::Handshake)?;
         }
+        Self::from_handshaken(connection, tcp)
+    }
+
+    /// Takes a connection whose handshake (and preface) is done, reading no
+    /// further byte (see [`crate::handshake`]), into the kernel if it can.
+    pub fn from_handshaken(connection: Connection, tcp: TcpStream) -> Result<Self, SessionError> {
         match ktls::attach_ulp(tcp.as_fd()) {
             Ok(()) => {}
             Err(KtlsError::Unsupported) => {

@@ -6,6 +6,8 @@ use rustls::{
     ClientConfig, ServerConfig, SupportedCipherSuite,
     crypto::{CryptoProvider, SupportedKxGroup, ring},
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject},
+    server::ResolvesServerCert,
+    sign::CertifiedKey,
     version::TLS13,
 };
 use veil_identity::{IssuedCertificate, WorkloadKey};
@@ -75,6 +77,30 @@ impl TlsSettings {
         Ok(config)
     }
 
+    /// The server side of :15008 for many workloads: `resolver` picks the
+    /// destination workload's certificate by SNI. No session tickets: they
+    /// would stall the kernel's RX path after a switch to kTLS.
+    pub fn server_config_with_resolver(
+        &self,
+        resolver: Arc<dyn ResolvesServerCert>,
+        trust: Arc<TrustState>,
+        trust_domain: &str,
+    ) -> Result<ServerConfig, SettingsError> {
+        let provider = self.provider();
+        let verifier = PeerVerifier::new(
+            trust,
+            ExpectedPeer::TrustDomain(trust_domain.into()),
+            provider.signature_verification_algorithms,
+        );
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&TLS13])?
+            .with_client_cert_verifier(Arc::new(verifier))
+            .with_cert_resolver(resolver);
+        config.enable_secret_extraction = true;
+        config.send_tls13_tickets = 0;
+        Ok(config)
+    }
+
     /// The client side: presents `credentials`, accepts only `expected` as the server.
     pub fn client_config(
         &self,
@@ -111,6 +137,20 @@ impl WorkloadCredentials {
             chain,
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der.to_vec())),
         })
+    }
+}
+
+impl WorkloadCredentials {
+    /// The chain and a signing key, as a server certificate resolver hands them out.
+    pub fn certified_key(
+        &self,
+        settings: &TlsSettings,
+    ) -> Result<Arc<CertifiedKey>, SettingsError> {
+        let key = settings
+            .provider()
+            .key_provider
+            .load_private_key(self.key.clone_key())?;
+        Ok(Arc::new(CertifiedKey::new(self.chain.clone(), key)))
     }
 }
 

@@ -105,6 +105,7 @@ fn connect(
 fn preface() -> Preface {
     Preface {
         original_destination: "198.19.2.1:8080".parse().unwrap(),
+        source: "198.19.1.1:40000".parse().unwrap(),
     }
 }
 

@@ -125,6 +125,9 @@ impl Datapath {
             devices: take_map(&mut ebpf, names::MAP_POD_DEVICES)?
                 .try_into()
                 .map_err(map_error(names::MAP_POD_DEVICES))?,
+            mesh_peers: take_map(&mut ebpf, names::MAP_MESH_PEERS)?
+                .try_into()
+                .map_err(map_error(names::MAP_MESH_PEERS))?,
             events: take_map(&mut ebpf, names::MAP_DATAPATH_EVENTS)?
                 .try_into()
                 .map_err(map_error(names::MAP_DATAPATH_EVENTS))?,
@@ -272,6 +275,7 @@ mod tests {
             names::MAP_NODE_ROUTES,
             names::MAP_LOCAL_ENDPOINTS,
             names::MAP_POD_DEVICES,
+            names::MAP_MESH_PEERS,
             names::MAP_DATAPATH_EVENTS,
         ] {
             assert!(object.maps.contains_key(map), "missing map {map}");

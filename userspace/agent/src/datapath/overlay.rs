@@ -10,7 +10,9 @@ use aya::maps::{
     Array, HashMap, MapData, MapError, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie,
     xdp::DevMapHash,
 };
-use veil_common::overlay::{DatapathEvent, LocalEndpoint, OverlayConfig, RemoteNode};
+use veil_common::overlay::{
+    DatapathEvent, LocalEndpoint, MESH_MODE_DISABLED, OverlayConfig, RemoteNode,
+};
 
 use super::links::LinkTable;
 use crate::inventory::Inventory;
@@ -31,6 +33,8 @@ pub struct OverlayPlan {
     /// (network, prefix length) → owner node.
     pub routes: BTreeMap<(Ipv4Addr, u8), RemoteNode>,
     pub endpoints: BTreeMap<Ipv4Addr, LocalEndpoint>,
+    /// Meshed pods on other nodes → their mode: TCP to them is steered to the agent.
+    pub mesh_peers: BTreeMap<Ipv4Addr, u32>,
     /// Host-side veths of local pods (they get the pod-egress program).
     pub local_interfaces: BTreeSet<String>,
     /// Local pods left out because their veth does not exist (yet).
@@ -97,11 +101,17 @@ pub fn plan(
                     pod_mac: pod.mac.0,
                     host_mac: link.mac,
                     identity: 0,
-                    mode: 0,
+                    mode: pod
+                        .mesh
+                        .as_ref()
+                        .map_or(MESH_MODE_DISABLED, |m| m.mode.datapath_value()),
                 },
             );
             plan.local_interfaces.insert(pod.interface.clone());
-        } else if moved {
+        } else if let Some(mesh) = pod.meshed() {
+            plan.mesh_peers.insert(pod.ip, mesh.mode.datapath_value());
+        }
+        if pod.node != me.name && moved {
             // The pod left the node that owns its CIDR: a /32 beats the /24.
             if let Some(entry) = remote(&pod.node) {
                 plan.routes.insert((pod.ip, 32), entry);
@@ -117,6 +127,7 @@ pub struct OverlayMaps {
     pub(super) routes: LpmTrie<MapData, [u8; 4], RemoteNode>,
     pub(super) endpoints: HashMap<MapData, [u8; 4], LocalEndpoint>,
     pub(super) devices: DevMapHash<MapData>,
+    pub(super) mesh_peers: HashMap<MapData, [u8; 4], u32>,
     pub(super) events: PerCpuArray<MapData, u64>,
 }
 
@@ -173,6 +184,21 @@ impl OverlayMaps {
                 self.routes
                     .insert(&Key::new(u32::from(prefix_len), network.octets()), node, 0)?;
                 stats.written += 1;
+            }
+        }
+
+        let current_peers: BTreeMap<[u8; 4], u32> =
+            self.mesh_peers.iter().collect::<Result<_, _>>()?;
+        for (ip, mode) in &plan.mesh_peers {
+            if current_peers.get(&ip.octets()) != Some(mode) {
+                self.mesh_peers.insert(ip.octets(), mode, 0)?;
+                stats.written += 1;
+            }
+        }
+        for ip in current_peers.keys() {
+            if !plan.mesh_peers.contains_key(&Ipv4Addr::from(*ip)) {
+                self.mesh_peers.remove(ip)?;
+                stats.removed += 1;
             }
         }
 

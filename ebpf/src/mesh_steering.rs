@@ -1,0 +1,149 @@
+//! Interception of meshed TCP, without iptables.
+//!
+//! Runs inside the pod-egress program (TC ingress of the pod's host-side
+//! veth), before the overlay decides anything. A TCP packet from a meshed
+//! local pod to a meshed pod on another node never leaves the node as
+//! plaintext:
+//!
+//! - a packet of a flow the agent already holds a socket for (the accepted
+//!   side of an intercepted connection on the client node, or the agent's
+//!   transparent dial to the pod on the server node) is assigned to that
+//!   socket with `bpf_sk_assign`;
+//! - a new connection (a SYN) is assigned to the agent's transparent
+//!   listener on 127.0.0.1:15001; the accepted socket's local address is the
+//!   original destination, so the agent needs no map to find it;
+//! - every such packet gets [`MESH_MARK`]: a policy routing rule the agent
+//!   installs routes marked packets to a `local` route, so the node delivers
+//!   them to the socket instead of forwarding them.
+//!
+//! With no listener (the agent is down) the SYN is dropped and counted:
+//! meshed traffic fails closed. Same-node traffic stays plaintext, except
+//! from a non-meshed pod to a STRICT one, which is dropped.
+
+use aya_ebpf::{
+    bindings::{BPF_F_CURRENT_NETNS, TC_ACT_OK, bpf_sock_tuple},
+    helpers::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    programs::TcContext,
+};
+use veil_common::overlay::{
+    DatapathEvent, LocalEndpoint, MESH_MARK, MESH_MODE_DISABLED, MESH_MODE_STRICT,
+    OUTBOUND_PROXY_PORT,
+};
+
+use crate::{
+    headers::{ETH_HLEN, IPPROTO_TCP, IPV4_HLEN, Ipv4Hdr, TCP_FLAG_ACK, TCP_FLAG_SYN, TcpPorts},
+    overlay_maps::{MESH_PEERS, count_event, local_endpoint},
+};
+
+/// Offset of the flags byte in the TCP header.
+const TCP_FLAGS_OFFSET: usize = 13;
+/// Size of the IPv4 part of `struct bpf_sock_tuple`.
+const IPV4_TUPLE_LEN: u32 = 12;
+
+/// What the mesh makes of a packet from a local pod: `None` when the mesh
+/// has no say (the overlay handles it), else the program's verdict.
+#[inline(always)]
+pub fn steer(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<Result<i32, DatapathEvent>> {
+    if ip.protocol != IPPROTO_TCP {
+        return None;
+    }
+    let source = local_endpoint(&ip.saddr)?;
+    if let Some(destination) = local_endpoint(&ip.daddr) {
+        return same_node(&source, &destination);
+    }
+    if source.mode == MESH_MODE_DISABLED || MESH_PEERS.get_ptr(&ip.daddr).is_none() {
+        return None;
+    }
+    let header_len = usize::from(ip.version_ihl & 0x0f) * 4;
+    if !(IPV4_HLEN..=60).contains(&header_len) {
+        return None;
+    }
+    let tcp_offset = ETH_HLEN + header_len;
+    let (Ok(ports), Ok(flags)) = (
+        ctx.load::<TcpPorts>(tcp_offset),
+        ctx.load::<u8>(tcp_offset + TCP_FLAGS_OFFSET),
+    ) else {
+        return None;
+    };
+    let mut tuple = ipv4_tuple(ip, ports.source, ports.dest);
+    if assign(ctx, &mut tuple) {
+        return Some(Ok(deliver_locally(ctx, DatapathEvent::MeshFlow)));
+    }
+    if flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0 {
+        let mut listener = bpf_sock_tuple {
+            __bindgen_anon_1: aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
+                ipv4: aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                    saddr: u32::from_ne_bytes(ip.saddr),
+                    daddr: u32::from_ne_bytes([127, 0, 0, 1]),
+                    sport: ports.source,
+                    dport: OUTBOUND_PROXY_PORT.to_be(),
+                },
+            },
+        };
+        if !assign(ctx, &mut listener) {
+            return Some(Err(DatapathEvent::DropNoProxy));
+        }
+        return Some(Ok(deliver_locally(ctx, DatapathEvent::MeshSteered)));
+    }
+    // A stray segment of a flow nobody holds: the node answers it (RST)
+    // rather than letting it out in plaintext.
+    Some(Ok(deliver_locally(ctx, DatapathEvent::MeshFlow)))
+}
+
+/// Same-node pod to pod: plaintext is fine inside the mesh, but a STRICT pod
+/// takes no plaintext from a pod outside it.
+#[inline(always)]
+fn same_node(
+    source: &LocalEndpoint,
+    destination: &LocalEndpoint,
+) -> Option<Result<i32, DatapathEvent>> {
+    if destination.mode == MESH_MODE_STRICT && source.mode == MESH_MODE_DISABLED {
+        return Some(Err(DatapathEvent::DropPlaintextToStrict));
+    }
+    None
+}
+
+#[inline(always)]
+fn ipv4_tuple(ip: &Ipv4Hdr, source_port: u16, destination_port: u16) -> bpf_sock_tuple {
+    bpf_sock_tuple {
+        __bindgen_anon_1: aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: u32::from_ne_bytes(ip.saddr),
+                daddr: u32::from_ne_bytes(ip.daddr),
+                sport: source_port,
+                dport: destination_port,
+            },
+        },
+    }
+}
+
+/// Looks up the TCP socket for `tuple` in this namespace and assigns the
+/// packet to it. True when the packet now belongs to a socket.
+#[inline(always)]
+fn assign(ctx: &TcContext, tuple: &mut bpf_sock_tuple) -> bool {
+    // SAFETY: the tuple lives on the stack for the call and its IPv4 part is
+    // `IPV4_TUPLE_LEN` bytes; the returned socket reference is released below
+    // on every path, as the verifier demands.
+    unsafe {
+        let socket = bpf_skc_lookup_tcp(
+            ctx.skb.skb as *mut _,
+            tuple,
+            IPV4_TUPLE_LEN,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        );
+        if socket.is_null() {
+            return false;
+        }
+        let assigned = bpf_sk_assign(ctx.skb.skb as *mut _, socket as *mut _, 0);
+        bpf_sk_release(socket as *mut _);
+        assigned == 0
+    }
+}
+
+#[inline(always)]
+fn deliver_locally(ctx: &TcContext, event: DatapathEvent) -> i32 {
+    ctx.set_mark(MESH_MARK);
+    count_event(event);
+    TC_ACT_OK as i32
+}

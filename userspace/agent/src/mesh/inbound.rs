@@ -1,0 +1,149 @@
+//! The server side: a peer agent's mTLS connection, delivered to a local pod.
+//!
+//! The certificate presented is the destination workload's (chosen by SNI).
+//! After the handshake the agent reads the preface and checks, before any
+//! application byte moves, that the destination is a meshed pod here, that
+//! the SNI and the preface agree, and that the claimed source address is a
+//! pod of the identity the client proved, on the node it connected from.
+//! Then it connects to the pod *as the client pod* (IP_TRANSPARENT), so the
+//! server application sees its real peer.
+
+use std::{
+    net::{TcpListener, TcpStream},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use rustls::{Connection, ServerConnection};
+use tracing::{debug, warn};
+use veil_identity::verify::spiffe_id_of;
+use veil_mtls::{handshake, session::Session};
+
+use super::{
+    MeshState,
+    metrics::Direction,
+    names::pod_ip_from_sni,
+    refusal::Refusal,
+    sockets::{reset, transparent_connect, v4},
+};
+use veil_mtls::Preface;
+
+/// How long connecting to the local pod may take.
+const POD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a peer may take to finish the handshake and send the preface.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts peer agents' connections until the listener fails.
+pub fn serve(listener: TcpListener, mesh: Arc<MeshState>) {
+    super::accept_loop(listener, "mesh-in", move |tcp| {
+        handle(&mesh, tcp);
+    });
+}
+
+fn handle(mesh: &MeshState, tcp: TcpStream) {
+    let started = Instant::now();
+    let peer = tcp.peer_addr().ok();
+    match accept_session(mesh, tcp) {
+        Ok((session, pod, preface)) => {
+            mesh.relay(Direction::Inbound, session, pod, started, &preface);
+        }
+        Err((refusal, tcp)) => {
+            warn!(
+                peer = ?peer,
+                reason = refusal.label(),
+                "inbound mesh connection refused: {refusal}"
+            );
+            mesh.metrics
+                .connection(Direction::Inbound, "none", refusal.label());
+            if let Some(tcp) = tcp {
+                reset(tcp);
+            }
+        }
+    }
+}
+
+type Refused = (Refusal, Option<TcpStream>);
+
+fn accept_session(
+    mesh: &MeshState,
+    mut tcp: TcpStream,
+) -> Result<(Session, TcpStream, Preface), Refused> {
+    let _ = tcp.set_nodelay(true);
+    let _ = tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let connection = match ServerConnection::new(Arc::clone(&mesh.server_config)) {
+        Ok(connection) => connection,
+        Err(error) => return Err((Refusal::Handshake(error.into()), Some(tcp))),
+    };
+    let (connection, preface) = match handshake::server(connection, &mut tcp) {
+        Ok(done) => done,
+        Err(error) => return Err((error.into(), Some(tcp))),
+    };
+    let _ = tcp.set_read_timeout(None);
+    let checked = check(mesh, &tcp, &connection, &preface).and_then(|()| {
+        transparent_connect(
+            preface.source,
+            preface.original_destination,
+            POD_CONNECT_TIMEOUT,
+        )
+        .map_err(Refusal::from)
+    });
+    let pod = match checked {
+        Ok(pod) => pod,
+        Err(refusal) => return Err((refusal, Some(tcp))),
+    };
+    match Session::from_handshaken(connection, tcp) {
+        Ok(session) => Ok((session, pod, preface)),
+        Err(error) => {
+            reset(pod);
+            Err((error.into(), None))
+        }
+    }
+}
+
+/// Everything that must hold before the pod sees a byte.
+fn check(
+    mesh: &MeshState,
+    tcp: &TcpStream,
+    connection: &Connection,
+    preface: &Preface,
+) -> Result<(), Refusal> {
+    let peer_identity = connection
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or_else(|| Refusal::PeerIdentity("no client certificate".into()))
+        .and_then(|leaf| spiffe_id_of(leaf).map_err(|e| Refusal::PeerIdentity(e.to_string())))?;
+    let sni = match connection {
+        Connection::Server(server) => server.server_name().map(str::to_owned),
+        Connection::Client(_) => None,
+    }
+    .unwrap_or_default();
+    let destination = *preface.original_destination.ip();
+    if pod_ip_from_sni(&sni) != Some(destination) {
+        return Err(Refusal::SniMismatch {
+            preface: destination.to_string(),
+            sni,
+        });
+    }
+    let directory = &mesh.directory;
+    directory
+        .local_meshed_pod(destination)?
+        .ok_or_else(|| Refusal::DestinationNotMeshed(destination.to_string()))?;
+    let peer_ip = v4(tcp.peer_addr()?).ok_or(Refusal::NotIpv4)?;
+    let source = directory.meshed_pod(*preface.source.ip())?;
+    match source {
+        Some(pod) if pod.identity == peer_identity && pod.node_underlay_ip == *peer_ip.ip() => {
+            debug!(
+                source = %preface.source,
+                destination = %preface.original_destination,
+                identity = %peer_identity,
+                "inbound mTLS session accepted"
+            );
+            Ok(())
+        }
+        _ => Err(Refusal::SourceMismatch {
+            address: preface.source.to_string(),
+            identity: peer_identity.to_string(),
+            node: peer_ip.ip().to_string(),
+        }),
+    }
+}

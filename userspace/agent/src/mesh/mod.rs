@@ -1,0 +1,300 @@
+//! Transparent mTLS between meshed pods on different nodes.
+//!
+//! The pod-egress eBPF program steers a meshed pod's outbound TCP to this
+//! agent ([`outbound`], :15001); the agent carries it over mutual TLS to the
+//! destination node's agent ([`inbound`], :15008), which delivers it to the
+//! destination pod with the client pod's address as source. Certificates
+//! come from [`workloads`]; who is who from [`directory`]. After the
+//! handshake, the session moves into the kernel (kTLS + splice) where the
+//! kernel has TLS, else stays in rustls; the choice is per connection and
+//! visible in the metrics' `mode` label.
+
+pub mod directory;
+pub mod inbound;
+pub mod metrics;
+pub mod names;
+pub mod outbound;
+pub mod refusal;
+pub mod routing;
+pub mod sockets;
+pub mod workloads;
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    sync::{Arc, Once},
+    time::Instant,
+};
+
+use rustls::{ServerConfig, pki_types::CertificateDer, pki_types::pem::PemObject};
+use tracing::{debug, info, warn};
+use veil_common::overlay::OUTBOUND_PROXY_PORT;
+use veil_identity::CertificateAuthority;
+use veil_mtls::{
+    Preface, TlsSettings,
+    session::{Mode, Session},
+    verifier::TrustState,
+};
+
+use self::{
+    directory::{Directory, SniResolver},
+    metrics::{ByteLabels, Direction, DirectionLabels, MeshMetrics},
+    workloads::WorkloadStore,
+};
+use crate::{config::MeshSection, overlay_sync::OverlaySync};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "the CA key {path} is readable by group or others (mode {mode:o}): run `chmod 600 {path}`"
+    )]
+    KeyPermissions { path: String, mode: u32 },
+    #[error("cannot load the mesh CA: {0}")]
+    Ca(String),
+    #[error("invalid TLS settings: {0}")]
+    Tls(#[from] veil_mtls::settings::SettingsError),
+    #[error("cannot install the mesh's policy routing: {0}")]
+    Routing(#[from] routing::RoutingError),
+    #[error(transparent)]
+    Socket(#[from] sockets::SocketError),
+    #[error("cannot listen on {address} for peer agents: {source}")]
+    Inbound {
+        address: SocketAddrV4,
+        source: std::io::Error,
+    },
+}
+
+/// What every connection handler shares.
+pub struct MeshState {
+    pub directory: Arc<Directory>,
+    pub settings: TlsSettings,
+    pub trust: Arc<TrustState>,
+    pub server_config: Arc<ServerConfig>,
+    pub inbound_port: u16,
+    pub metrics: MeshMetrics,
+}
+
+/// The running mesh; dropping it removes its policy routing.
+pub struct Mesh {
+    pub state: Arc<MeshState>,
+}
+
+impl Mesh {
+    /// Loads the CA, installs the routing, opens both listeners and starts
+    /// accepting. Fails (and the agent with it) rather than run half a mesh.
+    pub fn start(
+        section: &MeshSection,
+        node_name: &str,
+        overlay: Arc<OverlaySync>,
+    ) -> Result<Self, MeshError> {
+        let ca = load_ca(section)?;
+        let settings = TlsSettings::default();
+        let trust = Arc::new(TrustState::default());
+        *trust.roots.write().unwrap_or_else(|p| p.into_inner()) = ca
+            .trust_bundle()
+            .iter()
+            .filter_map(|pem| CertificateDer::from_pem_slice(pem.as_bytes()).ok())
+            .collect();
+        let trust_domain = ca.trust_domain().to_string();
+        let store = Arc::new(WorkloadStore::new(ca, settings.clone()));
+        let directory = Arc::new(Directory {
+            node_name: node_name.into(),
+            overlay,
+            store,
+        });
+        let server_config = settings.server_config_with_resolver(
+            Arc::new(SniResolver(Arc::clone(&directory))),
+            Arc::clone(&trust),
+            &trust_domain,
+        )?;
+        let state = Arc::new(MeshState {
+            directory,
+            settings,
+            trust,
+            server_config: Arc::new(server_config),
+            inbound_port: section.inbound_port,
+            metrics: MeshMetrics::default(),
+        });
+
+        routing::install()?;
+        let mesh = Self {
+            state: Arc::clone(&state),
+        };
+        let outbound_address = SocketAddrV4::new(Ipv4Addr::LOCALHOST, OUTBOUND_PROXY_PORT);
+        let outbound = sockets::transparent_listener(outbound_address)?;
+        let inbound_address = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, section.inbound_port);
+        let inbound = TcpListener::bind(inbound_address).map_err(|source| MeshError::Inbound {
+            address: inbound_address,
+            source,
+        })?;
+        let out_state = Arc::clone(&state);
+        std::thread::Builder::new()
+            .name("mesh-outbound".into())
+            .spawn(move || outbound::serve(outbound, out_state))
+            .map_err(|source| MeshError::Inbound {
+                address: outbound_address,
+                source,
+            })?;
+        std::thread::Builder::new()
+            .name("mesh-inbound".into())
+            .spawn(move || inbound::serve(inbound, state))
+            .map_err(|source| MeshError::Inbound {
+                address: inbound_address,
+                source,
+            })?;
+        info!(
+            trust_domain,
+            outbound = %outbound_address,
+            inbound = %inbound_address,
+            "mesh ready"
+        );
+        Ok(mesh)
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        routing::remove();
+    }
+}
+
+fn load_ca(section: &MeshSection) -> Result<CertificateAuthority, MeshError> {
+    let read = |what, path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| MeshError::Read {
+            what,
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let metadata = std::fs::metadata(&section.ca_key).map_err(|source| MeshError::Read {
+        what: "CA key",
+        path: section.ca_key.display().to_string(),
+        source,
+    })?;
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(MeshError::KeyPermissions {
+            path: section.ca_key.display().to_string(),
+            mode,
+        });
+    }
+    let cert = read("CA certificate", &section.ca_cert)?;
+    let key = zeroize::Zeroizing::new(read("CA key", &section.ca_key)?);
+    CertificateAuthority::import(
+        &section.trust_domain,
+        &cert,
+        &key,
+        workloads::lifetime_hours(section.certificate_lifetime_hours),
+    )
+    .map_err(|e| MeshError::Ca(e.to_string()))
+}
+
+/// Accepts connections forever, one thread per connection.
+fn accept_loop(
+    listener: TcpListener,
+    name: &'static str,
+    handler: impl Fn(TcpStream) + Send + Sync + 'static,
+) {
+    let handler = Arc::new(handler);
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                let handler = Arc::clone(&handler);
+                if let Err(error) = std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || handler(stream))
+                {
+                    warn!(%error, "cannot start a connection thread; connection dropped");
+                }
+            }
+            Err(error) => {
+                warn!(%error, listener = name, "accept failed");
+                // Out of descriptors or memory: back off instead of spinning.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl MeshState {
+    /// Relays a pod's connection through an established session, with metrics.
+    fn relay(
+        &self,
+        direction: Direction,
+        session: Session,
+        pod: TcpStream,
+        started: Instant,
+        preface: &Preface,
+    ) {
+        let mode = session.mode();
+        log_mode_once(mode);
+        self.metrics
+            .handshake_seconds
+            .get_or_create(&DirectionLabels { direction })
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.connection(direction, mode.as_str(), "ok");
+        let open = self
+            .metrics
+            .open
+            .get_or_create(&DirectionLabels { direction })
+            .clone();
+        open.inc();
+        let result = session.relay(pod);
+        open.dec();
+        match result {
+            Ok(stats) => {
+                self.metrics
+                    .bytes
+                    .get_or_create(&ByteLabels {
+                        direction,
+                        flow: "to_peer",
+                    })
+                    .inc_by(stats.a_to_b);
+                self.metrics
+                    .bytes
+                    .get_or_create(&ByteLabels {
+                        direction,
+                        flow: "to_pod",
+                    })
+                    .inc_by(stats.b_to_a);
+                debug!(
+                    ?direction,
+                    source = %preface.source,
+                    destination = %preface.original_destination,
+                    mode = mode.as_str(),
+                    to_peer = stats.a_to_b,
+                    to_pod = stats.b_to_a,
+                    "mesh connection closed"
+                );
+            }
+            Err(error) => debug!(
+                ?direction,
+                source = %preface.source,
+                destination = %preface.original_destination,
+                %error,
+                "mesh connection ended with an error"
+            ),
+        }
+    }
+}
+
+/// Says once which TLS implementation carries the sessions.
+fn log_mode_once(mode: Mode) {
+    static KERNEL: Once = Once::new();
+    static USERSPACE: Once = Once::new();
+    match mode {
+        Mode::Kernel => {
+            KERNEL.call_once(|| info!("mTLS sessions run in kernel TLS (kTLS + splice)"))
+        }
+        Mode::Userspace => USERSPACE.call_once(|| {
+            info!("kernel TLS unavailable (no TLS ULP): mTLS sessions run in rustls, in userspace")
+        }),
+    }
+}

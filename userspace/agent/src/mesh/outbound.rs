@@ -1,0 +1,107 @@
+//! The client side: a local pod's intercepted connection, carried to the
+//! destination node's agent over mTLS.
+//!
+//! The eBPF program assigned the pod's SYN to the transparent listener on
+//! 127.0.0.1:15001, so the accepted socket's local address is where the pod
+//! was connecting to. The agent dials the agent of the destination's node on
+//! :15008, presents the source workload's certificate, insists on the
+//! destination workload's identity, sends the preface and relays.
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use rustls::{ClientConnection, pki_types::ServerName};
+use tracing::{debug, warn};
+use veil_mtls::{Preface, handshake, session::Session, verifier::ExpectedPeer};
+
+use super::{
+    MeshState,
+    metrics::Direction,
+    names::sni_for,
+    refusal::Refusal,
+    sockets::{reset, v4},
+};
+
+/// How long dialing a peer agent may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accepts intercepted connections until the listener fails.
+pub fn serve(listener: TcpListener, mesh: Arc<MeshState>) {
+    super::accept_loop(listener, "mesh-out", move |pod| {
+        handle(&mesh, pod);
+    });
+}
+
+fn handle(mesh: &MeshState, pod: TcpStream) {
+    let started = Instant::now();
+    let _ = pod.set_nodelay(true);
+    match open_session(mesh, &pod) {
+        Ok((session, preface)) => {
+            mesh.relay(Direction::Outbound, session, pod, started, &preface);
+        }
+        Err(refusal) => {
+            warn!(
+                client = ?pod.peer_addr().ok(),
+                destination = ?pod.local_addr().ok(),
+                reason = refusal.label(),
+                "outbound mesh connection refused: {refusal}"
+            );
+            mesh.metrics
+                .connection(Direction::Outbound, "none", refusal.label());
+            reset(pod);
+        }
+    }
+}
+
+fn open_session(mesh: &MeshState, pod: &TcpStream) -> Result<(Session, Preface), Refusal> {
+    let (Some(client), Some(destination)) = (v4(pod.peer_addr()?), v4(pod.local_addr()?)) else {
+        return Err(Refusal::NotIpv4);
+    };
+    let directory = &mesh.directory;
+    let source_pod = directory
+        .local_meshed_pod(*client.ip())?
+        .ok_or_else(|| Refusal::SourceNotMeshed(client.ip().to_string()))?;
+    let destination_pod = directory
+        .meshed_pod(*destination.ip())?
+        .filter(|pod| pod.node != directory.node_name)
+        .ok_or_else(|| Refusal::DestinationNotMeshed(destination.to_string()))?;
+    let workload = directory
+        .store
+        .get(&source_pod.identity)
+        .map_err(|e| Refusal::Certificate(e.to_string()))?;
+    let config = mesh
+        .settings
+        .client_config(
+            &workload.credentials,
+            Arc::clone(&mesh.trust),
+            ExpectedPeer::Identity(destination_pod.identity.clone()),
+        )
+        .map_err(|e| Refusal::Certificate(e.to_string()))?;
+    let peer = SocketAddr::from((destination_pod.node_underlay_ip, mesh.inbound_port));
+    let mut tcp = TcpStream::connect_timeout(&peer, DIAL_TIMEOUT).map_err(|source| {
+        Refusal::PeerUnreachable {
+            address: peer.to_string(),
+            source,
+        }
+    })?;
+    let _ = tcp.set_nodelay(true);
+    let server_name = ServerName::try_from(sni_for(*destination.ip()))
+        .map_err(|e| Refusal::Certificate(format!("invalid server name: {e}")))?;
+    let connection = ClientConnection::new(Arc::new(config), server_name)
+        .map_err(|e| Refusal::Handshake(e.into()))?;
+    let preface = Preface {
+        original_destination: destination,
+        source: client,
+    };
+    let connection = handshake::client(connection, &mut tcp, &preface)?;
+    debug!(
+        client = %client,
+        destination = %destination,
+        peer_identity = %destination_pod.identity,
+        "outbound mTLS session established"
+    );
+    Ok((Session::from_handshaken(connection, tcp)?, preface))
+}

@@ -1,0 +1,195 @@
+//! Workload certificates on this node: keys made here, certificates signed by
+//! the mesh CA, kept in memory and renewed before they expire.
+//!
+//! One certificate per identity (namespace + service account), shared by the
+//! node's pods of that identity, as Istio does. A certificate is issued on
+//! first use and replaced once 2/3 of its lifetime has passed; connections
+//! already established keep the session they have, new ones get the new
+//! certificate. Private keys exist only in this process (zeroized on drop)
+//! and never appear in logs or `Debug` output.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use rustls::sign::CertifiedKey;
+use tracing::info;
+use veil_identity::{
+    CertificateAuthority, SpiffeId, WorkloadKey, renewal::RenewalPolicy, spiffe::SpiffeIdError,
+};
+use veil_mtls::{TlsSettings, WorkloadCredentials, settings::SettingsError};
+
+use crate::inventory::PodMesh;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    #[error("invalid workload identity: {0}")]
+    Identity(#[from] SpiffeIdError),
+    #[error("cannot make a key for {identity}: {message}")]
+    Key { identity: String, message: String },
+    #[error("the CA refused to sign for {identity}: {message}")]
+    Sign { identity: String, message: String },
+    #[error("the certificate for {identity} is unusable: {source}")]
+    Credentials {
+        identity: String,
+        source: SettingsError,
+    },
+}
+
+/// One identity's current certificate and key.
+pub struct Workload {
+    pub identity: SpiffeId,
+    pub credentials: WorkloadCredentials,
+    /// The same, in the form a server certificate resolver returns.
+    pub certified: Arc<CertifiedKey>,
+    pub serial: String,
+    pub not_after: SystemTime,
+    pub renew_at: SystemTime,
+}
+
+impl std::fmt::Debug for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workload")
+            .field("identity", &self.identity.to_string())
+            .field("serial", &self.serial)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The certificates of this node's workloads.
+pub struct WorkloadStore {
+    ca: CertificateAuthority,
+    settings: TlsSettings,
+    renewal: RenewalPolicy,
+    entries: Mutex<HashMap<SpiffeId, Arc<Workload>>>,
+}
+
+impl WorkloadStore {
+    pub fn new(ca: CertificateAuthority, settings: TlsSettings) -> Self {
+        Self {
+            ca,
+            settings,
+            renewal: RenewalPolicy::default(),
+            entries: Mutex::default(),
+        }
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        self.ca.trust_domain()
+    }
+
+    pub fn trust_bundle(&self) -> &[String] {
+        self.ca.trust_bundle()
+    }
+
+    /// The SPIFFE ID of a meshed pod.
+    pub fn identity_of(&self, mesh: &PodMesh) -> Result<SpiffeId, WorkloadError> {
+        Ok(SpiffeId::new(
+            self.trust_domain(),
+            &mesh.namespace,
+            &mesh.service_account,
+        )?)
+    }
+
+    /// The current certificate of `identity`, issued or renewed if needed.
+    pub fn get(&self, identity: &SpiffeId) -> Result<Arc<Workload>, WorkloadError> {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(current) = entries.get(identity)
+            && SystemTime::now() < current.renew_at
+        {
+            return Ok(Arc::clone(current));
+        }
+        let renewed = entries.contains_key(identity);
+        let workload = Arc::new(self.issue(identity)?);
+        info!(
+            identity = %identity,
+            serial = %workload.serial,
+            not_after = ?workload.not_after,
+            renewed,
+            "workload certificate issued"
+        );
+        entries.insert(identity.clone(), Arc::clone(&workload));
+        Ok(workload)
+    }
+
+    /// Every certificate held now (for status).
+    pub fn all(&self) -> Vec<Arc<Workload>> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.values().cloned().collect()
+    }
+
+    fn issue(&self, identity: &SpiffeId) -> Result<Workload, WorkloadError> {
+        let key_error = |message: String| WorkloadError::Key {
+            identity: identity.to_string(),
+            message,
+        };
+        let key = WorkloadKey::generate().map_err(|e| key_error(e.to_string()))?;
+        let csr = key
+            .csr_pem(identity)
+            .map_err(|e| key_error(e.to_string()))?;
+        let issued = self
+            .ca
+            .sign(&csr, identity)
+            .map_err(|e| WorkloadError::Sign {
+                identity: identity.to_string(),
+                message: e.to_string(),
+            })?;
+        let unusable = |source| WorkloadError::Credentials {
+            identity: identity.to_string(),
+            source,
+        };
+        let credentials = WorkloadCredentials::new(&issued, &key).map_err(unusable)?;
+        let certified = credentials
+            .certified_key(&self.settings)
+            .map_err(unusable)?;
+        Ok(Workload {
+            identity: identity.clone(),
+            credentials,
+            certified,
+            serial: issued.serial,
+            not_after: issued.not_after,
+            renew_at: self.renewal.renew_at(issued.not_before, issued.not_after),
+        })
+    }
+}
+
+/// Lifetime of workload certificates from the config's hours.
+pub fn lifetime_hours(hours: u64) -> Duration {
+    Duration::from_secs(hours * 3600)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::MeshMode;
+
+    fn store() -> WorkloadStore {
+        let ca = CertificateAuthority::generate("cluster.local", lifetime_hours(24)).unwrap();
+        WorkloadStore::new(ca, TlsSettings::default())
+    }
+
+    #[test]
+    fn a_certificate_is_issued_once_and_reused_until_renewal() {
+        let store = store();
+        let id = store
+            .identity_of(&PodMesh {
+                namespace: "shop".into(),
+                service_account: "cart".into(),
+                mode: MeshMode::Strict,
+            })
+            .unwrap();
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/cart");
+        let first = store.get(&id).unwrap();
+        let again = store.get(&id).unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert!(first.renew_at < first.not_after);
+        assert_eq!(store.all().len(), 1);
+        let debug = format!("{first:?}");
+        assert!(
+            debug.contains("cart") && !debug.contains("PRIVATE"),
+            "{debug}"
+        );
+    }
+}

@@ -1,0 +1,143 @@
+//! The agent-to-agent handshake, read one TLS record at a time.
+//!
+//! After the handshake the session may move into the kernel (kTLS). Every
+//! byte rustls has read by then is lost to the kernel, so nothing here ever
+//! reads past the record it needs: [`read_record`] reads a 5-byte record
+//! header, then exactly that record's body. The client sends the
+//! [`Preface`] in its own record right after its Finished; the server reads
+//! records until it has the preface and stops there, leaving the pod's bytes
+//! that follow for the kernel (or for the userspace relay).
+//!
+//! The server must not send session tickets (`send_tls13_tickets = 0`) when
+//! the kernel path may be used: the kernel's RX path stalls on them.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+};
+
+use rustls::{ClientConnection, Connection, ServerConnection};
+
+use crate::preface::{self, Preface, PrefaceError};
+
+/// Largest TLS 1.3 record body: 2^14 plaintext + 256 bytes of expansion.
+const MAX_RECORD_BODY: usize = (1 << 14) + 256;
+const RECORD_HEADER: usize = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("connection failed during the TLS handshake: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("TLS handshake refused: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("peer closed the connection during the handshake")]
+    Closed,
+    #[error("peer sent a TLS record of {0} bytes (more than TLS allows)")]
+    OversizedRecord(usize),
+    #[error("bad connection preface: {0}")]
+    Preface(#[from] PrefaceError),
+}
+
+/// Reads exactly one TLS record (header and body) from `tcp`.
+pub fn read_record(tcp: &mut TcpStream) -> Result<Vec<u8>, HandshakeError> {
+    let mut record = vec![0u8; RECORD_HEADER];
+    read_exact_or_closed(tcp, &mut record)?;
+    let body = usize::from(u16::from_be_bytes([record[3], record[4]]));
+    if body > MAX_RECORD_BODY {
+        return Err(HandshakeError::OversizedRecord(body));
+    }
+    record.resize(RECORD_HEADER + body, 0);
+    read_exact_or_closed(tcp, &mut record[RECORD_HEADER..])?;
+    Ok(record)
+}
+
+fn read_exact_or_closed(tcp: &mut TcpStream, buffer: &mut [u8]) -> Result<(), HandshakeError> {
+    tcp.read_exact(buffer).map_err(|error| {
+        if error.kind() == std::io::ErrorKind::UnexpectedEof {
+            HandshakeError::Closed
+        } else {
+            HandshakeError::Io(error)
+        }
+    })
+}
+
+/// Feeds one record to rustls. On a TLS error, the alert rustls queued is
+/// sent first, so the peer learns why.
+fn process_record(
+    connection: &mut Connection,
+    tcp: &mut TcpStream,
+    record: &[u8],
+) -> Result<(), HandshakeError> {
+    let mut input = record;
+    while !input.is_empty() {
+        connection.read_tls(&mut input)?;
+        if let Err(error) = connection.process_new_packets() {
+            let _ = flush(connection, tcp);
+            return Err(error.into());
+        }
+    }
+    Ok(())
+}
+
+fn flush(connection: &mut Connection, tcp: &mut TcpStream) -> Result<(), HandshakeError> {
+    while connection.wants_write() {
+        connection.write_tls(tcp)?;
+    }
+    tcp.flush()?;
+    Ok(())
+}
+
+/// Runs the handshake to completion without reading past its last record.
+pub fn complete(connection: &mut Connection, tcp: &mut TcpStream) -> Result<(), HandshakeError> {
+    loop {
+        flush(connection, tcp)?;
+        if !connection.is_handshaking() {
+            return Ok(());
+        }
+        let record = read_record(tcp)?;
+        process_record(connection, tcp, &record)?;
+    }
+}
+
+/// Client side: handshake, then the preface in its own record.
+pub fn client(
+    connection: ClientConnection,
+    tcp: &mut TcpStream,
+    preface: &Preface,
+) -> Result<Connection, HandshakeError> {
+    let mut connection = Connection::from(connection);
+    complete(&mut connection, tcp)?;
+    connection.writer().write_all(&preface.encode())?;
+    flush(&mut connection, tcp)?;
+    Ok(connection)
+}
+
+/// Server side: handshake, then exactly the records that carry the preface.
+pub fn server(
+    connection: ServerConnection,
+    tcp: &mut TcpStream,
+) -> Result<(Connection, Preface), HandshakeError> {
+    let mut connection = Connection::from(connection);
+    complete(&mut connection, tcp)?;
+    let mut bytes = Vec::with_capacity(preface::LENGTH);
+    while bytes.len() < preface::LENGTH {
+        let record = read_record(tcp)?;
+        process_record(&mut connection, tcp, &record)?;
+        let mut chunk = [0u8; preface::LENGTH];
+        let wanted = preface::LENGTH - bytes.len();
+        match connection.reader().read(&mut chunk[..wanted]) {
+            Ok(0) => return Err(HandshakeError::Closed),
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(error.into()),
+        }
+        // A preface is checked as soon as its first bytes are in, so a
+        // plaintext or foreign client is refused without waiting for more.
+        if let Err(error @ (PrefaceError::BadMagic | PrefaceError::UnsupportedVersion(_))) =
+            Preface::decode(&bytes)
+        {
+            return Err(error.into());
+        }
+    }
+    Ok((connection, Preface::decode(&bytes)?))
+}
