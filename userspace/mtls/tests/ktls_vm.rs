@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use common::{SIXTEEN_MIB, pattern, session_pair};
+use common::{SIXTEEN_MIB, pattern, session_pair, session_pair_with_server_delay};
 use veil_mtls::{TlsSettings, session::Session};
 
 /// Two loopback sockets joined by mutual TLS, both handed to the kernel.
@@ -78,4 +78,36 @@ fn ktls_carries_16_mib_each_way_with_every_cipher_suite() {
         );
         println!("{:?}: 16 MiB each way through kTLS", suite.suite());
     }
+}
+
+#[test]
+#[ignore = "needs a kernel with TLS: cargo xtask test runs it in a qemu VM"]
+fn bytes_sent_right_after_the_preface_are_left_for_the_kernel() {
+    // The client writes through its kernel socket while the server has not
+    // even started its handshake: the records queue behind the preface, and
+    // the server must read exactly up to the preface, no further.
+    let (client, server) =
+        session_pair_with_server_delay(&TlsSettings::default(), Duration::from_millis(300));
+    let Session::Kernel(client) = client else {
+        panic!("the kernel has TLS here, yet the client session stayed in userspace");
+    };
+    let len = 1 << 20;
+    let writer = std::thread::spawn(move || {
+        let data: Vec<u8> = (0..len).map(pattern).collect();
+        (&client).write_all(&data).unwrap();
+        client
+    });
+    let Session::Kernel(mut server) = server.join().unwrap() else {
+        panic!("the kernel has TLS here, yet the server session stayed in userspace");
+    };
+    server
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut got = vec![0u8; len];
+    server.read_exact(&mut got).unwrap();
+    assert!(
+        got.iter().enumerate().all(|(i, b)| *b == pattern(i)),
+        "bytes differ"
+    );
+    drop(writer.join().unwrap());
 }

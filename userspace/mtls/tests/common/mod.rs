@@ -4,12 +4,13 @@
 use std::{
     net::{TcpListener, TcpStream},
     sync::Arc,
+    time::Duration,
 };
 
 use rustls::{ClientConnection, ServerConnection, pki_types::ServerName};
 use veil_identity::{CertificateAuthority, SpiffeId, WorkloadKey, ca::DEFAULT_LEAF_LIFETIME};
 use veil_mtls::{
-    TlsSettings, WorkloadCredentials,
+    Preface, TlsSettings, WorkloadCredentials, handshake,
     session::Session,
     verifier::{ExpectedPeer, TrustState},
 };
@@ -22,10 +23,13 @@ pub fn pattern(offset: usize) -> u8 {
     (offset.wrapping_mul(31) ^ (offset >> 11)) as u8
 }
 
-/// Two sessions (client side, server side) established over loopback with
-/// `settings`. Both handshakes finish before this returns, so no application
-/// byte can reach rustls meant for the kernel.
-pub fn session_pair(settings: &TlsSettings) -> (Session, Session) {
+/// A client session ready at once, and the server's session still being
+/// made on a thread that waits `server_delay` before its handshake: bytes
+/// the client sends right away are queued before the server reads anything.
+pub fn session_pair_with_server_delay(
+    settings: &TlsSettings,
+    server_delay: Duration,
+) -> (Session, std::thread::JoinHandle<Session>) {
     let ca = CertificateAuthority::generate(TRUST_DOMAIN, DEFAULT_LEAF_LIFETIME).unwrap();
     let trust = Arc::new(TrustState::default());
     *trust.roots.write().unwrap() = ca
@@ -54,17 +58,38 @@ pub fn session_pair(settings: &TlsSettings) -> (Session, Session) {
         .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();
+    // The agents' own path: handshake and preface read record by record,
+    // then into the kernel if it has TLS.
     let server = std::thread::spawn(move || {
-        let (tcp, _) = listener.accept().unwrap();
+        let (mut tcp, _) = listener.accept().unwrap();
+        std::thread::sleep(server_delay);
         let connection = ServerConnection::new(Arc::new(server_config)).unwrap();
-        Session::establish(connection.into(), tcp).unwrap()
+        let (connection, preface) = handshake::server(connection, &mut tcp).unwrap();
+        assert_eq!(preface, test_preface());
+        Session::from_handshaken(connection, tcp).unwrap()
     });
-    let tcp = TcpStream::connect(address).unwrap();
+    let mut tcp = TcpStream::connect(address).unwrap();
     let connection = ClientConnection::new(
         Arc::new(client_config),
         ServerName::try_from("veil.invalid").unwrap(),
     )
     .unwrap();
-    let client = Session::establish(connection.into(), tcp).unwrap();
+    let connection = handshake::client(connection, &mut tcp, &test_preface()).unwrap();
+    let client = Session::from_handshaken(connection, tcp).unwrap();
+    (client, server)
+}
+
+/// The preface every fixture session carries.
+pub fn test_preface() -> Preface {
+    Preface {
+        original_destination: "198.19.2.1:8080".parse().unwrap(),
+        source: "198.19.1.1:40000".parse().unwrap(),
+    }
+}
+
+/// Two sessions (client side, server side) established over loopback with
+/// `settings`. Both handshakes finish before this returns.
+pub fn session_pair(settings: &TlsSettings) -> (Session, Session) {
+    let (client, server) = session_pair_with_server_delay(settings, Duration::ZERO);
     (client, server.join().unwrap())
 }
