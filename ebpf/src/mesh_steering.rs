@@ -32,7 +32,7 @@ use veil_common::overlay::{
 
 use crate::{
     headers::{ETH_HLEN, IPPROTO_TCP, IPV4_HLEN, Ipv4Hdr, TCP_FLAG_ACK, TCP_FLAG_SYN, TcpPorts},
-    overlay_maps::{MESH_PEERS, count_event, local_endpoint},
+    overlay_maps::{MESH_PEERS, count_event, local_endpoint, port_mode},
 };
 
 /// Offset of the flags byte in the TCP header.
@@ -48,12 +48,6 @@ pub fn steer(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<Result<i32, DatapathEvent>
         return None;
     }
     let source = local_endpoint(&ip.saddr)?;
-    if let Some(destination) = local_endpoint(&ip.daddr) {
-        return same_node(&source, &destination);
-    }
-    if source.mode == MESH_MODE_DISABLED || MESH_PEERS.get_ptr(&ip.daddr).is_none() {
-        return None;
-    }
     let header_len = usize::from(ip.version_ihl & 0x0f) * 4;
     if !(IPV4_HLEN..=60).contains(&header_len) {
         return None;
@@ -65,6 +59,18 @@ pub fn steer(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<Result<i32, DatapathEvent>
     ) else {
         return None;
     };
+    if let Some(destination) = local_endpoint(&ip.daddr) {
+        let mode = port_mode(&ip.daddr, ports.dest, destination.mode);
+        return same_node(&source, mode);
+    }
+    if source.mode == MESH_MODE_DISABLED {
+        return None;
+    }
+    let peer_mode = MESH_PEERS.get_ptr(&ip.daddr)?;
+    // SAFETY: the pointer comes from a successful lookup and is read at once.
+    if port_mode(&ip.daddr, ports.dest, unsafe { *peer_mode }) == MESH_MODE_DISABLED {
+        return None;
+    }
     let mut tuple = ipv4_tuple(ip, ports.source, ports.dest);
     if assign(ctx, &mut tuple) {
         return Some(Ok(deliver_locally(ctx, DatapathEvent::MeshFlow)));
@@ -91,13 +97,10 @@ pub fn steer(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<Result<i32, DatapathEvent>
 }
 
 /// Same-node pod to pod: plaintext is fine inside the mesh, but a STRICT pod
-/// takes no plaintext from a pod outside it.
+/// (or STRICT port) takes no plaintext from a pod outside it.
 #[inline(always)]
-fn same_node(
-    source: &LocalEndpoint,
-    destination: &LocalEndpoint,
-) -> Option<Result<i32, DatapathEvent>> {
-    if destination.mode == MESH_MODE_STRICT && source.mode == MESH_MODE_DISABLED {
+fn same_node(source: &LocalEndpoint, destination_mode: u32) -> Option<Result<i32, DatapathEvent>> {
+    if destination_mode == MESH_MODE_STRICT && source.mode == MESH_MODE_DISABLED {
         return Some(Err(DatapathEvent::DropPlaintextToStrict));
     }
     None

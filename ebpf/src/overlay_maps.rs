@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use veil_common::overlay::{
     DATAPATH_EVENT_COUNT, DatapathEvent, LocalEndpoint, MAX_LOCAL_ENDPOINTS, MAX_MESH_PEERS,
-    MAX_NODE_ROUTES, OverlayConfig, RemoteNode,
+    MAX_NODE_ROUTES, MAX_PORT_MODES, OverlayConfig, PortKey, RemoteNode,
 };
 
 /// This node's settings; index 0. Empty (all zero) until the agent writes it.
@@ -31,6 +31,10 @@ pub static POD_DEVICES: DevMapHash = DevMapHash::with_max_entries(MAX_LOCAL_ENDP
 /// meshed local pod to one of these goes through the agents.
 #[map(name = "MESH_PEERS")]
 pub static MESH_PEERS: HashMap<[u8; 4], u32> = HashMap::with_max_entries(MAX_MESH_PEERS, 0);
+
+/// Port-level mTLS modes, overriding the pod's own mode on that port.
+#[map(name = "PORT_MODES")]
+static PORT_MODES: HashMap<PortKey, u32> = HashMap::with_max_entries(MAX_PORT_MODES, 0);
 
 #[map(name = "DATAPATH_EVENTS")]
 static DATAPATH_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DATAPATH_EVENT_COUNT, 0);
@@ -60,4 +64,19 @@ pub fn local_endpoint(address: &[u8; 4]) -> Option<LocalEndpoint> {
     LOCAL_ENDPOINTS
         .get_ptr(address)
         .map(|entry| unsafe { *entry })
+}
+
+/// The mTLS mode of `address`'s TCP port `port_be` (network byte order):
+/// the port's own setting if it has one, else `pod_mode`.
+#[inline(always)]
+pub fn port_mode(address: &[u8; 4], port_be: u16, pod_mode: u32) -> u32 {
+    let key = PortKey {
+        ip: *address,
+        port_be,
+        _pad: 0,
+    };
+    // SAFETY: the pointer comes from a successful lookup and is read at once.
+    PORT_MODES
+        .get_ptr(&key)
+        .map_or(pod_mode, |mode| unsafe { *mode })
 }

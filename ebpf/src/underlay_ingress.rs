@@ -20,9 +20,9 @@ use crate::{
     counters::count_packet,
     headers::{
         ENCAP_ROOM, ETH_HLEN, ETH_P_IPV4, EthHdr, IP_MF_AND_OFFSET, IPPROTO_TCP, IPPROTO_UDP,
-        IPV4_HLEN, Ipv4Hdr, UDP_HLEN, UdpHdr, VXLAN_FLAG_VNI, VXLAN_HLEN, VxlanHdr,
+        IPV4_HLEN, Ipv4Hdr, TcpPorts, UDP_HLEN, UdpHdr, VXLAN_FLAG_VNI, VXLAN_HLEN, VxlanHdr,
     },
-    overlay_maps::{POD_DEVICES, count_event, local_endpoint, overlay_config},
+    overlay_maps::{POD_DEVICES, count_event, local_endpoint, overlay_config, port_mode},
 };
 
 /// Offsets of the headers inside an overlay frame.
@@ -118,8 +118,16 @@ fn try_underlay_ingress(ctx: &XdpContext) -> Result<u32, DatapathEvent> {
     };
     // Meshed traffic reaches a pod through the agents (:15008 on the
     // underlay), never as overlay TCP: this is plaintext from outside the mesh.
-    if endpoint.mode == MESH_MODE_STRICT && inner_ip.protocol == IPPROTO_TCP {
-        return Err(DatapathEvent::DropPlaintextToStrict);
+    if inner_ip.protocol == IPPROTO_TCP {
+        let inner_header_len = usize::from(inner_ip.version_ihl & 0x0f) * 4;
+        let Some(ports) = header::<TcpPorts>(ctx, INNER_IP + inner_header_len.min(60)) else {
+            return Err(DatapathEvent::DropTruncated);
+        };
+        // SAFETY: bounds checked by `header`.
+        let destination_port = unsafe { (*ports).dest };
+        if port_mode(&inner_ip.daddr, destination_port, endpoint.mode) == MESH_MODE_STRICT {
+            return Err(DatapathEvent::DropPlaintextToStrict);
+        }
     }
 
     // The inner frame now goes from this node's veth to the pod.

@@ -2,18 +2,21 @@
 //!
 //! Every command first makes sure the toolchain is there (`setup`), so a fresh
 //! Debian 12 machine needs nothing but `cargo xtask demo` or `cargo xtask test`.
+//! `install-node`/`uninstall-node` put Veil on a bare host, `deploy` on a cluster.
 
 mod bench;
 mod crds;
 mod demo;
+mod deploy;
 mod ebpf;
+mod install_node;
 mod ktls_vm;
 mod paths;
 mod setup;
 mod shell;
 mod test;
 
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
@@ -49,6 +52,55 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Install Veil on this host without Kubernetes: veil-agent and veilctl in
+    /// /usr/local/bin, /etc/veil/agent.toml, and the systemd units.
+    ///
+    /// A manifest (/var/lib/veil/install-manifest.json) records every file and
+    /// directory it adds, so `uninstall-node` removes exactly those. Running it
+    /// again changes nothing ("unchanged"). On / it runs `systemctl
+    /// daemon-reload` and prints the next step; it never starts the agent.
+    InstallNode {
+        /// Install under this directory instead of / (a scratch root: systemctl
+        /// is never called there).
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        /// The veil-agent binary to install [default: built with `cargo build --release`].
+        #[arg(long, value_name = "PATH")]
+        agent_binary: Option<PathBuf>,
+        /// The veilctl binary to install [default: built with `cargo build --release`].
+        #[arg(long, value_name = "PATH")]
+        veilctl_binary: Option<PathBuf>,
+        /// Agent config (TOML) to install as /etc/veil/agent.toml, checked with
+        /// `veil-agent check-config` first [default: a commented example].
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Replace an existing /etc/veil/agent.toml (the old one is backed up,
+        /// and uninstall-node puts it back).
+        #[arg(long)]
+        force_config: bool,
+        /// Do not call systemctl, not even daemon-reload.
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Remove what install-node added (per its manifest) and put back what it replaced.
+    ///
+    /// Files changed since install are kept (and listed) unless --force;
+    /// directories go only if install created them and they are empty. On /
+    /// it first runs `systemctl disable --now veil-agent`.
+    UninstallNode {
+        /// The root install-node used.
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        /// Also remove files that were changed since install.
+        #[arg(long)]
+        force: bool,
+        /// Do not call systemctl (never called on a scratch root anyway).
+        #[arg(long)]
+        no_stop: bool,
+    },
+    /// Render the Kubernetes manifests (CRDs, RBAC, ConfigMaps, agent DaemonSet,
+    /// controller Deployment) and apply them with `kubectl apply --server-side`.
+    Deploy(deploy::DeployArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +113,27 @@ fn main() -> ExitCode {
         Command::KtlsVm => ebpf::build().and_then(|object| ktls_vm::run(&object)),
         Command::Demo => demo::run(),
         Command::Bench { args } => bench::run(&args),
+        Command::InstallNode {
+            root,
+            agent_binary,
+            veilctl_binary,
+            config,
+            force_config,
+            no_start,
+        } => install_node::install_cli(install_node::InstallArgs {
+            root,
+            agent_binary,
+            veilctl_binary,
+            config,
+            force_config,
+            no_start,
+        }),
+        Command::UninstallNode {
+            root,
+            force,
+            no_stop,
+        } => install_node::uninstall_cli(&root, force, no_stop),
+        Command::Deploy(args) => deploy::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -48,6 +48,10 @@ struct MeshBed {
 
 impl MeshBed {
     fn start(name: &str) -> Self {
+        Self::start_with_policy(name, "")
+    }
+
+    fn start_with_policy(name: &str, policy: &str) -> Self {
         let mut topology = Topology::build(
             TopologySpec::new(name)
                 .nodes(2)
@@ -61,6 +65,7 @@ impl MeshBed {
             PAYMENTS,
             Some(PodMesh::new("shop", "payments", "permissive")),
         );
+        topology.set_inventory_extra(policy);
         let (cert, key) = CertificateAuthority::new_root_pem(TRUST_DOMAIN).unwrap();
         let ca_cert = topology.workdir().join("mesh-root.pem");
         let ca_key = topology.workdir().join("mesh-root.key");
@@ -259,7 +264,7 @@ fn strict_pods_refuse_plaintext_and_agents_refuse_bad_peers() {
     if !require_root("mesh refusal test") {
         return;
     }
-    let bed = MeshBed::start("meshno");
+    let bed = MeshBed::start_with_policy("meshno", POLICY);
     let topology = &bed.topology;
 
     // Plaintext from outside the mesh: fine to a PERMISSIVE pod, dropped at a STRICT one.
@@ -277,6 +282,25 @@ fn strict_pods_refuse_plaintext_and_agents_refuse_bad_peers() {
     assert!(attempt.is_err(), "plaintext reached a STRICT pod");
     let node2 = bed.agents[1].status().unwrap();
     assert!(node2.event("drop-plaintext-to-strict") > 0, "{node2:#?}");
+    // A port-level PERMISSIVE overrides the STRICT workload on that port.
+    traffic::tcp_echo(topology, OUTSIDER, CHECKOUT, 7603, 4096).unwrap();
+
+    // Authorization: only payments may reach checkout:7800; cart is reset.
+    traffic::tcp_echo(topology, PAYMENTS, CHECKOUT, 7800, 4096)
+        .map(drop)
+        .unwrap_or_else(|e| panic!("same node, meshed: {e}"));
+    let denied_before = bed.metric(2, &refused_series("denied"));
+    expect_refused(topology, CART, CHECKOUT, 7800);
+    wait_for_metric(&bed, 2, &refused_series("denied"), denied_before + 1.0);
+    assert!(
+        bed.agents[1]
+            .log()
+            .contains("is not allowed to shop/checkout port 7800"),
+        "{}",
+        bed.dump()
+    );
+    // Other ports of checkout are not selected by the rule: allowed.
+    traffic::tcp_echo(topology, CART, CHECKOUT, 7801, 4096).unwrap();
 
     // Peers that are not what they claim, straight at node 2's :15008.
     let peer = SocketAddr::from(([198, 18, 0, 2], 15008));
@@ -344,6 +368,48 @@ fn strict_pods_refuse_plaintext_and_agents_refuse_bad_peers() {
     let log = bed.agents[1].log();
     assert!(log.contains("inbound mesh connection refused"), "{log}");
 }
+
+/// `from` connects to `to`'s `port` (a server listens there) and must get
+/// no byte back: the connection is reset or closed.
+fn expect_refused(topology: &Topology, from: PodRef, to: PodRef, port: u16) {
+    let address = SocketAddr::from((to.ip(), port));
+    let _listener = topology
+        .pod(to)
+        .run(move || TcpListener::bind(address))
+        .unwrap()
+        .unwrap();
+    let outcome = topology
+        .pod(from)
+        .run(move || -> std::io::Result<usize> {
+            let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(b"hello")?;
+            let mut buffer = [0u8; 16];
+            stream.read(&mut buffer)
+        })
+        .unwrap();
+    match outcome {
+        Ok(0) => {}
+        Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {}
+        other => panic!("{from} → {to}:{port} was not refused: {other:?}"),
+    }
+}
+
+/// The policy of the refusal test: a PERMISSIVE port on the STRICT
+/// checkout, and an allow rule on checkout:7800 for payments only.
+const POLICY: &str = r#"
+[policy]
+[[policy.ports]]
+namespace = "shop"
+service_account = "checkout"
+port = 7603
+mode = "permissive"
+[[policy.allow]]
+namespace = "shop"
+service_account = "checkout"
+port = 7800
+from_identities = ["spiffe://cluster.local/ns/shop/sa/payments"]
+"#;
 
 fn refused_series(reason: &str) -> String {
     format!(r#"veil_mesh_connections_total{{direction="inbound",mode="none",result="{reason}"}}"#)

@@ -58,6 +58,7 @@ impl Topology {
                 );
             }
         }
+        text.push_str(self.inventory_extra());
         Ok(text)
     }
 

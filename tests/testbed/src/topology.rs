@@ -112,6 +112,8 @@ pub struct Topology {
     moved: HashMap<PodRef, usize>,
     /// Meshed pods and their settings, for the inventory.
     mesh: HashMap<PodRef, PodMesh>,
+    /// TOML appended to the inventory (e.g. a `[policy]` section).
+    inventory_extra: String,
     workdir: tempfile::TempDir,
 }
 
@@ -148,6 +150,7 @@ impl Topology {
             created: Vec::new(),
             moved: HashMap::new(),
             mesh: HashMap::new(),
+            inventory_extra: String::new(),
             workdir,
         };
         // On error `topology` drops here and removes whatever was built.
@@ -219,6 +222,15 @@ impl Topology {
             Some(mesh) => self.mesh.insert(pod, mesh),
             None => self.mesh.remove(&pod),
         };
+    }
+
+    /// Appends `toml` (such as a `[policy]` section) to every inventory written.
+    pub fn set_inventory_extra(&mut self, toml: &str) {
+        self.inventory_extra = toml.into();
+    }
+
+    pub(crate) fn inventory_extra(&self) -> &str {
+        &self.inventory_extra
     }
 
     pub(crate) fn mesh_of(&self, pod: PodRef) -> Option<&PodMesh> {

@@ -10,6 +10,8 @@ use std::{collections::HashSet, net::Ipv4Addr, path::Path, str::FromStr};
 
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{Policy, Workload};
+
 #[derive(Debug, thiserror::Error)]
 pub enum InventoryError {
     #[error("cannot read inventory {path}: {source}")]
@@ -156,8 +158,10 @@ pub struct PodMesh {
     pub namespace: String,
     /// Service account (the `sa` part of the SPIFFE ID).
     pub service_account: String,
+    /// The workload-level mode; inherits namespace, then mesh, when absent
+    /// (see [`crate::policy`]).
     #[serde(default)]
-    pub mode: MeshMode,
+    pub mode: Option<MeshMode>,
 }
 
 /// How a meshed pod treats plaintext.
@@ -193,10 +197,12 @@ impl MeshMode {
     }
 }
 
-impl PodSpec {
-    /// The pod's mesh settings when it takes part in the mesh (mode not `disable`).
-    pub fn meshed(&self) -> Option<&PodMesh> {
-        self.mesh.as_ref().filter(|m| m.mode != MeshMode::Disable)
+impl PodMesh {
+    pub fn workload(&self) -> Workload<'_> {
+        Workload {
+            namespace: &self.namespace,
+            service_account: &self.service_account,
+        }
     }
 }
 
@@ -207,6 +213,9 @@ pub struct Inventory {
     pub nodes: Vec<NodeSpec>,
     #[serde(default)]
     pub pods: Vec<PodSpec>,
+    /// mTLS modes and authorization.
+    #[serde(default)]
+    pub policy: Policy,
 }
 
 impl Inventory {
@@ -238,6 +247,17 @@ impl Inventory {
 
     pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&PodSpec> {
         self.pods.iter().find(|p| p.ip == ip)
+    }
+
+    /// The pod's mesh settings and workload-level effective mode, when it
+    /// takes part in the mesh (has `[pods.mesh]` and is not DISABLE).
+    pub fn meshed<'a>(&self, pod: &'a PodSpec) -> Option<(&'a PodMesh, MeshMode)> {
+        let mesh = pod.mesh.as_ref()?;
+        let mode = self
+            .policy
+            .effective_mode(mesh.workload(), mesh.mode, None)
+            .mode;
+        (mode != MeshMode::Disable).then_some((mesh, mode))
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -277,6 +297,13 @@ impl Inventory {
                     pod.name, pod.ip
                 ));
             }
+        }
+        let conflicts = self.policy.conflicts(&self.pods);
+        if !conflicts.is_empty() {
+            return Err(format!(
+                "conflicting mTLS settings (fix one side of each): {}",
+                conflicts.join("; ")
+            ));
         }
         Ok(())
     }
@@ -351,6 +378,19 @@ interface = "vp1"
                 .to_string()
                 .contains("no node's pod_cidr")
         );
+    }
+
+    #[test]
+    fn conflicting_mtls_settings_refuse_the_inventory() {
+        let twice = format!(
+            "{GOOD}\n[pods.mesh]\nnamespace = \"shop\"\nservice_account = \"cart\"\nmode = \"strict\"\n\n\
+             [[pods]]\nname = \"b\"\nnode = \"node1\"\nip = \"198.19.1.2\"\nmac = \"02:00:00:00:01:02\"\n\
+             interface = \"vp2\"\n[pods.mesh]\nnamespace = \"shop\"\nservice_account = \"cart\"\n\
+             mode = \"permissive\"\n"
+        );
+        let error = parse(&twice).unwrap_err().to_string();
+        assert!(error.contains("pods \"a\" and \"b\""), "{error}");
+        assert!(error.contains("strict and permissive"), "{error}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod inventory;
 pub mod logging;
 pub mod mesh;
 pub mod overlay_sync;
+pub mod policy;
 pub mod telemetry;
 
 use std::sync::{Arc, Mutex};

@@ -21,5 +21,8 @@ pub const MAP_LOCAL_ENDPOINTS: &str = "LOCAL_ENDPOINTS";
 pub const MAP_POD_DEVICES: &str = "POD_DEVICES";
 /// Hash: meshed pod address on another node → its mTLS mode.
 pub const MAP_MESH_PEERS: &str = "MESH_PEERS";
+/// Hash: [`crate::overlay::PortKey`] → the mTLS mode of that pod's port,
+/// where a port-level setting overrides the workload's.
+pub const MAP_PORT_MODES: &str = "PORT_MODES";
 /// Per-CPU array of packet counts per [`crate::overlay::DatapathEvent`].
 pub const MAP_DATAPATH_EVENTS: &str = "DATAPATH_EVENTS";

@@ -50,6 +50,19 @@ pub const OUTBOUND_PROXY_PORT: u16 = 15001;
 pub const MESH_MARK: u32 = 0x5e11;
 /// Largest number of meshed pods on other nodes.
 pub const MAX_MESH_PEERS: u32 = 65536;
+/// Largest number of port-level mTLS modes (pod address and port).
+pub const MAX_PORT_MODES: u32 = 16384;
+
+/// Key of the port-level mode table: a pod's address and a TCP port, both as
+/// on the wire (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortKey {
+    pub ip: [u8; 4],
+    /// Big-endian, as in the TCP header.
+    pub port_be: u16,
+    pub _pad: u16,
+}
 
 /// Value of the node route table (an LPM trie keyed by pod CIDR or pod /32).
 #[repr(C)]
@@ -182,6 +195,8 @@ mod pod {
     unsafe impl aya::Pod for super::RemoteNode {}
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::LocalEndpoint {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::PortKey {}
 }
 
 #[cfg(test)]

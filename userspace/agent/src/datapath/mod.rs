@@ -128,6 +128,9 @@ impl Datapath {
             mesh_peers: take_map(&mut ebpf, names::MAP_MESH_PEERS)?
                 .try_into()
                 .map_err(map_error(names::MAP_MESH_PEERS))?,
+            port_modes: take_map(&mut ebpf, names::MAP_PORT_MODES)?
+                .try_into()
+                .map_err(map_error(names::MAP_PORT_MODES))?,
             events: take_map(&mut ebpf, names::MAP_DATAPATH_EVENTS)?
                 .try_into()
                 .map_err(map_error(names::MAP_DATAPATH_EVENTS))?,
@@ -276,6 +279,7 @@ mod tests {
             names::MAP_LOCAL_ENDPOINTS,
             names::MAP_POD_DEVICES,
             names::MAP_MESH_PEERS,
+            names::MAP_PORT_MODES,
             names::MAP_DATAPATH_EVENTS,
         ] {
             assert!(object.maps.contains_key(map), "missing map {map}");

@@ -11,7 +11,7 @@ use aya::maps::{
     xdp::DevMapHash,
 };
 use veil_common::overlay::{
-    DatapathEvent, LocalEndpoint, MESH_MODE_DISABLED, OverlayConfig, RemoteNode,
+    DatapathEvent, LocalEndpoint, MESH_MODE_DISABLED, OverlayConfig, PortKey, RemoteNode,
 };
 
 use super::links::LinkTable;
@@ -35,6 +35,8 @@ pub struct OverlayPlan {
     pub endpoints: BTreeMap<Ipv4Addr, LocalEndpoint>,
     /// Meshed pods on other nodes → their mode: TCP to them is steered to the agent.
     pub mesh_peers: BTreeMap<Ipv4Addr, u32>,
+    /// Port-level modes of meshed pods anywhere (they override the pod's mode).
+    pub port_modes: BTreeMap<PortKey, u32>,
     /// Host-side veths of local pods (they get the pod-egress program).
     pub local_interfaces: BTreeSet<String>,
     /// Local pods left out because their veth does not exist (yet).
@@ -101,15 +103,24 @@ pub fn plan(
                     pod_mac: pod.mac.0,
                     host_mac: link.mac,
                     identity: 0,
-                    mode: pod
-                        .mesh
-                        .as_ref()
-                        .map_or(MESH_MODE_DISABLED, |m| m.mode.datapath_value()),
+                    mode: inventory
+                        .meshed(pod)
+                        .map_or(MESH_MODE_DISABLED, |(_, mode)| mode.datapath_value()),
                 },
             );
             plan.local_interfaces.insert(pod.interface.clone());
-        } else if let Some(mesh) = pod.meshed() {
-            plan.mesh_peers.insert(pod.ip, mesh.mode.datapath_value());
+        } else if let Some((_, mode)) = inventory.meshed(pod) {
+            plan.mesh_peers.insert(pod.ip, mode.datapath_value());
+        }
+        if let Some(mesh) = &pod.mesh {
+            for (port, mode) in inventory.policy.port_modes(mesh.workload()) {
+                let key = PortKey {
+                    ip: pod.ip.octets(),
+                    port_be: port.to_be(),
+                    _pad: 0,
+                };
+                plan.port_modes.insert(key, mode.datapath_value());
+            }
         }
         if pod.node != me.name && moved {
             // The pod left the node that owns its CIDR: a /32 beats the /24.
@@ -128,6 +139,7 @@ pub struct OverlayMaps {
     pub(super) endpoints: HashMap<MapData, [u8; 4], LocalEndpoint>,
     pub(super) devices: DevMapHash<MapData>,
     pub(super) mesh_peers: HashMap<MapData, [u8; 4], u32>,
+    pub(super) port_modes: HashMap<MapData, PortKey, u32>,
     pub(super) events: PerCpuArray<MapData, u64>,
 }
 
@@ -202,6 +214,21 @@ impl OverlayMaps {
             }
         }
 
+        let current_ports: BTreeMap<PortKey, u32> =
+            self.port_modes.iter().collect::<Result<_, _>>()?;
+        for (key, mode) in &plan.port_modes {
+            if current_ports.get(key) != Some(mode) {
+                self.port_modes.insert(key, mode, 0)?;
+                stats.written += 1;
+            }
+        }
+        for key in current_ports.keys() {
+            if !plan.port_modes.contains_key(key) {
+                self.port_modes.remove(key)?;
+                stats.removed += 1;
+            }
+        }
+
         for &(network, prefix_len) in current_routes.keys() {
             if !plan.routes.contains_key(&(network, prefix_len)) {
                 self.routes
@@ -260,6 +287,7 @@ mod tests {
 
     use super::*;
     use crate::datapath::links::Link;
+    use veil_common::overlay::MESH_MODE_STRICT;
 
     fn inventory(extra_pods: &str) -> Inventory {
         let n2p1 = r#"
@@ -337,6 +365,37 @@ interface = "v1p2"
         let plan = plan(&inventory(moved), &settings(), &links()).unwrap();
         let route = plan.routes[&("198.19.1.2".parse().unwrap(), 32)];
         assert_eq!(route.underlay_ip, [198, 18, 0, 2]);
+    }
+
+    #[test]
+    fn meshed_pods_get_their_effective_modes_and_port_overrides() {
+        let meshed = r#"
+[pods.mesh]
+namespace = "shop"
+service_account = "checkout"
+
+[policy]
+[[policy.namespaces]]
+namespace = "shop"
+mode = "strict"
+[[policy.ports]]
+namespace = "shop"
+service_account = "checkout"
+port = 9090
+mode = "disable"
+"#;
+        // n2p1 (on node2) is the meshed one; a is local and not meshed.
+        let plan = plan(&inventory(meshed), &settings(), &links()).unwrap();
+        let remote: Ipv4Addr = "198.19.2.1".parse().unwrap();
+        assert_eq!(plan.mesh_peers[&remote], MESH_MODE_STRICT, "namespace mode");
+        let key = PortKey {
+            ip: remote.octets(),
+            port_be: 9090u16.to_be(),
+            _pad: 0,
+        };
+        assert_eq!(plan.port_modes[&key], MESH_MODE_DISABLED);
+        let local = plan.endpoints[&"198.19.1.1".parse().unwrap()];
+        assert_eq!(local.mode, MESH_MODE_DISABLED, "no [pods.mesh]: not meshed");
     }
 
     #[test]

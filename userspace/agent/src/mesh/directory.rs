@@ -11,7 +11,7 @@ use tracing::warn;
 use veil_identity::SpiffeId;
 
 use super::{names::pod_ip_from_sni, refusal::Refusal, workloads::WorkloadStore};
-use crate::{inventory::Inventory, overlay_sync::OverlaySync};
+use crate::{inventory::Inventory, overlay_sync::OverlaySync, policy::Workload};
 
 /// A meshed pod as the mesh needs it.
 #[derive(Clone, Debug)]
@@ -50,7 +50,7 @@ impl Directory {
         let Some(pod) = inventory.pod_by_ip(ip) else {
             return Ok(None);
         };
-        let Some(mesh) = pod.meshed() else {
+        let Some((mesh, _)) = inventory.meshed(pod) else {
             return Ok(None);
         };
         let Some(node) = inventory.node(&pod.node) else {
@@ -66,6 +66,24 @@ impl Directory {
             node_underlay_ip: node.underlay_ip,
             identity,
         }))
+    }
+
+    /// Whether `source` may connect to `destination`'s `port` (allow rules).
+    pub fn authorize(
+        &self,
+        destination: &MeshedPod,
+        port: u16,
+        source: &SpiffeId,
+    ) -> Result<(), Refusal> {
+        let inventory = self.inventory()?;
+        let workload = Workload {
+            namespace: destination.identity.namespace(),
+            service_account: destination.identity.service_account(),
+        };
+        inventory
+            .policy
+            .authorize(workload, port, &source.to_string(), source.namespace())
+            .map_err(Refusal::Denied)
     }
 
     /// The meshed pod at `ip` if it runs on this node.

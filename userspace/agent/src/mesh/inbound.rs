@@ -125,13 +125,18 @@ fn check(
         });
     }
     let directory = &mesh.directory;
-    directory
+    let destination_pod = directory
         .local_meshed_pod(destination)?
         .ok_or_else(|| Refusal::DestinationNotMeshed(destination.to_string()))?;
     let peer_ip = v4(tcp.peer_addr()?).ok_or(Refusal::NotIpv4)?;
     let source = directory.meshed_pod(*preface.source.ip())?;
     match source {
         Some(pod) if pod.identity == peer_identity && pod.node_underlay_ip == *peer_ip.ip() => {
+            directory.authorize(
+                &destination_pod,
+                preface.original_destination.port(),
+                &peer_identity,
+            )?;
             debug!(
                 source = %preface.source,
                 destination = %preface.original_destination,

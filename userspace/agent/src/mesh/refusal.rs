@@ -36,6 +36,8 @@ pub enum Refusal {
         identity: String,
         node: String,
     },
+    #[error("denied by policy: {0}")]
+    Denied(String),
     #[error("cannot reach the destination pod: {0}")]
     DestinationUnreachable(#[from] SocketError),
     #[error("cannot set up the session: {0}")]
@@ -60,6 +62,7 @@ impl Refusal {
             Self::PeerIdentity(_) => "peer_identity_invalid",
             Self::SniMismatch { .. } => "sni_mismatch",
             Self::SourceMismatch { .. } => "source_mismatch",
+            Self::Denied(_) => "denied",
             Self::DestinationUnreachable(_) => "destination_unreachable",
             Self::Session(_) => "session_failed",
             Self::Io(_) => "io_error",

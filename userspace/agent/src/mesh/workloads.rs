@@ -177,7 +177,7 @@ mod tests {
             .identity_of(&PodMesh {
                 namespace: "shop".into(),
                 service_account: "cart".into(),
-                mode: MeshMode::Strict,
+                mode: Some(MeshMode::Strict),
             })
             .unwrap();
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/cart");
