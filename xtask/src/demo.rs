@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: Veil on a two-node test bed, end to end, in under a minute.
 //!
 //! Builds everything, brings up 2 nodes × 2 pods in network namespaces, starts
-//! an agent per node, sends traffic across nodes and within a node, shows what
+//! an agent per node, sends plaintext overlay traffic and meshed (mTLS)
+//! traffic across nodes, shows a STRICT pod refusing plaintext, shows what
 //! each agent's `veilctl status` reports, then tears everything down. It ends
 //! by itself; Ctrl-C ends it early, and teardown still runs.
 
@@ -14,7 +15,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use veil_testbed::{Agent, PodRef, Routing, Topology, TopologySpec, netns, traffic};
+use veil_testbed::{Agent, PodMesh, PodRef, Routing, Topology, TopologySpec, netns, traffic};
 
 use crate::{
     ebpf, paths,
@@ -80,17 +81,28 @@ fn show(interrupted: &AtomicBool) -> Result<()> {
         spec.underlay_mtu,
         spec.pod_mtu()
     ));
-    let topology = Topology::build(spec)?;
+    let mut topology = Topology::build(spec)?;
+    let (a, b, c, d) = (
+        PodRef::new(1, 1),
+        PodRef::new(2, 1),
+        PodRef::new(1, 2),
+        PodRef::new(2, 2),
+    );
+    topology.set_mesh(a, Some(PodMesh::new("shop", "cart", "permissive")));
+    topology.set_mesh(b, Some(PodMesh::new("shop", "checkout", "strict")));
     for pod in topology.pods() {
+        let mesh = match pod {
+            p if p == a => "meshed as shop/cart",
+            p if p == b => "meshed as shop/checkout, STRICT",
+            _ => "not meshed",
+        };
         println!(
-            "    pod {pod}: {} (netns {})",
+            "    pod {pod}: {} (netns {}), {mesh}",
             pod.ip(),
             topology.pod(pod).name()
         );
     }
     check()?;
-
-    let (a, b, c) = (PodRef::new(1, 1), PodRef::new(2, 1), PodRef::new(1, 2));
     step(&format!("Without Veil: ping {a} → {b} across nodes"));
     if traffic::ping(&topology, a, b.ip(), 1).is_ok() {
         bail!("pods reached each other without the overlay: the test bed is wrong");
@@ -98,11 +110,13 @@ fn show(interrupted: &AtomicBool) -> Result<()> {
     println!("    unreachable, as expected: nothing routes between the nodes");
     check()?;
 
+    step("Making the mesh's root CA (openssl, P-256); each agent signs its own workloads' certificates");
+    let mesh_section = make_mesh_ca(&topology)?;
     step(&format!(
-        "Starting veil-agent on each node (VXLAN overlay, VNI {VNI})"
+        "Starting veil-agent on each node (VXLAN overlay, VNI {VNI}, mTLS mesh)"
     ));
     let agents: Vec<Agent> = (1..=2)
-        .map(|node| Agent::start_overlay(&topology, node, VNI))
+        .map(|node| Agent::start_overlay_with(&topology, node, VNI, &mesh_section))
         .collect::<Result<_, _>>()?;
     for agent in &agents {
         println!("    node{}: ready", agent.node());
@@ -118,15 +132,57 @@ fn show(interrupted: &AtomicBool) -> Result<()> {
     check()?;
 
     step(&format!(
-        "TCP: {a} sends {} MiB to an echo server in {b}, checks every byte",
+        "TCP between pods outside the mesh: {c} sends {} MiB to an echo server in {d}",
         TRANSFER_BYTES >> 20
     ));
-    let report = traffic::tcp_echo(&topology, a, b, 7000, TRANSFER_BYTES)?;
+    let report = traffic::tcp_echo(&topology, c, d, 7000, TRANSFER_BYTES)?;
     println!(
-        "    {} MiB each way in {:.2?} over Veil's eBPF overlay (no encryption yet)",
+        "    {} MiB each way in {:.2?} over Veil's eBPF overlay, plaintext, every byte checked",
         report.bytes >> 20,
         report.elapsed
     );
+    check()?;
+
+    step(&format!(
+        "TCP between meshed pods: {a} sends {} MiB to {b}; eBPF steers it to the agents, which carry it over mTLS",
+        TRANSFER_BYTES >> 20
+    ));
+    let report = traffic::tcp_echo(&topology, a, b, 7001, TRANSFER_BYTES)?;
+    println!(
+        "    {} MiB each way in {:.2?}, applications unchanged, every byte checked",
+        report.bytes >> 20,
+        report.elapsed
+    );
+    for (agent, direction) in [(&agents[0], "outbound"), (&agents[1], "inbound")] {
+        for mode in ["ktls", "userspace"] {
+            let series = format!(
+                "veil_mesh_connections_total{{direction=\"{direction}\",mode=\"{mode}\",result=\"ok\"}}"
+            );
+            if let Some(count) = agent.metric(&series)? {
+                println!(
+                    "    node{}: {count} {direction} mTLS connection(s), TLS in {}",
+                    agent.node(),
+                    if mode == "ktls" { "the kernel (kTLS)" } else { "userspace (rustls; this kernel has no kTLS)" }
+                );
+            }
+        }
+    }
+    check()?;
+
+    step(&format!(
+        "Plaintext from {c} (outside the mesh) to {b} (STRICT): dropped"
+    ));
+    let strict_port = std::net::SocketAddr::from((b.ip(), 7002));
+    let _listener = topology
+        .pod(b)
+        .run(move || std::net::TcpListener::bind(strict_port))??;
+    let attempt = topology.pod(c).run(move || {
+        std::net::TcpStream::connect_timeout(&strict_port, Duration::from_secs(2))
+    })?;
+    if attempt.is_ok() {
+        bail!("plaintext reached a STRICT pod");
+    }
+    println!("    refused: the connection never reached {b}");
     check()?;
 
     // Let aya-log's ring buffer drain into the agents' logs.
@@ -146,4 +202,32 @@ fn show(interrupted: &AtomicBool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Writes a root CA for the mesh into the test bed's scratch directory and
+/// returns the agents' `[mesh]` section. The key is 0600 and goes away with
+/// the test bed.
+fn make_mesh_ca(topology: &Topology) -> Result<String> {
+    let cert = topology.workdir().join("mesh-root.pem");
+    let key = topology.workdir().join("mesh-root.key");
+    let mut openssl = std::process::Command::new("openssl");
+    openssl
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"])
+        .args(["-nodes", "-days", "30", "-subj", "/CN=Veil demo root CA"])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    shell::run(&mut openssl).context("cannot make the demo CA with openssl")?;
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .context("cannot restrict the demo CA key to 0600")?;
+    Ok(format!(
+        "\n[mesh]\ntrust_domain = \"cluster.local\"\nca_cert = \"{}\"\nca_key = \"{}\"\n",
+        cert.display(),
+        key.display()
+    ))
 }
