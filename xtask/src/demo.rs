@@ -110,7 +110,9 @@ fn show(interrupted: &AtomicBool) -> Result<()> {
     println!("    unreachable, as expected: nothing routes between the nodes");
     check()?;
 
-    step("Making the mesh's root CA (openssl, P-256); each agent signs its own workloads' certificates");
+    step(
+        "Making the mesh's root CA (openssl, P-256); each agent signs its own workloads' certificates",
+    );
     let mesh_section = make_mesh_ca(&topology)?;
     step(&format!(
         "Starting veil-agent on each node (VXLAN overlay, VNI {VNI}, mTLS mesh)"
@@ -162,7 +164,11 @@ fn show(interrupted: &AtomicBool) -> Result<()> {
                 println!(
                     "    node{}: {count} {direction} mTLS connection(s), TLS in {}",
                     agent.node(),
-                    if mode == "ktls" { "the kernel (kTLS)" } else { "userspace (rustls; this kernel has no kTLS)" }
+                    if mode == "ktls" {
+                        "the kernel (kTLS)"
+                    } else {
+                        "userspace (rustls; this kernel has no kTLS)"
+                    }
                 );
             }
         }
@@ -176,9 +182,9 @@ fn show(interrupted: &AtomicBool) -> Result<()> {
     let _listener = topology
         .pod(b)
         .run(move || std::net::TcpListener::bind(strict_port))??;
-    let attempt = topology.pod(c).run(move || {
-        std::net::TcpStream::connect_timeout(&strict_port, Duration::from_secs(2))
-    })?;
+    let attempt = topology
+        .pod(c)
+        .run(move || std::net::TcpStream::connect_timeout(&strict_port, Duration::from_secs(2)))?;
     if attempt.is_ok() {
         bail!("plaintext reached a STRICT pod");
     }
@@ -212,7 +218,14 @@ fn make_mesh_ca(topology: &Topology) -> Result<String> {
     let key = topology.workdir().join("mesh-root.key");
     let mut openssl = std::process::Command::new("openssl");
     openssl
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
         .args(["-nodes", "-days", "30", "-subj", "/CN=Veil demo root CA"])
         .args(["-addext", "basicConstraints=critical,CA:TRUE"])
         .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])

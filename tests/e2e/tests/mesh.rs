@@ -257,6 +257,42 @@ fn meshed_tcp_crosses_nodes_encrypted_byte_exact_with_the_real_client_address() 
         "the fallback must be logged once:\n{}",
         bed.dump()
     );
+
+    // veilctl shows it: workloads and certificates (table and JSON), the mesh in status.
+    let workloads: serde_json::Value =
+        serde_json::from_str(&bed.agents[1].veilctl(&["workloads", "-o", "json"]).unwrap())
+            .unwrap();
+    let identities: Vec<(&str, &str)> = workloads
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| (w["identity"].as_str().unwrap(), w["mode"].as_str().unwrap()))
+        .collect();
+    assert!(
+        identities.contains(&("spiffe://cluster.local/ns/shop/sa/checkout", "strict"))
+            && identities.contains(&("spiffe://cluster.local/ns/shop/sa/payments", "permissive")),
+        "{identities:?}"
+    );
+    let certs = bed.agents[0].veilctl(&["certs"]).unwrap();
+    let cart = certs
+        .lines()
+        .find(|l| l.contains("spiffe://cluster.local/ns/shop/sa/cart"))
+        .unwrap_or_else(|| panic!("{certs}"));
+    assert!(
+        cart.contains("valid") && cart.contains("local CA"),
+        "{cart}"
+    );
+    let status = bed.agents[0].veilctl(&["status"]).unwrap();
+    assert!(
+        status.contains(
+            "Mesh · trust domain cluster.local · 1 meshed pod(s) · 1 valid certificate(s)"
+        ),
+        "{status}"
+    );
+    let (code, _) = bed.agents[0]
+        .veilctl_exit(&["mtls", "no-such-pod"])
+        .unwrap();
+    assert_eq!(code, 1, "an unknown pod is an error");
 }
 
 #[test]
@@ -301,6 +337,28 @@ fn strict_pods_refuse_plaintext_and_agents_refuse_bad_peers() {
     );
     // Other ports of checkout are not selected by the rule: allowed.
     traffic::tcp_echo(topology, CART, CHECKOUT, 7801, 4096).unwrap();
+
+    // veilctl explains the modes with their precedence chain…
+    let report: serde_json::Value = serde_json::from_str(
+        &bed.agents[1]
+            .veilctl(&["mtls", "n2p1", "--port", "7603", "-o", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["mode"], "permissive", "{report:#}");
+    assert_eq!(report["chain"][0]["level"], "port", "{report:#}");
+    assert_eq!(report["chain"][0]["decided"], true, "{report:#}");
+    let text = bed.agents[1]
+        .veilctl(&["mtls", &CHECKOUT.ip().to_string(), "--port", "7800"])
+        .unwrap();
+    assert!(text.contains("port 7800 on node2: STRICT"), "{text}");
+    let workload_row = text.lines().find(|l| l.contains("│ workload")).unwrap();
+    assert!(workload_row.contains("← decides"), "{text}");
+    // …and `check` reports the dropped plaintext clients and the denials.
+    let (code, check) = bed.agents[1].veilctl_exit(&["check"]).unwrap();
+    assert_eq!(code, 3, "{check}");
+    assert!(check.contains("plaintext TCP to STRICT pods"), "{check}");
+    assert!(check.contains("inbound denied"), "{check}");
 
     // Peers that are not what they claim, straight at node 2's :15008.
     let peer = SocketAddr::from(([198, 18, 0, 2], 15008));

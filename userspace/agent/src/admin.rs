@@ -5,9 +5,14 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use axum::{
+    Json, Router,
+    extract::{Query, State},
+    http::StatusCode,
+    routing::get,
+};
 use tokio::net::TcpListener;
-use veil_api::{AgentStatus, EventCount, STATUS_PATH};
+use veil_api::{AgentStatus, EventCount, MTLS_MODE_PATH, ModeReport, STATUS_PATH};
 
 use crate::{datapath::Datapath, overlay_sync::OverlaySync};
 
@@ -64,6 +69,7 @@ pub async fn serve(
 ) -> Result<(), AdminError> {
     let app = Router::new()
         .route(STATUS_PATH, get(status))
+        .route(MTLS_MODE_PATH, get(mtls_mode))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -96,5 +102,25 @@ async fn status(
         events,
         overlay: state.overlay.as_ref().map(|o| o.status(&datapath)),
         kernel_tls: veil_mtls::ktls::kernel_supports_tls(),
+        mesh: state.mesh.as_ref().map(|m| m.status()),
     }))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ModeQuery {
+    pod: String,
+    port: Option<u16>,
+}
+
+async fn mtls_mode(
+    State(state): State<Arc<AdminState>>,
+    Query(query): Query<ModeQuery>,
+) -> Result<Json<ModeReport>, (StatusCode, String)> {
+    let mesh = state.mesh.as_ref().ok_or((
+        StatusCode::NOT_FOUND,
+        "this agent runs no mesh: add a [mesh] section to its config".to_string(),
+    ))?;
+    mesh.mode_report(&query.pod, query.port)
+        .map(Json)
+        .map_err(|error| (StatusCode::NOT_FOUND, error))
 }

@@ -20,6 +20,8 @@ pub const METRICS_PATH: &str = "/metrics";
 pub const READINESS_PATH: &str = "/healthz/ready";
 /// Path of the status document.
 pub const STATUS_PATH: &str = "/status";
+/// Path of the effective-mode query: `?pod=<name or address>&port=<n>`.
+pub const MTLS_MODE_PATH: &str = "/mtls";
 
 /// Everything `veilctl status` shows.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +43,77 @@ pub struct AgentStatus {
     /// Whether the node's kernel can do TLS (kTLS); without it mTLS runs in userspace.
     #[serde(default)]
     pub kernel_tls: bool,
+    /// The mTLS mesh, when the agent runs one.
+    #[serde(default)]
+    pub mesh: Option<MeshStatus>,
+}
+
+/// The mesh on this node: its workloads' certificates and what its
+/// connections did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshStatus {
+    pub trust_domain: String,
+    /// Meshed pods on this node.
+    pub workloads: Vec<MeshWorkload>,
+    /// Connections so far, by direction, TLS mode and result.
+    pub connections: Vec<MeshConnectionCount>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshWorkload {
+    pub pod: String,
+    pub ip: String,
+    /// SPIFFE ID.
+    pub identity: String,
+    /// Effective workload-level mode: strict, permissive or disable.
+    pub mode: String,
+    pub certificate: Option<MeshCertificate>,
+    /// Why there is no certificate, when there is none.
+    #[serde(default)]
+    pub certificate_error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshCertificate {
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    pub issuer: String,
+    /// Seconds since the Unix epoch.
+    pub not_after_unix: u64,
+    /// When the agent replaces it (seconds since the Unix epoch).
+    pub renew_at_unix: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshConnectionCount {
+    pub direction: String,
+    pub mode: String,
+    pub result: String,
+    pub count: u64,
+}
+
+/// The answer to `veilctl mtls`: the effective mode and how it came about.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModeReport {
+    pub pod: String,
+    pub ip: String,
+    pub node: String,
+    /// SPIFFE ID, when the pod is in the mesh.
+    pub identity: Option<String>,
+    pub port: Option<u16>,
+    /// strict, permissive or disable.
+    pub mode: String,
+    /// Most specific level first: port, workload, namespace, mesh.
+    pub chain: Vec<ModeLevel>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModeLevel {
+    pub level: String,
+    /// What this level sets; `None` when it says nothing.
+    pub mode: Option<String>,
+    /// True for the level whose setting decided.
+    pub decided: bool,
 }
 
 /// Packets counted under one datapath event.
@@ -171,6 +244,7 @@ mod tests {
             }],
             overlay: None,
             kernel_tls: false,
+            mesh: None,
         };
         let json = serde_json::to_string(&status).unwrap();
         assert!(json.contains("\"hook\":\"tc-ingress\""), "{json}");

@@ -4,7 +4,7 @@
 //! Read from the agent's status, so it sees what the agent and the kernel see.
 
 use serde::Serialize;
-use veil_api::{AgentStatus, HookKind};
+use veil_api::{AgentStatus, HookKind, MeshStatus};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -77,6 +77,15 @@ pub fn findings(status: &AgentStatus) -> Vec<Finding> {
                 "the kernel refused to grow packets for encapsulation",
                 "report this with the kernel version",
             ),
+            "drop-plaintext-to-strict" => (
+                "clients outside the mesh try plaintext TCP to STRICT pods and are dropped",
+                "mesh those clients ([pods.mesh]), or make the port PERMISSIVE ([[policy.ports]]) \
+                 while they migrate; `veilctl mtls <pod> --port <p>` shows why a port is STRICT",
+            ),
+            "drop-no-proxy" => (
+                "meshed connections found no agent listener and were dropped (fail closed)",
+                "check that the agent's mesh is running (`veilctl status`, the agent log)",
+            ),
             _ => ("packets dropped", "see the agent log"),
         };
         found.push(finding(
@@ -96,6 +105,9 @@ pub fn findings(status: &AgentStatus) -> Vec<Finding> {
             "the driver lacks native XDP: expect lower throughput, or use a NIC driver with XDP support",
         ));
     }
+    if let Some(mesh) = &status.mesh {
+        mesh_findings(mesh, std::time::SystemTime::now(), &mut found);
+    }
     if !status.kernel_tls {
         found.push(finding(
             Severity::Info,
@@ -105,6 +117,77 @@ pub fn findings(status: &AgentStatus) -> Vec<Finding> {
     }
     found.sort_by_key(|f| std::cmp::Reverse(f.severity));
     found
+}
+
+/// How close to expiry a certificate must be to be reported.
+const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn mesh_findings(mesh: &MeshStatus, now: std::time::SystemTime, found: &mut Vec<Finding>) {
+    let now = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    for workload in &mesh.workloads {
+        match (&workload.certificate, &workload.certificate_error) {
+            (None, error) => found.push(finding(
+                Severity::Error,
+                format!(
+                    "{} ({}) has no certificate{}",
+                    workload.pod,
+                    workload.identity,
+                    error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                ),
+                "meshed connections from and to it fail until one is issued: check the mesh CA \
+                 files in the agent config and the agent log",
+            )),
+            (Some(cert), error) if cert.not_after_unix <= now + EXPIRY_WARNING.as_secs() => {
+                found.push(finding(
+                    Severity::Error,
+                    format!(
+                        "the certificate of {} expires within the hour{}",
+                        workload.identity,
+                        error
+                            .as_deref()
+                            .map(|e| format!("; renewal failing: {e}"))
+                            .unwrap_or_default()
+                    ),
+                    "fix the renewal (CA files, agent log) before it expires",
+                ));
+            }
+            (Some(_), Some(error)) => found.push(finding(
+                Severity::Warning,
+                format!(
+                    "renewing the certificate of {} fails: {error}",
+                    workload.identity
+                ),
+                "the current certificate stays in use until it expires; fix the CA or the agent",
+            )),
+            (Some(_), None) => {}
+        }
+    }
+    let refused: u64 = mesh
+        .connections
+        .iter()
+        .filter(|c| c.result != "ok")
+        .map(|c| c.count)
+        .sum();
+    if refused > 0 {
+        let reasons: Vec<String> = mesh
+            .connections
+            .iter()
+            .filter(|c| c.result != "ok")
+            .map(|c| format!("{} {} {}", c.count, c.direction, c.result))
+            .collect();
+        found.push(finding(
+            Severity::Warning,
+            format!("meshed connections were refused: {}", reasons.join(", ")),
+            "the agent log says why for each (look for \"mesh connection refused\"); \
+             `denied` means an allow rule, `tls_refused` a certificate the peer does not trust",
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -128,6 +211,7 @@ mod tests {
             events: vec![],
             overlay: None,
             kernel_tls: true,
+            mesh: None,
         }
     }
 
@@ -187,5 +271,58 @@ mod tests {
         assert!(problems.iter().any(|p| p.contains("generic mode on ul0")));
         assert_eq!(found.last().unwrap().severity, Severity::Info);
         assert!(found.iter().all(|f| !f.fix.is_empty()));
+    }
+
+    #[test]
+    fn mesh_problems_are_found() {
+        use veil_api::{MeshCertificate, MeshConnectionCount, MeshWorkload};
+        let now = std::time::SystemTime::now();
+        let now_unix = now.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let workload = |pod: &str, cert: Option<u64>, error: Option<&str>| MeshWorkload {
+            pod: pod.into(),
+            ip: "198.19.1.1".into(),
+            identity: format!("spiffe://cluster.local/ns/shop/sa/{pod}"),
+            mode: "strict".into(),
+            certificate: cert.map(|not_after| MeshCertificate {
+                serial: "01".into(),
+                issuer: "local CA".into(),
+                not_after_unix: not_after,
+                renew_at_unix: not_after - 60,
+            }),
+            certificate_error: error.map(str::to_owned),
+        };
+        let mesh = MeshStatus {
+            trust_domain: "cluster.local".into(),
+            workloads: vec![
+                workload("healthy", Some(now_unix + 86_400), None),
+                workload("expiring", Some(now_unix + 600), Some("CA key unreadable")),
+                workload(
+                    "failing",
+                    Some(now_unix + 86_400),
+                    Some("CA key unreadable"),
+                ),
+                workload("missing", None, Some("bad trust domain")),
+            ],
+            connections: vec![MeshConnectionCount {
+                direction: "inbound".into(),
+                mode: "none".into(),
+                result: "denied".into(),
+                count: 2,
+            }],
+        };
+        let mut found = Vec::new();
+        mesh_findings(&mesh, now, &mut found);
+        let problems: Vec<&str> = found.iter().map(|f| f.problem.as_str()).collect();
+        assert_eq!(found.len(), 4, "{problems:#?}");
+        assert!(
+            problems.iter().all(|p| !p.contains("healthy")),
+            "{problems:#?}"
+        );
+        assert!(problems[0].contains("expiring") && problems[0].contains("within the hour"));
+        assert!(
+            problems[1].contains("renewing the certificate of") && problems[1].contains("failing")
+        );
+        assert!(problems[2].contains("missing") && problems[2].contains("bad trust domain"));
+        assert!(problems[3].contains("2 inbound denied"), "{problems:#?}");
     }
 }

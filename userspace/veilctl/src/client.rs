@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use veil_api::{AgentStatus, STATUS_PATH};
+use veil_api::{AgentStatus, MTLS_MODE_PATH, ModeReport, STATUS_PATH};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -32,15 +32,32 @@ impl AdminClient {
     }
 
     pub fn status(&self) -> Result<AgentStatus, ClientError> {
-        let url = format!("http://{}{}", self.address, STATUS_PATH);
-        let mut response =
+        self.get_json(
             self.agent
-                .get(&url)
-                .call()
-                .map_err(|error| ClientError::Unreachable {
-                    address: self.address,
-                    reason: error.to_string(),
-                })?;
+                .get(format!("http://{}{}", self.address, STATUS_PATH)),
+        )
+    }
+
+    /// The effective mTLS mode of `pod` (name or address), of `port` if given.
+    pub fn mtls_mode(&self, pod: &str, port: Option<u16>) -> Result<ModeReport, ClientError> {
+        let mut request = self
+            .agent
+            .get(format!("http://{}{}", self.address, MTLS_MODE_PATH))
+            .query("pod", pod);
+        if let Some(port) = port {
+            request = request.query("port", port.to_string());
+        }
+        self.get_json(request)
+    }
+
+    fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        request: ureq::RequestBuilder<ureq::typestate::WithoutBody>,
+    ) -> Result<T, ClientError> {
+        let mut response = request.call().map_err(|error| ClientError::Unreachable {
+            address: self.address,
+            reason: error.to_string(),
+        })?;
         if !response.status().is_success() {
             let body = response.body_mut().read_to_string().unwrap_or_default();
             return Err(ClientError::Agent {
@@ -53,7 +70,7 @@ impl AdminClient {
             .read_json()
             .map_err(|error| ClientError::Agent {
                 address: self.address,
-                reason: format!("unreadable status document: {error}"),
+                reason: format!("unreadable answer: {error}"),
             })
     }
 }

@@ -2,15 +2,19 @@
 //!
 //! Tables for people, `-o json` for scripts. Exit codes: 0 success, 1 the
 //! agent could not be reached or answered an error, 2 bad usage, 3 `check`
-//! found problems (warnings or errors).
+//! found problems (warnings or errors), 4 the agent runs no mesh (for the
+//! mesh commands).
 
 mod check;
 mod client;
+mod mesh;
 mod render;
 
-use std::{net::SocketAddr, process::ExitCode};
+use std::{net::SocketAddr, process::ExitCode, time::SystemTime};
 
 use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use veil_api::{AgentStatus, MeshStatus};
 
 #[derive(Parser)]
 #[command(version, about = "Inspect a Veil node agent")]
@@ -38,58 +42,100 @@ enum Output {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Agent version, attached programs and their packet counters.
+    /// Agent version, attached programs, packet counters, overlay and mesh summary.
     Status,
     /// Find misconfigurations on this node and say how to fix each (exit 3 if any).
     Check,
+    /// Meshed pods on this node: identity and mTLS mode.
+    Workloads,
+    /// Each local workload's certificate: serial, issuer, expiry, next renewal, state.
+    Certs,
+    /// The effective mTLS mode of a pod (or one of its ports) and the
+    /// precedence chain (port > workload > namespace > mesh) that produced it.
+    Mtls {
+        /// Pod name or address, as in the inventory.
+        pod: String,
+        /// A TCP port of the pod; without it, the workload's mode.
+        #[arg(long)]
+        port: Option<u16>,
+    },
 }
+
+/// Exit code of the mesh commands when the agent runs no mesh.
+const NO_MESH: u8 = 4;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let client = client::AdminClient::new(cli.admin);
-    match cli.command {
-        Command::Status => match client.status() {
-            Ok(status) => {
-                match cli.output {
-                    Output::Table => print!("{}", render::status(&status)),
-                    Output::Json => match serde_json::to_string_pretty(&status) {
-                        Ok(json) => println!("{json}"),
-                        Err(err) => {
-                            eprintln!("error: cannot encode status as JSON: {err}");
-                            return ExitCode::FAILURE;
-                        }
-                    },
-                }
+    let output = cli.output;
+    let result = match cli.command {
+        Command::Status => client
+            .status()
+            .map(|status| emit(output, &status, || render::status(&status))),
+        Command::Check => client.status().map(|status| {
+            let found = check::findings(&status);
+            let code = emit(output, &found, || render::findings(&status.node, &found));
+            if code == ExitCode::SUCCESS && found.iter().any(|f| f.severity > check::Severity::Info)
+            {
+                ExitCode::from(3)
+            } else {
+                code
+            }
+        }),
+        Command::Workloads => client.status().map(|status| {
+            with_mesh(&status, |mesh| {
+                emit(output, &mesh.workloads, || {
+                    mesh::workloads(&status.node, mesh)
+                })
+            })
+        }),
+        Command::Certs => client.status().map(|status| {
+            with_mesh(&status, |mesh| {
+                emit(output, &mesh.workloads, || {
+                    mesh::certs(&status.node, mesh, SystemTime::now())
+                })
+            })
+        }),
+        Command::Mtls { pod, port } => client
+            .mtls_mode(&pod, port)
+            .map(|report| emit(output, &report, || mesh::mode_report(&report))),
+    };
+    result.unwrap_or_else(|error| {
+        eprintln!("error: {error}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Prints `value` as JSON or as the table `render` makes.
+fn emit<T: Serialize>(output: Output, value: &T, render: impl FnOnce() -> String) -> ExitCode {
+    match output {
+        Output::Table => {
+            print!("{}", render());
+            ExitCode::SUCCESS
+        }
+        Output::Json => match serde_json::to_string_pretty(value) {
+            Ok(json) => {
+                println!("{json}");
                 ExitCode::SUCCESS
             }
-            Err(err) => {
-                eprintln!("error: {err}");
+            Err(error) => {
+                eprintln!("error: cannot encode the answer as JSON: {error}");
                 ExitCode::FAILURE
             }
         },
-        Command::Check => match client.status() {
-            Ok(status) => {
-                let found = check::findings(&status);
-                match cli.output {
-                    Output::Table => print!("{}", render::findings(&status.node, &found)),
-                    Output::Json => match serde_json::to_string_pretty(&found) {
-                        Ok(json) => println!("{json}"),
-                        Err(err) => {
-                            eprintln!("error: cannot encode findings as JSON: {err}");
-                            return ExitCode::FAILURE;
-                        }
-                    },
-                }
-                if found.iter().any(|f| f.severity > check::Severity::Info) {
-                    ExitCode::from(3)
-                } else {
-                    ExitCode::SUCCESS
-                }
-            }
-            Err(err) => {
-                eprintln!("error: {err}");
-                ExitCode::FAILURE
-            }
-        },
+    }
+}
+
+fn with_mesh(status: &AgentStatus, show: impl FnOnce(&MeshStatus) -> ExitCode) -> ExitCode {
+    match &status.mesh {
+        Some(mesh) => show(mesh),
+        None => {
+            eprintln!(
+                "node {} runs no mesh: add a [mesh] section to the agent's config \
+                 (see `veil-agent check-config`)",
+                status.node
+            );
+            ExitCode::from(NO_MESH)
+        }
     }
 }

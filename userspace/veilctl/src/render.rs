@@ -63,6 +63,12 @@ pub fn status(status: &AgentStatus) -> String {
     if let Some(overlay) = &status.overlay {
         text.push_str(&overlay_section(overlay));
     }
+    if let Some(mesh) = &status.mesh {
+        text.push_str(&crate::mesh::status_section(
+            mesh,
+            std::time::SystemTime::now(),
+        ));
+    }
     text
 }
 
@@ -149,6 +155,7 @@ mod tests {
             events: Vec::new(),
             overlay: None,
             kernel_tls: true,
+            mesh: None,
         }
     }
 

@@ -35,7 +35,7 @@ impl std::fmt::Debug for Directory {
 }
 
 impl Directory {
-    fn inventory(&self) -> Result<Arc<Inventory>, Refusal> {
+    pub fn inventory(&self) -> Result<Arc<Inventory>, Refusal> {
         self.overlay
             .latest
             .read()

@@ -1,11 +1,17 @@
 //! The mesh's Prometheus metrics: connections by direction, mode and result,
 //! bytes relayed, handshake latency, open connections.
 
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+use veil_api::MeshConnectionCount;
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
@@ -61,6 +67,8 @@ fn handshake_histogram() -> Histogram {
 #[derive(Clone, Debug)]
 pub struct MeshMetrics {
     pub connections: Family<ConnectionLabels, Counter>,
+    /// The same counts, readable for the admin API.
+    counts: Arc<Mutex<BTreeMap<(&'static str, &'static str, &'static str), u64>>>,
     pub open: Family<DirectionLabels, Gauge>,
     pub bytes: Family<ByteLabels, Counter>,
     pub handshake_seconds: Family<DirectionLabels, Histogram>,
@@ -70,6 +78,7 @@ impl Default for MeshMetrics {
     fn default() -> Self {
         Self {
             connections: Family::default(),
+            counts: Arc::default(),
             open: Family::default(),
             bytes: Family::default(),
             handshake_seconds: Family::new_with_constructor(handshake_histogram),
@@ -109,5 +118,23 @@ impl MeshMetrics {
                 result,
             })
             .inc();
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        *counts
+            .entry((direction.as_str(), mode, result))
+            .or_default() += 1;
+    }
+
+    /// Connection counts by direction, mode and result.
+    pub fn summary(&self) -> Vec<MeshConnectionCount> {
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts
+            .iter()
+            .map(|(&(direction, mode, result), &count)| MeshConnectionCount {
+                direction: direction.into(),
+                mode: mode.into(),
+                result: result.into(),
+                count,
+            })
+            .collect()
     }
 }

@@ -17,6 +17,7 @@ pub mod outbound;
 pub mod refusal;
 pub mod routing;
 pub mod sockets;
+pub mod status;
 pub mod workloads;
 
 use std::{
@@ -142,6 +143,14 @@ impl Mesh {
                 address: outbound_address,
                 source,
             })?;
+        let renewal_state = Arc::clone(&state);
+        std::thread::Builder::new()
+            .name("mesh-certs".into())
+            .spawn(move || keep_certificates_fresh(&renewal_state))
+            .map_err(|source| MeshError::Inbound {
+                address: inbound_address,
+                source,
+            })?;
         std::thread::Builder::new()
             .name("mesh-inbound".into())
             .spawn(move || inbound::serve(inbound, state))
@@ -194,6 +203,39 @@ fn load_ca(section: &MeshSection) -> Result<CertificateAuthority, MeshError> {
         workloads::lifetime_hours(section.certificate_lifetime_hours),
     )
     .map_err(|e| MeshError::Ca(e.to_string()))
+}
+
+/// How often the node's workload certificates are checked (issued for new
+/// workloads, renewed at 2/3 of their lifetime).
+const CERTIFICATE_CHECK_PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Issues certificates for new local workloads and renews them ahead of
+/// expiry, so connections never wait for a signature and a failing renewal
+/// is retried (and visible in `veilctl certs`) while the old one still works.
+fn keep_certificates_fresh(state: &MeshState) {
+    loop {
+        let directory = &state.directory;
+        if let Ok(inventory) = directory.inventory() {
+            for pod in inventory
+                .pods
+                .iter()
+                .filter(|p| p.node == directory.node_name)
+            {
+                let Some((mesh, _)) = inventory.meshed(pod) else {
+                    continue;
+                };
+                let result = directory
+                    .store
+                    .identity_of(mesh)
+                    .map_err(|e| e.to_string())
+                    .and_then(|id| directory.store.get(&id).map_err(|e| e.to_string()));
+                if let Err(error) = result {
+                    warn!(pod = %pod.name, %error, "cannot issue the workload certificate");
+                }
+            }
+        }
+        std::thread::sleep(CERTIFICATE_CHECK_PERIOD);
+    }
 }
 
 /// Accepts connections forever, one thread per connection.

@@ -15,7 +15,7 @@ use std::{
 };
 
 use rustls::sign::CertifiedKey;
-use tracing::info;
+use tracing::{info, warn};
 use veil_identity::{
     CertificateAuthority, SpiffeId, WorkloadKey, renewal::RenewalPolicy, spiffe::SpiffeIdError,
 };
@@ -64,6 +64,8 @@ pub struct WorkloadStore {
     settings: TlsSettings,
     renewal: RenewalPolicy,
     entries: Mutex<HashMap<SpiffeId, Arc<Workload>>>,
+    /// The last failure to issue, per identity, until an issue succeeds.
+    errors: Mutex<HashMap<SpiffeId, String>>,
 }
 
 impl WorkloadStore {
@@ -73,7 +75,19 @@ impl WorkloadStore {
             settings,
             renewal: RenewalPolicy::default(),
             entries: Mutex::default(),
+            errors: Mutex::default(),
         }
+    }
+
+    /// Who signs: the local CA of the trust domain.
+    pub fn issuer_name(&self) -> String {
+        format!("local CA ({})", self.trust_domain())
+    }
+
+    /// Why the last attempt to issue for `identity` failed, if it did.
+    pub fn last_error(&self, identity: &SpiffeId) -> Option<String> {
+        let errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        errors.get(identity).cloned()
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -102,7 +116,26 @@ impl WorkloadStore {
             return Ok(Arc::clone(current));
         }
         let renewed = entries.contains_key(identity);
-        let workload = Arc::new(self.issue(identity)?);
+        let issued = self.issue(identity);
+        let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        let workload = match issued {
+            Ok(workload) => {
+                errors.remove(identity);
+                Arc::new(workload)
+            }
+            Err(error) => {
+                errors.insert(identity.clone(), error.to_string());
+                // Keep serving with the still-valid certificate, if any.
+                if let Some(current) = entries.get(identity)
+                    && SystemTime::now() < current.not_after
+                {
+                    warn!(identity = %identity, %error, "certificate renewal failed; the current one stays in use");
+                    return Ok(Arc::clone(current));
+                }
+                return Err(error);
+            }
+        };
+        drop(errors);
         info!(
             identity = %identity,
             serial = %workload.serial,
