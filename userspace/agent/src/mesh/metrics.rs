@@ -64,11 +64,14 @@ fn handshake_histogram() -> Histogram {
     ))
 }
 
+/// Direction, TLS mode and result of a connection.
+type CountKey = (&'static str, &'static str, &'static str);
+
 #[derive(Clone, Debug)]
 pub struct MeshMetrics {
     pub connections: Family<ConnectionLabels, Counter>,
     /// The same counts, readable for the admin API.
-    counts: Arc<Mutex<BTreeMap<(&'static str, &'static str, &'static str), u64>>>,
+    counts: Arc<Mutex<BTreeMap<CountKey, u64>>>,
     pub open: Family<DirectionLabels, Gauge>,
     pub bytes: Family<ByteLabels, Counter>,
     pub handshake_seconds: Family<DirectionLabels, Histogram>,
