@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 use veil_testbed::{
-    Agent, PodRef, Routing, Topology, TopologySpec, netns::NetNs, process::ChildGuard,
+    Agent, PodMesh, PodRef, Routing, Topology, TopologySpec, netns::NetNs, process::ChildGuard,
 };
 
 use crate::{
@@ -86,9 +86,26 @@ impl Configuration {
         matches!(self, Self::Direct)
     }
 
-    /// True for configurations with proxy processes whose CPU and memory we account.
+    /// True for configurations with proxy processes whose CPU and memory we
+    /// account (for Veil's mTLS: the node agents, which carry the proxy).
     pub const fn has_proxy(self) -> bool {
-        matches!(self, Self::Stunnel)
+        matches!(
+            self,
+            Self::Stunnel | Self::VeilMtlsUserspace | Self::VeilMtlsKtls
+        )
+    }
+
+    /// Runs on the Veil test bed (with agents), not the baselines'.
+    pub const fn is_veil(self) -> bool {
+        matches!(
+            self,
+            Self::VeilOverlay | Self::VeilMtlsUserspace | Self::VeilMtlsKtls
+        )
+    }
+
+    /// Runs through the agents' mTLS proxy.
+    pub const fn is_mesh(self) -> bool {
+        matches!(self, Self::VeilMtlsUserspace | Self::VeilMtlsKtls)
     }
 
     pub fn availability(self, machine: &Machine) -> Availability {
@@ -96,11 +113,16 @@ impl Configuration {
             Self::Direct | Self::KernelVxlan | Self::VeilOverlay | Self::Stunnel => {
                 Availability::Ready
             }
-            Self::VeilMtlsUserspace => Availability::NotBuiltYet("the mTLS proxy is issue #5"),
+            // The agent picks kTLS whenever the kernel has it, so exactly one
+            // of the two runs on a given machine.
+            Self::VeilMtlsUserspace if machine.ktls_available => Availability::Skipped(
+                "the kernel has TLS, so the agent uses kTLS (see veil-mtls-ktls)".into(),
+            ),
+            Self::VeilMtlsUserspace => Availability::Ready,
             Self::VeilMtlsKtls if !machine.ktls_available => {
                 Availability::Skipped("kernel has no TLS ULP".into())
             }
-            Self::VeilMtlsKtls => Availability::NotBuiltYet("the mTLS proxy is issue #5"),
+            Self::VeilMtlsKtls => Availability::Ready,
         }
     }
 }
@@ -136,9 +158,8 @@ pub struct Bed {
 impl Bed {
     /// Builds a 2-node topology with one pod pair per configuration and sets each up.
     pub fn build(configurations: &[Configuration]) -> Result<Self> {
-        let (veil, baselines): (Vec<Configuration>, Vec<Configuration>) = configurations
-            .iter()
-            .partition(|c| matches!(c, Configuration::VeilOverlay));
+        let (veil, baselines): (Vec<Configuration>, Vec<Configuration>) =
+            configurations.iter().partition(|c| c.is_veil());
         let topology = bench_topology("bench", baselines.len())?;
         let veil_topology = if veil.is_empty() {
             None
@@ -162,27 +183,66 @@ impl Bed {
             bed.endpoints.push((configuration, endpoints));
         }
         if !veil.is_empty() {
-            let (client, server) = (PodRef::new(1, 1), PodRef::new(2, 1));
-            bed.start_servers(Which::Veil, server)?;
-            let topology = bed.veil_topology.as_ref().expect("built above");
-            for node in 1..=2 {
-                bed._agents
-                    .push(Agent::start_overlay(topology, node, VEIL_VNI)?);
+            bed.set_up_veil(&veil)?;
+        }
+        Ok(bed)
+    }
+
+    /// Veil's configurations on their own test bed: one pod pair each, the
+    /// mesh ones meshed (PERMISSIVE), agents with the overlay and, when a
+    /// mesh configuration is measured, the mesh. Clients connect straight to
+    /// the server pod: interception is transparent.
+    fn set_up_veil(&mut self, veil: &[Configuration]) -> Result<()> {
+        let mut mesh_section = String::new();
+        {
+            let topology = self.veil_topology.as_mut().expect("built before set-up");
+            for (index, configuration) in veil.iter().enumerate() {
+                if configuration.is_mesh() {
+                    for (pod, account) in [
+                        (PodRef::new(1, index + 1), "client"),
+                        (PodRef::new(2, index + 1), "server"),
+                    ] {
+                        topology.set_mesh(pod, Some(PodMesh::new("bench", account, "permissive")));
+                    }
+                }
             }
+            if veil.iter().any(|c| c.is_mesh()) {
+                mesh_section = write_mesh_ca(topology)?;
+            }
+        }
+        for index in 0..veil.len() {
+            self.start_servers(Which::Veil, PodRef::new(2, index + 1))?;
+        }
+        let topology = self.veil_topology.as_ref().expect("built before set-up");
+        for node in 1..=2 {
+            self._agents.push(Agent::start_overlay_with(
+                topology,
+                node,
+                VEIL_VNI,
+                &mesh_section,
+            )?);
+        }
+        let agent_pids: Vec<u32> = self._agents.iter().map(Agent::pid).collect();
+        for (index, &configuration) in veil.iter().enumerate() {
+            let (client, server) = (PodRef::new(1, index + 1), PodRef::new(2, index + 1));
             let direct = |port: u16| SocketAddr::from((server.ip(), port));
-            bed.endpoints.push((
-                Configuration::VeilOverlay,
+            self.endpoints.push((
+                configuration,
                 Endpoints {
                     client: topology.pod(client),
                     iperf: direct(IPERF_PORT),
                     echo: direct(echo::ECHO_PORT),
                     one_shot: direct(echo::ONE_SHOT_PORT),
                     hold: direct(echo::HOLD_PORT),
-                    proxy_pids: Vec::new(),
+                    proxy_pids: if configuration.is_mesh() {
+                        agent_pids.clone()
+                    } else {
+                        Vec::new()
+                    },
                 },
             ));
         }
-        Ok(bed)
+        Ok(())
     }
 
     pub fn endpoints(&self, configuration: Configuration) -> &Endpoints {
@@ -292,6 +352,33 @@ impl Bed {
 enum Which {
     Baselines,
     Veil,
+}
+
+/// A root CA for the mesh in the test bed's scratch directory (key 0600);
+/// returns the agents' `[mesh]` section.
+fn write_mesh_ca(topology: &Topology) -> Result<String> {
+    let failed = |problem: String| BenchError::Configuration {
+        configuration: Configuration::VeilMtlsUserspace.id(),
+        problem,
+    };
+    let (cert, key) = veil_identity::CertificateAuthority::new_root_pem("cluster.local")
+        .map_err(|e| failed(format!("cannot make the mesh CA: {e}")))?;
+    let cert_path = topology.workdir().join("mesh-root.pem");
+    let key_path = topology.workdir().join("mesh-root.key");
+    std::fs::write(&cert_path, cert)
+        .and_then(|()| std::fs::write(&key_path, key.as_bytes()))
+        .and_then(|()| {
+            std::fs::set_permissions(
+                &key_path,
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+        })
+        .map_err(|e| failed(format!("cannot write the mesh CA: {e}")))?;
+    Ok(format!(
+        "\n[mesh]\ntrust_domain = \"cluster.local\"\nca_cert = \"{}\"\nca_key = \"{}\"\n",
+        cert_path.display(),
+        key_path.display()
+    ))
 }
 
 /// Two nodes with `pairs` pods each, nothing routed between them yet.

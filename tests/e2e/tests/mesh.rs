@@ -369,11 +369,14 @@ fn strict_pods_refuse_plaintext_and_agents_refuse_bad_peers() {
         CertificateAuthority::import(TRUST_DOMAIN, &cert, &key, DEFAULT_LEAF_LIFETIME).unwrap();
     let cases = [
         // Unknown CA: the server refuses the client certificate.
-        ("unknown CA", &other_ca, "cart", CART, "tls_refused"),
+        ("unknown CA", &other_ca, false, "cart", CART, "tls_refused"),
+        // Our CA, the right identity and address, but expired.
+        ("expired", &our_ca, true, "cart", CART, "tls_refused"),
         // A valid identity claiming another identity's pod address.
         (
             "stolen address",
             &our_ca,
+            false,
             "payments",
             CART,
             "source_mismatch",
@@ -393,15 +396,27 @@ fn strict_pods_refuse_plaintext_and_agents_refuse_bad_peers() {
         stream.write_all(&buffer).unwrap();
         peer
     });
-    rogue_client(topology, &our_ca, &our_ca, "cart", CART, peer)
+    rogue_client(topology, &our_ca, false, &our_ca, "cart", CART, peer)
         .unwrap_or_else(|e| panic!("an honest peer was refused: {e}\n{}", bed.dump()));
     assert_eq!(echo_server.join().unwrap().ip(), CART.ip());
 
-    for (what, ca, service_account, claimed_source, reason) in cases {
+    for (what, ca, expired, service_account, claimed_source, reason) in cases {
         let before = bed.metric(2, &refused_series(reason));
-        let outcome = rogue_client(topology, ca, &our_ca, service_account, claimed_source, peer);
+        let outcome = rogue_client(
+            topology,
+            ca,
+            expired,
+            &our_ca,
+            service_account,
+            claimed_source,
+            peer,
+        );
         assert!(outcome.is_err(), "{what}: the rogue peer got through");
         wait_for_metric(&bed, 2, &refused_series(reason), before + 1.0);
+    }
+    let log = bed.agents[1].log();
+    for reason in ["Expired", "source address 198.19.1.1:40000 does not belong"] {
+        assert!(log.contains(reason), "no {reason:?} in the log:\n{log}");
     }
     // Plaintext to :15008 is not a TLS handshake.
     let before = bed.metric(2, &refused_series("handshake_failed"))
@@ -495,6 +510,7 @@ fn wait_for_metric(bed: &MeshBed, node: usize, series: &str, at_least: f64) {
 fn rogue_client(
     topology: &Topology,
     ca: &CertificateAuthority,
+    expired: bool,
     trust: &CertificateAuthority,
     service_account: &str,
     claimed_source: PodRef,
@@ -502,7 +518,14 @@ fn rogue_client(
 ) -> Result<(), String> {
     let id = SpiffeId::new(TRUST_DOMAIN, "shop", service_account).unwrap();
     let key = WorkloadKey::generate().unwrap();
-    let issued = ca.sign(&key.csr_pem(&id).unwrap(), &id).unwrap();
+    let csr = key.csr_pem(&id).unwrap();
+    let issued = if expired {
+        let now = std::time::SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        ca.sign_valid(&csr, &id, now - 2 * day, now - day).unwrap()
+    } else {
+        ca.sign(&csr, &id).unwrap()
+    };
     let credentials = WorkloadCredentials::new(&issued, &key).unwrap();
     let state = Arc::new(TrustState::default());
     *state.roots.write().unwrap() = trust

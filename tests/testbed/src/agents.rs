@@ -101,6 +101,11 @@ impl Agent {
         self.node
     }
 
+    /// The agent's process id (for CPU and memory accounting).
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     pub fn log_path(&self) -> &Path {
         &self.log_path
     }

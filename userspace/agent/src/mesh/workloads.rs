@@ -139,7 +139,7 @@ impl WorkloadStore {
         info!(
             identity = %identity,
             serial = %workload.serial,
-            not_after = ?workload.not_after,
+            not_after = %humantime::format_rfc3339_seconds(workload.not_after),
             renewed,
             "workload certificate issued"
         );
