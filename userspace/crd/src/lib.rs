@@ -92,6 +92,10 @@ pub struct ECDSACertStatus {
     pub not_after: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_renewal: Option<String>,
+    /// SHA-256 (hex) of the CSR the certificate was issued for: a new CSR
+    /// (the agent re-keyed) is issued again at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr_sha256: Option<String>,
 }
 
 /// A Kubernetes-style condition.

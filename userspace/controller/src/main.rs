@@ -1,0 +1,123 @@
+//! `veil-controller`: the cluster controller binary.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use tracing::{error, info};
+use veil_controller::{
+    issuance::{DEFAULT_DURATION, LocalIssuer},
+    lease::LeaseLock,
+    reconcile::{self, Context},
+};
+use veil_identity::{CertificateAuthority, renewal::RenewalPolicy};
+
+/// Veil's cluster controller: signs ECDSACert CSRs with the mesh's local CA.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Reconcile ECDSACerts until SIGINT or SIGTERM (needs a kubeconfig or in-cluster credentials).
+    Run {
+        /// SPIFFE trust domain of the mesh.
+        #[arg(long, env = "VEIL_TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+        /// Root CA certificate (PEM).
+        #[arg(long, env = "VEIL_CA_CERT", default_value = "/etc/veil/ca/tls.crt")]
+        ca_cert: PathBuf,
+        /// Root CA key (PEM).
+        #[arg(long, env = "VEIL_CA_KEY", default_value = "/etc/veil/ca/tls.key")]
+        ca_key: PathBuf,
+        /// Lease used for leader election.
+        #[arg(long, env = "VEIL_LEASE_NAME", default_value = "veil-controller")]
+        lease_name: String,
+        /// Namespace of the lease.
+        #[arg(long, env = "VEIL_LEASE_NAMESPACE", default_value = "veil-system")]
+        lease_namespace: String,
+        /// This replica's name (the pod name in Kubernetes).
+        #[arg(long, env = "POD_NAME")]
+        holder: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VEIL_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let Cli { command } = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<()> {
+    let Command::Run {
+        trust_domain,
+        ca_cert,
+        ca_key,
+        lease_name,
+        lease_namespace,
+        holder,
+    } = command;
+    let cert = std::fs::read_to_string(&ca_cert)
+        .with_context(|| format!("cannot read the CA certificate {}", ca_cert.display()))?;
+    let key = zeroize::Zeroizing::new(
+        std::fs::read_to_string(&ca_key)
+            .with_context(|| format!("cannot read the CA key {}", ca_key.display()))?,
+    );
+    let ca = CertificateAuthority::import(&trust_domain, &cert, &key, DEFAULT_DURATION)
+        .context("cannot load the mesh CA")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot reach the API server (no kubeconfig or in-cluster credentials)")?;
+    let holder = holder.unwrap_or_else(|| {
+        format!(
+            "veil-controller-{}",
+            nix_free_hostname().unwrap_or_else(|| std::process::id().to_string())
+        )
+    });
+    let lock = LeaseLock::new(client.clone(), &lease_namespace, &lease_name, &holder);
+    info!(holder, lease = %lease_name, "waiting for leadership");
+    lock.acquire().await.context("cannot take the lease")?;
+    info!(holder, "leading: reconciling ECDSACerts");
+    let context = Context {
+        client,
+        issuer: LocalIssuer {
+            ca,
+            renewal: RenewalPolicy::default(),
+        },
+    };
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    tokio::select! {
+        () = reconcile::run(context, shutdown) => Ok(()),
+        reason = lock.hold() => anyhow::bail!("lost leadership ({reason}); exiting so a restart rejoins the election"),
+    }
+}
+
+fn nix_free_hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
