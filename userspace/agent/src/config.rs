@@ -78,9 +78,9 @@ pub struct MeshSection {
     pub ca_cert: PathBuf,
     /// Root CA private key (PEM); must not be readable by group or others.
     pub ca_key: PathBuf,
-    /// Lifetime of workload certificates, in hours; renewed at 2/3 of it.
-    #[serde(default = "default_certificate_lifetime_hours")]
-    pub certificate_lifetime_hours: u64,
+    /// Lifetime of workload certificates (e.g. `24h`, `90m`); renewed at 2/3 of it.
+    #[serde(default = "default_certificate_lifetime")]
+    pub certificate_lifetime: String,
     /// Port of the inbound mTLS listener that peer agents dial.
     #[serde(default = "default_inbound_port")]
     pub inbound_port: u16,
@@ -90,8 +90,22 @@ fn default_trust_domain() -> String {
     "cluster.local".into()
 }
 
-fn default_certificate_lifetime_hours() -> u64 {
-    24
+fn default_certificate_lifetime() -> String {
+    "24h".into()
+}
+
+/// Shortest workload certificate lifetime accepted (tests use short ones).
+const MIN_CERTIFICATE_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30);
+/// Longest workload certificate lifetime accepted.
+const MAX_CERTIFICATE_LIFETIME: std::time::Duration =
+    std::time::Duration::from_secs(365 * 24 * 3600);
+
+impl MeshSection {
+    /// The workload certificate lifetime (validated when the config loads).
+    pub fn certificate_lifetime(&self) -> std::time::Duration {
+        humantime::parse_duration(&self.certificate_lifetime)
+            .unwrap_or(std::time::Duration::from_secs(24 * 3600))
+    }
 }
 
 fn default_inbound_port() -> u16 {
@@ -198,11 +212,22 @@ impl AgentConfig {
                             meshed and which identity each has; add an [overlay] section"
                     .into());
             }
-            if !(1..=24 * 365).contains(&mesh.certificate_lifetime_hours) {
-                return Err(format!(
-                    "mesh.certificate_lifetime_hours = {} is out of range (1 to 8760)",
-                    mesh.certificate_lifetime_hours
-                ));
+            match humantime::parse_duration(&mesh.certificate_lifetime) {
+                Ok(lifetime)
+                    if (MIN_CERTIFICATE_LIFETIME..=MAX_CERTIFICATE_LIFETIME)
+                        .contains(&lifetime) => {}
+                Ok(_) => {
+                    return Err(format!(
+                        "mesh.certificate_lifetime = {:?} is out of range (30s to 365d)",
+                        mesh.certificate_lifetime
+                    ));
+                }
+                Err(error) => {
+                    return Err(format!(
+                        "mesh.certificate_lifetime = {:?} is not a duration ({error}); write e.g. \"24h\"",
+                        mesh.certificate_lifetime
+                    ));
+                }
             }
             if mesh.trust_domain.is_empty() || mesh.trust_domain.contains(['/', ' ']) {
                 return Err(format!(
@@ -258,6 +283,32 @@ mod tests {
         assert!(error.contains("agent.toml"), "{error}");
         assert!(error.contains("line 4"), "{error}");
         assert!(error.contains("xdp_mod"), "{error}");
+    }
+
+    #[test]
+    fn mesh_section_needs_the_overlay_and_a_sane_lifetime() {
+        let base = "node_name = \"n1\"\n[datapath]\nunderlay_interface = \"ul0\"\n";
+        let overlay = "[overlay]\ninventory = \"i.toml\"\n";
+        let mesh = "[mesh]\nca_cert = \"ca.pem\"\nca_key = \"ca.key\"\n";
+        let config = parse(&format!("{base}{overlay}{mesh}")).unwrap();
+        let section = config.mesh.unwrap();
+        assert_eq!(section.trust_domain, "cluster.local");
+        assert_eq!(section.inbound_port, 15008);
+        assert_eq!(section.certificate_lifetime().as_secs(), 24 * 3600);
+        let error = parse(&format!("{base}{mesh}")).unwrap_err().to_string();
+        assert!(error.contains("[mesh] needs [overlay]"), "{error}");
+        let error = parse(&format!(
+            "{base}{overlay}{mesh}certificate_lifetime = \"5s\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("out of range"), "{error}");
+        let error = parse(&format!(
+            "{base}{overlay}{mesh}certificate_lifetime = \"soon\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("not a duration"), "{error}");
     }
 
     #[test]

@@ -192,7 +192,8 @@ impl LocalIssuer {
         };
         let renew_at = match renew_before {
             Some(before) => issued.not_after - before,
-            None => self.renewal.renew_at(issued.not_before, issued.not_after),
+            // From now, not from the back-dated `not_before`.
+            None => self.renewal.renew_at(now, issued.not_after),
         };
         let message = format!("issued serial {} by the local CA", issued.serial);
         Decision::Write {

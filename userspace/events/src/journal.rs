@@ -7,15 +7,26 @@
 //! with [`crate::apply::Applier`] that is harmless. A line that does not
 //! decode is delivered as an error with its offset, counted and skipped: it
 //! never stops the consumer.
+//!
+//! [`EmbeddedBus`] implements [`EventBus`] like the Kafka bus does, so the
+//! agent uses either without knowing which.
 
 use std::{
     fs::{File, OpenOptions},
     io::{BufRead, BufReader, Seek, SeekFrom, Write},
     os::unix::fs::{DirBuilderExt, OpenOptionsExt},
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
-use crate::schema::{DecodeError, Envelope, Topic, decode};
+use crate::{
+    bus::{self, BusState, EventBus, EventConsumer, Position},
+    schema::{DecodeError, Envelope, Topic, decode},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -39,6 +50,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
 #[derive(Debug, Clone)]
 pub struct EmbeddedBus {
     dir: PathBuf,
+    malformed: Arc<AtomicU64>,
 }
 
 /// One event read from the journal.
@@ -61,6 +73,7 @@ impl EmbeddedBus {
             .map_err(io(dir))?;
         Ok(Self {
             dir: dir.to_owned(),
+            malformed: Arc::default(),
         })
     }
 
@@ -166,6 +179,99 @@ impl Consumer {
 
     /// Lines that did not decode so far (skipped, never fatal).
     pub fn malformed(&self) -> u64 {
+        self.malformed
+    }
+}
+
+/// All topics of one group on the embedded bus (see [`EventBus::subscribe`]).
+#[derive(Debug)]
+pub struct EmbeddedConsumer {
+    topics: Vec<(Topic, Consumer)>,
+    bus_malformed: Arc<AtomicU64>,
+    malformed: u64,
+}
+
+impl EventBus for EmbeddedBus {
+    type Error = JournalError;
+    type Consumer = EmbeddedConsumer;
+
+    fn publish(&self, envelope: &Envelope) -> Result<(), JournalError> {
+        EmbeddedBus::publish(self, envelope).map(|_| ())
+    }
+
+    fn subscribe(&self, group: &str, topics: &[Topic]) -> Result<EmbeddedConsumer, JournalError> {
+        let topics = topics
+            .iter()
+            .map(|&topic| Ok((topic, self.consumer(group, topic)?)))
+            .collect::<Result<_, JournalError>>()?;
+        Ok(EmbeddedConsumer {
+            topics,
+            bus_malformed: Arc::clone(&self.malformed),
+            malformed: 0,
+        })
+    }
+
+    /// A local file is always there.
+    fn state(&self) -> BusState {
+        BusState::Connected
+    }
+
+    fn malformed(&self) -> u64 {
+        self.malformed.load(Ordering::Relaxed)
+    }
+}
+
+impl EventConsumer for EmbeddedConsumer {
+    type Error = JournalError;
+
+    fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<bus::Delivery>, JournalError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut out = Vec::new();
+            for (topic, consumer) in &mut self.topics {
+                if out.len() >= max {
+                    break;
+                }
+                for delivery in consumer.poll(max - out.len())? {
+                    let position = Position {
+                        topic: topic.name().to_owned(),
+                        partition: 0,
+                        offset: delivery.offset,
+                        next: delivery.next,
+                    };
+                    if let Err(error) = &delivery.event {
+                        bus::log_malformed(&position, error);
+                        self.malformed += 1;
+                        self.bus_malformed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    out.push(bus::Delivery {
+                        position,
+                        event: delivery.event,
+                    });
+                }
+            }
+            let now = Instant::now();
+            if !out.is_empty() || now >= deadline {
+                return Ok(out);
+            }
+            std::thread::sleep((deadline - now).min(Duration::from_millis(50)));
+        }
+    }
+
+    fn commit(&mut self, positions: &[Position]) -> Result<(), JournalError> {
+        for position in bus::furthest(positions) {
+            if let Some((_, consumer)) = self
+                .topics
+                .iter_mut()
+                .find(|(topic, _)| topic.name() == position.topic)
+            {
+                consumer.commit(position.next)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn malformed(&self) -> u64 {
         self.malformed
     }
 }
@@ -282,5 +388,54 @@ mod tests {
         let bus = EmbeddedBus::open(dir.path()).unwrap();
         let error = bus.consumer("../etc", Topic::Pods).unwrap_err().to_string();
         assert!(error.contains("must be 1-64 characters"), "{error}");
+    }
+
+    #[test]
+    fn the_bus_interface_applies_once_commits_and_skips_garbage() {
+        use crate::bus::{EventBus, EventConsumer, apply_batch};
+
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EmbeddedBus::open(dir.path()).unwrap();
+        for v in [1, 2, 2] {
+            EventBus::publish(&bus, &policy(v)).unwrap();
+        }
+        OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("policy.jsonl"))
+            .unwrap()
+            .write_all(b"garbage\n")
+            .unwrap();
+        EventBus::publish(&bus, &policy(3)).unwrap();
+
+        let mut applier = Applier::default();
+        let mut consumer = bus.subscribe("g", &[Topic::Pods, Topic::Policy]).unwrap();
+        let mut applied = Vec::new();
+        let report = apply_batch(
+            &mut consumer,
+            &mut applier,
+            100,
+            Duration::from_millis(10),
+            |e| applied.push(e.seq),
+        )
+        .unwrap();
+        assert_eq!(applied, [1, 2, 3]);
+        assert_eq!(
+            (
+                report.delivered,
+                report.applied,
+                report.stale,
+                report.malformed
+            ),
+            (5, 3, 1, 1)
+        );
+        assert_eq!((consumer.malformed(), bus.malformed()), (1, 1));
+        // Everything, garbage included, was committed: a restarted consumer has nothing.
+        let mut restarted = bus.subscribe("g", &[Topic::Pods, Topic::Policy]).unwrap();
+        assert!(
+            restarted
+                .poll(100, Duration::from_millis(10))
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -7,8 +7,13 @@
 //! Kafka broker configured the same envelopes go to Kafka; without one (a bare
 //! host, the demo) the [`journal::EmbeddedBus`] keeps them in a local
 //! append-only journal with per-group committed offsets — same interface,
-//! nothing else changes.
+//! nothing else changes ([`bus::EventBus`]). The Kafka bus
+//! ([`kafka::KafkaBus`]) keeps what the broker has not acknowledged in an
+//! [`outbox::Outbox`] (memory, then disk), so an outage loses nothing.
 
 pub mod apply;
+pub mod bus;
 pub mod journal;
+pub mod kafka;
+pub mod outbox;
 pub mod schema;

@@ -200,7 +200,7 @@ fn load_ca(section: &MeshSection) -> Result<CertificateAuthority, MeshError> {
         &section.trust_domain,
         &cert,
         &key,
-        workloads::lifetime_hours(section.certificate_lifetime_hours),
+        section.certificate_lifetime(),
     )
     .map_err(|e| MeshError::Ca(e.to_string()))
 }

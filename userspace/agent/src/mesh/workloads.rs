@@ -11,7 +11,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
 use rustls::sign::CertifiedKey;
@@ -158,6 +158,7 @@ impl WorkloadStore {
             identity: identity.to_string(),
             message,
         };
+        let issued_at = SystemTime::now();
         let key = WorkloadKey::generate().map_err(|e| key_error(e.to_string()))?;
         let csr = key
             .csr_pem(identity)
@@ -183,14 +184,11 @@ impl WorkloadStore {
             certified,
             serial: issued.serial,
             not_after: issued.not_after,
-            renew_at: self.renewal.renew_at(issued.not_before, issued.not_after),
+            // From the moment of issue, not from `not_before`: that is set
+            // back for clock skew, which would make short lifetimes renew at once.
+            renew_at: self.renewal.renew_at(issued_at, issued.not_after),
         })
     }
-}
-
-/// Lifetime of workload certificates from the config's hours.
-pub fn lifetime_hours(hours: u64) -> Duration {
-    Duration::from_secs(hours * 3600)
 }
 
 #[cfg(test)]
@@ -199,7 +197,11 @@ mod tests {
     use crate::inventory::MeshMode;
 
     fn store() -> WorkloadStore {
-        let ca = CertificateAuthority::generate("cluster.local", lifetime_hours(24)).unwrap();
+        let ca = CertificateAuthority::generate(
+            "cluster.local",
+            std::time::Duration::from_secs(24 * 3600),
+        )
+        .unwrap();
         WorkloadStore::new(ca, TlsSettings::default())
     }
 
