@@ -22,6 +22,7 @@ pub mod agents;
 pub mod binaries;
 mod command;
 pub mod inventory;
+pub mod kafka;
 pub mod netns;
 pub mod privileges;
 pub mod process;

@@ -1,13 +1,10 @@
 //! The Kafka bus against a real Kafka-protocol broker (tansu, see
-//! `support/broker.rs`): publish and consume through consumer groups with
+//! `veil_testbed::kafka`): publish and consume through consumer groups with
 //! commits, a broker killed and restarted while publishing goes on,
 //! duplicates and out-of-order versions, and garbage on a topic.
 //!
 //! Every wait is bounded in time; every test compares what was applied with
 //! what was published, event by event.
-
-#[allow(dead_code)]
-mod support;
 
 use std::{
     collections::BTreeMap,
@@ -19,13 +16,13 @@ use rdkafka::{
     ClientConfig,
     producer::{BaseProducer, BaseRecord, Producer},
 };
-use support::broker::{Broker, Storage};
 use veil_events::{
     apply::Applier,
     bus::{BusState, EventBus, EventConsumer, apply_batch},
     kafka::{KafkaBus, KafkaConsumer, KafkaSettings},
     schema::{Envelope, Event, Topic},
 };
+use veil_testbed::kafka::{Broker, Storage};
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
