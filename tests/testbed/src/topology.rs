@@ -114,6 +114,8 @@ pub struct Topology {
     mesh: HashMap<PodRef, PodMesh>,
     /// TOML appended to the inventory (e.g. a `[policy]` section).
     inventory_extra: String,
+    /// Pods left out of the inventory file (learnt another way, e.g. events).
+    hidden: std::collections::HashSet<PodRef>,
     workdir: tempfile::TempDir,
 }
 
@@ -151,6 +153,7 @@ impl Topology {
             moved: HashMap::new(),
             mesh: HashMap::new(),
             inventory_extra: String::new(),
+            hidden: Default::default(),
             workdir,
         };
         // On error `topology` drops here and removes whatever was built.
@@ -227,6 +230,15 @@ impl Topology {
     /// Appends `toml` (such as a `[policy]` section) to every inventory written.
     pub fn set_inventory_extra(&mut self, toml: &str) {
         self.inventory_extra = toml.into();
+    }
+
+    /// Leaves `pod` out of the inventory file written next.
+    pub fn hide_from_inventory(&mut self, pod: PodRef) {
+        self.hidden.insert(pod);
+    }
+
+    pub(crate) fn is_hidden(&self, pod: PodRef) -> bool {
+        self.hidden.contains(&pod)
     }
 
     pub(crate) fn inventory_extra(&self) -> &str {

@@ -33,6 +33,7 @@ pub struct AdminState {
     pub datapath: Arc<Mutex<Datapath>>,
     pub overlay: Option<Arc<OverlaySync>>,
     pub mesh: Option<Arc<crate::mesh::MeshState>>,
+    pub events: Option<Arc<crate::events_sync::EventState>>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -42,6 +43,18 @@ impl std::fmt::Debug for AdminState {
 }
 
 impl AdminState {
+    /// What works in a degraded way (the agent stays ready): the event bus
+    /// while the broker is unreachable.
+    pub fn degradations(&self) -> Vec<String> {
+        self.events
+            .as_ref()
+            .and_then(|events| events.bus_state())
+            .filter(|state| !matches!(state, veil_events::bus::BusState::Connected))
+            .map(|state| state.to_string())
+            .into_iter()
+            .collect()
+    }
+
     /// Why the agent is not ready; empty when it is.
     pub fn readiness_problems(&self) -> Vec<String> {
         match &self.overlay {
@@ -103,6 +116,15 @@ async fn status(
         overlay: state.overlay.as_ref().map(|o| o.status(&datapath)),
         kernel_tls: veil_mtls::ktls::kernel_supports_tls(),
         mesh: state.mesh.as_ref().map(|m| m.status()),
+        event_bus: state
+            .events
+            .as_ref()
+            .map(|events| veil_api::EventBusStatus {
+                state: events
+                    .bus_state()
+                    .map_or_else(|| "starting".into(), |s| s.to_string()),
+                announced_pods: events.announced_pods(),
+            }),
     }))
 }
 

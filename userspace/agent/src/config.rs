@@ -64,6 +64,16 @@ pub struct AgentConfig {
     /// says which pods are meshed and who they are).
     #[serde(default)]
     pub mesh: Option<MeshSection>,
+    /// The control-plane event bus; without it the inventory file is the only source.
+    #[serde(default)]
+    pub events: Option<EventsSection>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsSection {
+    /// A Kafka-protocol broker (brokers, topics, consumer group, outbox).
+    pub kafka: veil_events::kafka::KafkaSettings,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -205,6 +215,19 @@ impl AgentConfig {
                     overlay.underlay_mtu
                 ));
             }
+        }
+        if let Some(events) = &self.events {
+            if self.overlay.is_none() {
+                return Err(
+                    "[events] needs [overlay]: pods learnt from the bus join the \
+                            overlay's inventory"
+                        .into(),
+                );
+            }
+            events
+                .kafka
+                .validate()
+                .map_err(|e| format!("events.kafka: {e}"))?;
         }
         if let Some(mesh) = &self.mesh {
             if self.overlay.is_none() {

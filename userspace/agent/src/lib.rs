@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod config;
 pub mod datapath;
+pub mod events_sync;
 pub mod inventory;
 pub mod logging;
 pub mod mesh;
@@ -37,6 +38,8 @@ pub enum AgentError {
     Telemetry(#[from] telemetry::TelemetryError),
     #[error("cannot start the mesh: {0}")]
     Mesh(#[from] mesh::MeshError),
+    #[error(transparent)]
+    Events(#[from] events_sync::EventsError),
 }
 
 /// Runs the agent until `shutdown` completes, then detaches everything.
@@ -45,6 +48,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
     let datapath = Arc::new(Mutex::new(Datapath::start(&config.datapath)?));
+    let events = match &config.events {
+        Some(section) => Some(events_sync::Events::start(
+            &section.kafka,
+            &config.node_name,
+        )?),
+        None => None,
+    };
     let overlay = config.overlay.as_ref().map(|section| {
         Arc::new(OverlaySync {
             settings: OverlaySettings {
@@ -56,6 +66,7 @@ pub async fn run(
             inventory: section.inventory.clone(),
             report: Mutex::default(),
             latest: Default::default(),
+            events: events.as_ref().map(|e| Arc::clone(&e.state)),
         })
     });
     if let Some(overlay) = &overlay {
@@ -88,10 +99,13 @@ pub async fn run(
         datapath,
         overlay,
         mesh: mesh.as_ref().map(|m| Arc::clone(&m.state)),
+        events: events.as_ref().map(|e| Arc::clone(&e.state)),
     });
     telemetry::spawn(metrics, readiness, Arc::clone(&state));
     admin::serve(listener, Arc::clone(&state), shutdown).await?;
     info!("agent stopping: detaching programs");
     drop(mesh);
+    // Flushes unsent events to the outbox file for the next start.
+    drop(events);
     Ok(())
 }

@@ -38,6 +38,8 @@ pub struct OverlaySync {
     pub report: Mutex<SyncReport>,
     /// The last inventory accepted, for the mesh (who is meshed, and as whom).
     pub latest: std::sync::RwLock<Option<Arc<Inventory>>>,
+    /// Pods of other nodes learnt from the event bus, when there is one.
+    pub events: Option<Arc<crate::events_sync::EventState>>,
 }
 
 impl OverlaySync {
@@ -45,7 +47,10 @@ impl OverlaySync {
     pub fn sync_once(&self, datapath: &Mutex<Datapath>) {
         let result = Inventory::load(&self.inventory)
             .map_err(|e| e.to_string())
-            .and_then(|inventory| {
+            .and_then(|mut inventory| {
+                if let Some(events) = &self.events {
+                    events.merge_into(&mut inventory, &self.settings.node_name);
+                }
                 let plan = overlay::plan(&inventory, &self.settings, &links::current())?;
                 Ok((plan, inventory))
             });

@@ -89,7 +89,10 @@ async fn scrape(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
 
 async fn ready(State(state): State<Arc<AdminState>>) -> (StatusCode, String) {
     let problems = state.readiness_problems();
-    if problems.is_empty() {
+    let degraded = state.degradations();
+    if problems.is_empty() && !degraded.is_empty() {
+        (StatusCode::OK, format!("ready, {}\n", degraded.join("; ")))
+    } else if problems.is_empty() {
         (StatusCode::OK, "ready\n".into())
     } else {
         (

@@ -46,6 +46,19 @@ pub struct AgentStatus {
     /// The mTLS mesh, when the agent runs one.
     #[serde(default)]
     pub mesh: Option<MeshStatus>,
+    /// The control-plane event bus, when the agent has one.
+    #[serde(default)]
+    pub event_bus: Option<EventBusStatus>,
+}
+
+/// The event bus as the agent sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventBusStatus {
+    /// `connected`, or `degraded: event bus: <reason>` (the agent keeps
+    /// working from its cache; events it publishes wait in the outbox).
+    pub state: String,
+    /// Pods of other nodes learnt from the bus.
+    pub announced_pods: usize,
 }
 
 /// The mesh on this node: its workloads' certificates and what its
@@ -245,6 +258,7 @@ mod tests {
             overlay: None,
             kernel_tls: false,
             mesh: None,
+            event_bus: None,
         };
         let json = serde_json::to_string(&status).unwrap();
         assert!(json.contains("\"hook\":\"tc-ingress\""), "{json}");

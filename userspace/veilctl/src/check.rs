@@ -105,6 +105,16 @@ pub fn findings(status: &AgentStatus) -> Vec<Finding> {
             "the driver lacks native XDP: expect lower throughput, or use a NIC driver with XDP support",
         ));
     }
+    if let Some(bus) = &status.event_bus
+        && bus.state != "connected"
+    {
+        found.push(finding(
+            Severity::Warning,
+            format!("the event bus is not connected ({})", bus.state),
+            "the agent works from its cache of the last known state and queues what it \
+             publishes; check the brokers in [events.kafka] and that they are reachable",
+        ));
+    }
     if let Some(mesh) = &status.mesh {
         mesh_findings(mesh, std::time::SystemTime::now(), &mut found);
     }
@@ -212,6 +222,7 @@ mod tests {
             overlay: None,
             kernel_tls: true,
             mesh: None,
+            event_bus: None,
         }
     }
 

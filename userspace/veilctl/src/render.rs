@@ -63,6 +63,12 @@ pub fn status(status: &AgentStatus) -> String {
     if let Some(overlay) = &status.overlay {
         text.push_str(&overlay_section(overlay));
     }
+    if let Some(bus) = &status.event_bus {
+        text.push_str(&format!(
+            "\nEvent bus · {} · {} pod(s) of other nodes learnt from it\n",
+            bus.state, bus.announced_pods
+        ));
+    }
     if let Some(mesh) = &status.mesh {
         text.push_str(&crate::mesh::status_section(
             mesh,
@@ -156,6 +162,7 @@ mod tests {
             overlay: None,
             kernel_tls: true,
             mesh: None,
+            event_bus: None,
         }
     }
 

@@ -1,0 +1,188 @@
+//! The agents on a real Kafka-protocol broker (tansu, in node 1's namespace
+//! on the underlay so both agents reach it): a pod announced on `veil.pods`
+//! reaches the other agents' maps within a second, and its deletion removes
+//! it; the bus state shows in `veilctl status` and readiness; a restarted
+//! agent starts from its cache while the broker is gone.
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use veil_events::{
+    bus::EventBus,
+    kafka::{KafkaBus, KafkaSettings},
+    schema::{Envelope, Event, Topic},
+};
+use veil_testbed::{Agent, PodRef, Routing, Topology, TopologySpec, kafka::Broker, require_root};
+
+const VNI: u32 = 7979;
+const BROKER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+
+/// The agent's `[events]` section for `node`.
+fn events_section(topology: &Topology, broker: &Broker, node: usize) -> String {
+    format!(
+        "\n[events.kafka]\nbrokers = [\"{}\"]\nstate_dir = \"{}\"\n",
+        broker.address(),
+        topology.workdir().join(format!("events-n{node}")).display()
+    )
+}
+
+/// The route node 1's agent has for `ip`/32, if any: the node's underlay IP.
+fn host_route(agent: &Agent, ip: Ipv4Addr) -> Option<String> {
+    let status = agent.status().ok()?;
+    status
+        .overlay?
+        .routes
+        .into_iter()
+        .find(|r| r.cidr == format!("{ip}/32"))
+        .map(|r| r.node_ip)
+}
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !check() {
+        assert!(
+            started.elapsed() < timeout,
+            "{what}: not within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    started.elapsed()
+}
+
+#[test]
+fn pods_announced_on_kafka_reach_other_agents_within_a_second() {
+    if !require_root("event bus test") {
+        return;
+    }
+    let mut topology = Topology::build(
+        TopologySpec::new("evbus")
+            .nodes(2)
+            .pods_per_node(2)
+            .routing(Routing::None),
+    )
+    .unwrap();
+    // n1p2's address is in node 1's CIDR, but the file does not list it: the
+    // bus will say it runs on node 2 (as a moved or newly scheduled pod).
+    let announced = PodRef::new(1, 2);
+    topology.hide_from_inventory(announced);
+    let Some(mut broker) = Broker::start_in("event bus test", &topology.node(1), BROKER_IP) else {
+        return;
+    };
+    let mut agents: Vec<Agent> = (1..=2)
+        .map(|node| {
+            Agent::start_overlay_with(
+                &topology,
+                node,
+                VNI,
+                &events_section(&topology, &broker, node),
+            )
+            .unwrap()
+        })
+        .collect();
+
+    // A publisher, as the controller would be, on the underlay too.
+    let settings = KafkaSettings {
+        brokers: vec![broker.address()],
+        state_dir: topology.workdir().join("publisher"),
+        ..KafkaSettings::default()
+    };
+    let bus = topology
+        .node(1)
+        .run(move || KafkaBus::connect(&settings))
+        .unwrap()
+        .unwrap();
+    let key = "shop/web-7";
+    let ready = Event::PodReady {
+        namespace: "shop".into(),
+        pod: "web-7".into(),
+        node: "node2".into(),
+        ip: announced.ip().to_string(),
+        identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
+    };
+    // Consumers joining their groups take a few seconds on tansu; wait
+    // until both agents report a connected bus before timing anything.
+    wait_for(
+        "both agents connected to the bus",
+        Duration::from_secs(30),
+        || {
+            agents.iter().all(|a| {
+                a.status()
+                    .ok()
+                    .and_then(|s| s.event_bus)
+                    .is_some_and(|b| b.state == "connected")
+            })
+        },
+    );
+    // Warm-up event, so the consumer groups have joined and are polling.
+    bus.publish(&Envelope::new(
+        Topic::Pods,
+        "warm/up",
+        1,
+        Event::PodDeleted {
+            namespace: "warm".into(),
+            pod: "up".into(),
+        },
+    ))
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+
+    bus.publish(&Envelope::new(Topic::Pods, key, 1, ready.clone()))
+        .unwrap();
+    let took = wait_for(
+        "the announced pod on node 1",
+        Duration::from_secs(10),
+        || host_route(&agents[0], announced.ip()).as_deref() == Some("198.18.0.2"),
+    );
+    eprintln!("pod-ready → node 1's route: {took:?}");
+    assert!(
+        took <= Duration::from_secs(1),
+        "took {took:?} (goal: within 1 s)"
+    );
+    // A duplicate and an older version change nothing.
+    bus.publish(&Envelope::new(Topic::Pods, key, 1, ready.clone()))
+        .unwrap();
+    let status = agents[0].veilctl(&["status"]).unwrap();
+    assert!(
+        status.contains("Event bus · connected · 1 pod(s) of other nodes learnt from it"),
+        "{status}"
+    );
+
+    // Deleted → gone.
+    let deleted = Event::PodDeleted {
+        namespace: "shop".into(),
+        pod: "web-7".into(),
+    };
+    bus.publish(&Envelope::new(Topic::Pods, key, 2, deleted))
+        .unwrap();
+    let took = wait_for("the route removed", Duration::from_secs(10), || {
+        host_route(&agents[0], announced.ip()).is_none()
+    });
+    eprintln!("pod-deleted → route gone: {took:?}");
+    assert!(took <= Duration::from_secs(1), "took {took:?}");
+
+    // Announced again, then the broker goes away and node 1's agent restarts:
+    // it starts from its cache, degraded but ready.
+    bus.publish(&Envelope::new(Topic::Pods, key, 3, ready))
+        .unwrap();
+    wait_for("the pod announced again", Duration::from_secs(5), || {
+        host_route(&agents[0], announced.ip()).is_some()
+    });
+    drop(bus);
+    broker.kill();
+    agents[0].stop();
+    agents[0] =
+        Agent::start_overlay_with(&topology, 1, VNI, &events_section(&topology, &broker, 1))
+            .unwrap();
+    assert_eq!(
+        host_route(&agents[0], announced.ip()).as_deref(),
+        Some("198.18.0.2"),
+        "a restarted agent must start from its cache of announced pods"
+    );
+    wait_for("readiness says degraded", Duration::from_secs(20), || {
+        agents[0]
+            .http_get(veil_api::DEFAULT_READINESS_PORT, veil_api::READINESS_PATH)
+            .is_ok_and(|(code, body)| code == 200 && body.contains("degraded: event bus"))
+    });
+}
