@@ -13,6 +13,7 @@
 
 pub mod handshake;
 pub mod ktls;
+pub mod limits;
 pub mod preface;
 pub mod relay;
 pub mod session;

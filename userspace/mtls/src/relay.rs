@@ -20,6 +20,8 @@ use std::{
 
 use nix::fcntl::{SpliceFFlags, splice};
 
+use crate::limits::{RecordBudget, RecordLimitReached};
+
 /// Largest chunk moved per splice call.
 const CHUNK: usize = 64 * 1024;
 
@@ -32,13 +34,24 @@ pub struct RelayStats {
 
 /// Relays between `a` and `b` until both directions have ended.
 pub fn splice_relay(a: TcpStream, b: TcpStream) -> std::io::Result<RelayStats> {
+    splice_relay_with_budget(a, b, None)
+}
+
+/// Like [`splice_relay`], counting the records written into `b` (a kTLS
+/// socket) against `budget`: past it, both peers are reset (see
+/// [`crate::limits`]).
+pub fn splice_relay_with_budget(
+    a: TcpStream,
+    b: TcpStream,
+    budget: Option<RecordBudget>,
+) -> std::io::Result<RelayStats> {
     let aborted = Arc::new(AtomicBool::new(false));
     let (a2, b2) = (a.try_clone()?, b.try_clone()?);
     let forward = {
         let aborted = Arc::clone(&aborted);
-        std::thread::spawn(move || one_way(&a, &b, &aborted))
+        std::thread::spawn(move || one_way(&a, &b, &aborted, budget))
     };
-    let backward = one_way(&b2, &a2, &aborted);
+    let backward = one_way(&b2, &a2, &aborted, None);
     let forward = forward
         .join()
         .map_err(|_| std::io::Error::other("relay thread panicked"))?;
@@ -52,7 +65,12 @@ pub fn splice_relay(a: TcpStream, b: TcpStream) -> std::io::Result<RelayStats> {
 
 /// Moves `from` → `to` until EOF (then half-closes `to`) or an error (then
 /// aborts the relay so both peers are reset).
-fn one_way(from: &TcpStream, to: &TcpStream, aborted: &AtomicBool) -> std::io::Result<u64> {
+fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    aborted: &AtomicBool,
+    mut budget: Option<RecordBudget>,
+) -> std::io::Result<u64> {
     let (pipe_read, pipe_write): (OwnedFd, OwnedFd) = nix::unistd::pipe()?;
     let mut total = 0u64;
     loop {
@@ -74,15 +92,31 @@ fn one_way(from: &TcpStream, to: &TcpStream, aborted: &AtomicBool) -> std::io::R
         };
         let mut left = filled;
         while left > 0 {
+            // Never hand the kernel more than the budget allows: what it
+            // takes is encrypted and sent at once.
+            let allowed = budget.as_ref().map_or(left, |b| left.min(b.max_bytes()));
+            if allowed == 0 {
+                let limit = RecordLimitReached {
+                    limit: budget.as_ref().map_or(0, |b| b.spent()),
+                };
+                return Err(abort_both(from, to, aborted, std::io::Error::other(limit)));
+            }
             match splice(
                 pipe_read.as_fd(),
                 None,
                 to.as_fd(),
                 None,
-                left,
+                allowed,
                 SpliceFFlags::SPLICE_F_MOVE,
             ) {
-                Ok(n) => left -= n,
+                Ok(n) => {
+                    if let Some(budget) = &mut budget
+                        && let Err(limit) = budget.spend(n)
+                    {
+                        return Err(abort_both(from, to, aborted, std::io::Error::other(limit)));
+                    }
+                    left -= n;
+                }
                 Err(errno) => return Err(abort_both(from, to, aborted, errno.into())),
             }
         }

@@ -19,6 +19,7 @@ use rustls::Connection;
 
 use crate::{
     ktls::{self, KtlsError},
+    limits::RecordBudget,
     relay::{self, RelayStats},
 };
 
@@ -104,9 +105,19 @@ impl Session {
     /// Relays between the pod's `plain` socket and this session until both
     /// directions end; half-close and resets propagate either way.
     pub fn relay(self, plain: TcpStream) -> std::io::Result<RelayStats> {
+        self.relay_with_budget(plain, RecordBudget::default())
+    }
+
+    /// [`Self::relay`] with an explicit record budget for what this side
+    /// sends (see [`crate::limits`]): past it, both peers are reset.
+    pub fn relay_with_budget(
+        self,
+        plain: TcpStream,
+        budget: RecordBudget,
+    ) -> std::io::Result<RelayStats> {
         match self {
-            Self::Kernel(tls) => relay::splice_relay(plain, tls),
-            Self::Userspace(connection, tls) => userspace_relay(plain, *connection, tls),
+            Self::Kernel(tls) => relay::splice_relay_with_budget(plain, tls, Some(budget)),
+            Self::Userspace(connection, tls) => userspace_relay(plain, *connection, tls, budget),
         }
     }
 }
@@ -118,13 +129,14 @@ fn userspace_relay(
     plain: TcpStream,
     connection: Connection,
     tls: TcpStream,
+    budget: RecordBudget,
 ) -> std::io::Result<RelayStats> {
     let connection = Arc::new(Mutex::new(connection));
     let aborted = Arc::new(AtomicBool::new(false));
     let (plain2, tls2) = (plain.try_clone()?, tls.try_clone()?);
     let outbound = {
         let (connection, aborted) = (Arc::clone(&connection), Arc::clone(&aborted));
-        std::thread::spawn(move || encrypt_direction(&plain, &tls, &connection, &aborted))
+        std::thread::spawn(move || encrypt_direction(&plain, &tls, &connection, &aborted, budget))
     };
     let inbound = decrypt_direction(&tls2, &plain2, &connection, &aborted);
     let outbound = outbound
@@ -146,6 +158,7 @@ fn encrypt_direction(
     tls: &TcpStream,
     connection: &Mutex<Connection>,
     aborted: &AtomicBool,
+    mut budget: RecordBudget,
 ) -> std::io::Result<u64> {
     let mut buffer = vec![0u8; 16 * 1024];
     let mut total = 0u64;
@@ -155,6 +168,16 @@ fn encrypt_direction(
             Ok(n) => n,
             Err(error) => return Err(relay::abort_both(plain, tls, aborted, error)),
         };
+        if n > 0
+            && let Err(limit) = budget.spend(n)
+        {
+            return Err(relay::abort_both(
+                plain,
+                tls,
+                aborted,
+                std::io::Error::other(limit),
+            ));
+        }
         let mut records = Vec::new();
         {
             let mut connection = lock(connection);

@@ -11,10 +11,15 @@ use std::{
 };
 
 use common::{SIXTEEN_MIB, pattern, session_pair};
-use veil_mtls::{TlsSettings, session::Mode};
+use veil_mtls::{TlsSettings, limits::RecordBudget, session::Mode};
 
 /// app ⇄ relay ⇄ session ⇄ relay ⇄ app; returns the two app sockets and the mode.
 fn relayed_apps() -> (TcpStream, TcpStream, Mode) {
+    relayed_apps_with_budget(RecordBudget::default())
+}
+
+/// Like [`relayed_apps`], the client side's session sending at most `budget` records.
+fn relayed_apps_with_budget(budget: RecordBudget) -> (TcpStream, TcpStream, Mode) {
     let (client_session, server_session) = session_pair(&TlsSettings::default());
     let mode = client_session.mode();
     assert_eq!(server_session.mode(), mode);
@@ -24,7 +29,7 @@ fn relayed_apps() -> (TcpStream, TcpStream, Mode) {
     let (app_server, _) = app_listener.accept().unwrap();
     let app_client = TcpStream::connect(front_listener.local_addr().unwrap()).unwrap();
     let (front, _) = front_listener.accept().unwrap();
-    std::thread::spawn(move || client_session.relay(front));
+    std::thread::spawn(move || client_session.relay_with_budget(front, budget));
     std::thread::spawn(move || server_session.relay(back));
     (app_client, app_server, mode)
 }
@@ -92,6 +97,54 @@ fn a_reset_crosses_the_session() {
     assert!(
         matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
         "{} mode: {result:?}",
+        mode.as_str()
+    );
+}
+
+#[test]
+fn a_session_is_reset_before_its_record_budget_runs_out() {
+    // 16 records of at most 16 KiB: a 16 MiB transfer cannot fit (nor can
+    // the socket buffers on the way hold all of it).
+    let (mut app_client, mut app_server, mode) = relayed_apps_with_budget(RecordBudget::new(16));
+    let writer = {
+        let mut writer = app_client.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let data: Vec<u8> = (0..SIXTEEN_MIB).map(pattern).collect();
+            writer.write_all(&data)
+        })
+    };
+    app_server
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut received = Vec::new();
+    let server_side = app_server.read_to_end(&mut received);
+    assert!(
+        received.len() <= 16 * 16 * 1024,
+        "{} mode: {} bytes got through a 16-record budget",
+        mode.as_str(),
+        received.len()
+    );
+    assert!(
+        matches!(&server_side, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{} mode: the far side must see a reset, not a clean end: {server_side:?}",
+        mode.as_str()
+    );
+    app_client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // The sender sees the reset on whichever call comes first (a socket
+    // error is reported once): its write fails, and reading gets no data.
+    let write = writer.join().unwrap();
+    assert!(
+        matches!(&write, Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)),
+        "{} mode: the sender's write must fail with a reset: {write:?}",
+        mode.as_str()
+    );
+    let mut buffer = [0u8; 16];
+    let client_side = app_client.read(&mut buffer);
+    assert!(
+        matches!(&client_side, Ok(0) | Err(_)),
+        "{} mode: data after a reset: {client_side:?}",
         mode.as_str()
     );
 }

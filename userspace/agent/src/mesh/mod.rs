@@ -316,6 +316,18 @@ impl MeshState {
                     "mesh connection closed"
                 );
             }
+            Err(error)
+                if error
+                    .get_ref()
+                    .is_some_and(|inner| inner.is::<veil_mtls::limits::RecordLimitReached>()) =>
+            {
+                warn!(
+                    ?direction,
+                    source = %preface.source,
+                    destination = %preface.original_destination,
+                    "mesh connection reset: {error}"
+                );
+            }
             Err(error) => debug!(
                 ?direction,
                 source = %preface.source,
