@@ -11,6 +11,7 @@ mod deploy;
 mod ebpf;
 mod install_node;
 mod ktls_vm;
+mod kube;
 mod paths;
 mod setup;
 mod shell;
@@ -43,6 +44,9 @@ enum Command {
     GenCrds,
     /// Run only the kernel-TLS tests, in a qemu VM (part of `test`).
     KtlsVm,
+    /// Build kube-apiserver and etcd from their Go modules into
+    /// $VEIL_CACHE_DIR/kube (part of `test`; skipped when already built).
+    KubeBinaries,
     /// Bring up a two-node test bed with agents, show traffic and counters, tear down.
     Demo,
     /// Benchmark every datapath configuration side by side; writes perf/results/.
@@ -111,6 +115,7 @@ fn main() -> ExitCode {
         Command::Test { cargo_test_args } => test::run(&cargo_test_args),
         Command::GenCrds => crds::generate(),
         Command::KtlsVm => ebpf::build().and_then(|object| ktls_vm::run(&object)),
+        Command::KubeBinaries => kube::run(),
         Command::Demo => demo::run(),
         Command::Bench { args } => bench::run(&args),
         Command::InstallNode {

@@ -3,7 +3,7 @@
 use anyhow::Result;
 
 use crate::{
-    crds, ebpf, ktls_vm, paths,
+    crds, ebpf, ktls_vm, kube, paths,
     shell::{self, step},
 };
 
@@ -48,9 +48,27 @@ pub fn run(cargo_test_args: &[String]) -> Result<()> {
              SKIPPED (under CI=true they fail instead)"
         );
     }
+    step("Making sure kube-apiserver and etcd are built (for the Kubernetes API tests)");
+    let mut tests = workspace_cargo();
+    match kube::ensure_kube_binaries() {
+        Ok(binaries) => {
+            tests
+                .env("VEIL_KUBE_APISERVER", &binaries.kube_apiserver)
+                .env("VEIL_ETCD", &binaries.etcd);
+        }
+        Err(error)
+            if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0") =>
+        {
+            return Err(error.context("CI=true needs kube-apiserver and etcd"));
+        }
+        Err(error) => println!(
+            "note: no kube-apiserver/etcd ({error:#}) — the Kubernetes API tests will print \
+             SKIPPED (under CI=true this fails instead)"
+        ),
+    }
     step("Running unit and integration tests");
     shell::run(
-        workspace_cargo()
+        tests
             .args(["test", "--workspace", "--no-fail-fast"])
             .args(cargo_test_args),
     )?;

@@ -1,0 +1,502 @@
+//! Veil's Kubernetes objects against a real kube-apiserver (and etcd) on
+//! loopback: the `ECDSACert` CRD, the deploy manifests, and the RBAC they
+//! grant. No cluster, no kubelet: what the API server itself validates,
+//! admits, stores and authorizes.
+//!
+//! The binaries come from `cargo xtask kube-binaries` (`cargo xtask test`
+//! builds them); without them each test prints `SKIPPED:` (under `CI=true` it
+//! fails). Every test starts its own API server, one at a time.
+//!
+//! The deploy manifests are rendered by the xtask binary itself
+//! (`xtask deploy --dry-run`, found like the other workspace binaries through
+//! `VEIL_BIN_DIR` or the target directory), so the test applies exactly what
+//! `cargo xtask deploy` would, not a re-implementation of its renderer.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use k8s_openapi::{
+    api::{
+        authorization::v1::{
+            ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+        },
+        core::v1::{Namespace, Node, Pod, Secret},
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DynamicObject, ListParams, Patch, PatchParams, PostParams},
+    core::{GroupVersionKind, TypeMeta},
+    discovery::{self, Scope},
+    runtime::{conditions, wait::await_condition},
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use veil_crd::{ECDSACert, ECDSACertSpec, ECDSACertStatus, IssuerKind, IssuerRef};
+
+/// One API server at a time: each needs a few hundred MB and a core while it starts.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Bound on every wait for the API server to act (CRD establishment).
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The field manager of `cargo xtask deploy` is `veil-xtask`; the tests use their own.
+const FIELD_MANAGER: &str = "veil";
+
+fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .and_then(Path::parent)
+        .expect("tests/e2e is two levels below the repository root")
+}
+
+/// Every YAML document of `text`, as JSON values.
+fn documents(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|document| Value::deserialize(document).expect("every document is YAML"))
+        .filter(|value| !value.is_null())
+        .collect()
+}
+
+fn describe(object: &Value) -> String {
+    format!(
+        "{} {}/{}",
+        object["kind"].as_str().unwrap_or("?"),
+        object["metadata"]["namespace"].as_str().unwrap_or("-"),
+        object["metadata"]["name"].as_str().unwrap_or("?"),
+    )
+}
+
+/// Server-side applies `object` (typed through discovery) and returns what
+/// the API server answered.
+async fn apply(client: &Client, object: &Value, dry_run: bool) -> Result<Value, kube::Error> {
+    let types: TypeMeta = serde_json::from_value(object.clone()).expect("apiVersion and kind");
+    let gvk = GroupVersionKind::try_from(&types).expect("a valid apiVersion");
+    let (resource, capabilities) = discovery::pinned_kind(client, &gvk).await?;
+    let name = object["metadata"]["name"].as_str().expect("metadata.name");
+    let api: Api<DynamicObject> = match capabilities.scope {
+        Scope::Cluster => Api::all_with(client.clone(), &resource),
+        Scope::Namespaced => Api::namespaced_with(
+            client.clone(),
+            object["metadata"]["namespace"]
+                .as_str()
+                .expect("namespaced objects in deploy/ name their namespace"),
+            &resource,
+        ),
+    };
+    let mut params = PatchParams::apply(FIELD_MANAGER);
+    if dry_run {
+        params = params.dry_run();
+    }
+    let applied = api.patch(name, &params, &Patch::Apply(object)).await?;
+    Ok(serde_json::to_value(applied).expect("an object serializes"))
+}
+
+/// Installs deploy/crds/ecdsacert.yaml and waits until it is Established.
+async fn install_ecdsacert_crd(client: &Client) {
+    let text = std::fs::read_to_string(repo_root().join("deploy/crds/ecdsacert.yaml"))
+        .expect("deploy/crds/ecdsacert.yaml is readable");
+    let [crd] = documents(&text).try_into().expect("one CRD in the file");
+    apply(client, &crd, false)
+        .await
+        .expect("the API server accepts the ECDSACert CRD");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    tokio::time::timeout(
+        WAIT,
+        await_condition(
+            crds,
+            "ecdsacerts.veil.dev",
+            conditions::is_crd_established(),
+        ),
+    )
+    .await
+    .expect("the ECDSACert CRD is Established within 30 s")
+    .expect("watching the CRD works");
+    // Established is not yet servable for reads: until the new resource's
+    // watch cache is filled, lists answer 429 "storage is (re)initializing"
+    // (clients retry; so does this, bounded).
+    let certs: Api<ECDSACert> = Api::all(client.clone());
+    let started = std::time::Instant::now();
+    loop {
+        match certs.list(&ListParams::default().limit(1)).await {
+            Ok(_) => break,
+            Err(kube::Error::Api(response)) if response.code == 429 && started.elapsed() < WAIT => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("listing ECDSACerts after the CRD is Established: {error}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_ecdsacert_crd_is_served_with_its_printer_columns() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let Some(kube) = veil_kubebed::start_or_skip("the ECDSACert CRD test").await else {
+        return;
+    };
+    let client = kube.client().await.expect("an admin client");
+    install_ecdsacert_crd(&client).await;
+
+    let certs: Api<ECDSACert> = Api::all(client.clone());
+    let identity = "spiffe://cluster.local/ns/shop/sa/checkout";
+    let mut cert = ECDSACert::new(
+        "checkout-node1",
+        ECDSACertSpec {
+            identity: Some(identity.into()),
+            dns_names: Vec::new(),
+            ip_addresses: Vec::new(),
+            csr: Some("-----BEGIN CERTIFICATE REQUEST-----\n…\n".into()),
+            issuer_ref: IssuerRef {
+                kind: IssuerKind::LocalCA,
+                name: "mesh-root".into(),
+            },
+            duration: Some("24h".into()),
+            renew_before: None,
+            secret_name: None,
+        },
+    );
+    let created = certs
+        .create(&PostParams::default(), &cert)
+        .await
+        .expect("the API server stores an ECDSACert");
+    let read = certs.get("checkout-node1").await.expect("it reads back");
+    assert_eq!(read.spec, cert.spec, "the spec survives the round trip");
+    assert_eq!(read.uid(), created.uid());
+
+    // Only the status subresource changes the status (the controller's path).
+    cert.status = Some(ECDSACertStatus {
+        conditions: vec![veil_crd::Condition {
+            type_: "Ready".into(),
+            status: "True".into(),
+            reason: "Issued".into(),
+            message: "signed by the mesh CA".into(),
+            last_transition_time: "2026-01-01T00:00:00Z".into(),
+        }],
+        serial: Some("0a1b".into()),
+        not_after: Some("2026-01-02T00:00:00Z".into()),
+        ..ECDSACertStatus::default()
+    });
+    certs
+        .patch_status(
+            "checkout-node1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": cert.status })),
+        )
+        .await
+        .expect("the status subresource takes a status");
+
+    // What `kubectl get ecdsacerts` shows: the server-side Table.
+    let request = http::Request::get("/apis/veil.dev/v1alpha1/ecdsacerts")
+        .header(
+            http::header::ACCEPT,
+            "application/json;as=Table;v=v1;g=meta.k8s.io",
+        )
+        .body(Vec::new())
+        .unwrap();
+    let table: Value = client.request(request).await.expect("a Table answer");
+    let columns: Vec<&str> = table["columnDefinitions"]
+        .as_array()
+        .expect("columnDefinitions")
+        .iter()
+        .map(|column| column["name"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "Name",
+        "Identity",
+        "Issuer",
+        "Ready",
+        "Serial",
+        "Not After",
+        "Next Renewal",
+        "Age",
+    ] {
+        assert!(
+            columns.contains(&expected),
+            "column {expected} missing: {columns:?}"
+        );
+    }
+    let rows = table["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 1, "{table}");
+    let cell = |name: &str| {
+        let index = columns.iter().position(|column| *column == name).unwrap();
+        rows[0]["cells"][index].clone()
+    };
+    assert_eq!(cell("Name"), json!("checkout-node1"));
+    assert_eq!(cell("Identity"), json!(identity));
+    assert_eq!(cell("Issuer"), json!("LocalCA"));
+    assert_eq!(cell("Ready"), json!("True"));
+    assert_eq!(cell("Serial"), json!("0a1b"));
+}
+
+/// `xtask deploy --dry-run <args>`'s output, from the xtask binary of this
+/// build; `None` (after SKIPPED, or a panic under CI) when it is not built.
+fn rendered_deploy_manifests(args: &[&str]) -> Option<String> {
+    let xtask = match veil_testbed::binaries::locate("xtask") {
+        Ok(path) => path,
+        Err(error) => {
+            assert!(
+                !std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0"),
+                "the deploy manifests test needs the xtask binary, and CI=true forbids \
+                 skipping it: {error}"
+            );
+            eprintln!("SKIPPED: the deploy manifests test: {error}");
+            return None;
+        }
+    };
+    let output = Command::new(&xtask)
+        .args(["deploy", "--dry-run"])
+        .args(args)
+        .output()
+        .expect("the xtask binary runs");
+    assert!(
+        output.status.success(),
+        "{} deploy --dry-run failed:\n{}",
+        xtask.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Some(String::from_utf8(output.stdout).expect("UTF-8 manifests"))
+}
+
+/// Applies every object of the stream for real, in order; returns them.
+async fn apply_all(client: &Client, stream: &str) -> Vec<Value> {
+    let objects = documents(stream);
+    for object in &objects {
+        if let Err(error) = apply(client, object, false).await {
+            panic!("applying {} failed: {error}", describe(object));
+        }
+    }
+    objects
+}
+
+#[tokio::test]
+async fn every_deploy_manifest_is_accepted_by_the_api_server() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let Some(stream) = rendered_deploy_manifests(&["--secret-writing"]) else {
+        return;
+    };
+    let Some(kube) = veil_kubebed::start_or_skip("the deploy manifests test").await else {
+        return;
+    };
+    let client = kube.client().await.expect("an admin client");
+    let objects = documents(&stream);
+    assert!(objects.len() >= 10, "too few documents:\n{stream}");
+
+    // Dry run (dryRun=All: validated, defaulted and admitted, nothing
+    // stored), in the order `cargo xtask deploy` applies them. Namespaced
+    // objects need their namespace to exist even in a dry run, and a dry run
+    // of the Namespace does not create it: create it for real after its own
+    // dry run, as a server-side `kubectl apply --dry-run=server` of the whole
+    // stream would fail on a cluster without it.
+    let mut refused = Vec::new();
+    for object in &objects {
+        match apply(&client, object, true).await {
+            Ok(answer) => {
+                assert_eq!(answer["kind"], object["kind"], "{}", describe(object));
+                assert!(
+                    answer["metadata"]["creationTimestamp"].is_string(),
+                    "{}: the dry run was not admitted as a create: {answer}",
+                    describe(object)
+                );
+            }
+            Err(error) => refused.push(format!("{}: {error}", describe(object))),
+        }
+        if object["kind"] == "Namespace" {
+            apply(&client, object, false)
+                .await
+                .expect("the namespace is created");
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "the API server refused:\n{}",
+        refused.join("\n")
+    );
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let namespace = namespaces.get("veil-system").await.unwrap();
+    assert_eq!(
+        namespace.labels().get("pod-security.kubernetes.io/enforce"),
+        Some(&"privileged".to_owned())
+    );
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    assert!(
+        crds.get_opt("ecdsacerts.veil.dev").await.unwrap().is_none(),
+        "a dry run stores nothing"
+    );
+
+    // For real, then again: server-side apply converges (nothing changes the
+    // second time), which is what makes re-running `cargo xtask deploy` safe.
+    let mut first = Vec::new();
+    for object in &objects {
+        let answer = apply(&client, object, false)
+            .await
+            .unwrap_or_else(|error| panic!("applying {}: {error}", describe(object)));
+        first.push(answer);
+    }
+    for (object, before) in objects.iter().zip(&first) {
+        let again = apply(&client, object, false)
+            .await
+            .unwrap_or_else(|error| panic!("re-applying {}: {error}", describe(object)));
+        // The API server's own controllers write a CRD's status meanwhile
+        // (Established), so for CRDs only the spec's generation must hold.
+        let field = if object["kind"] == "CustomResourceDefinition" {
+            "generation"
+        } else {
+            "resourceVersion"
+        };
+        assert_eq!(
+            again["metadata"][field],
+            before["metadata"][field],
+            "{} changed ({field}) when applied a second time",
+            describe(object)
+        );
+    }
+}
+
+/// Whether the client's own user may `verb` the `resource` (SelfSubjectAccessReview).
+async fn can_i(
+    client: &Client,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    subresource: Option<&str>,
+    namespace: Option<&str>,
+) -> bool {
+    let reviews: Api<SelfSubjectAccessReview> = Api::all(client.clone());
+    let review = SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.into()),
+                group: Some(group.into()),
+                resource: Some(resource.into()),
+                subresource: subresource.map(Into::into),
+                namespace: namespace.map(Into::into),
+                ..ResourceAttributes::default()
+            }),
+            ..SelfSubjectAccessReviewSpec::default()
+        },
+        ..SelfSubjectAccessReview::default()
+    };
+    reviews
+        .create(&PostParams::default(), &review)
+        .await
+        .expect("a SelfSubjectAccessReview is answered")
+        .status
+        .expect("with a status")
+        .allowed
+}
+
+fn is_forbidden(result: Result<impl Sized, kube::Error>) -> bool {
+    matches!(result, Err(kube::Error::Api(response)) if response.code == 403)
+}
+
+#[tokio::test]
+async fn the_service_accounts_get_exactly_what_the_rbac_manifests_grant() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let Some(stream) = rendered_deploy_manifests(&[]) else {
+        return;
+    };
+    let Some(kube) = veil_kubebed::start_or_skip("the RBAC test").await else {
+        return;
+    };
+    let admin = kube.client().await.expect("an admin client");
+    apply_all(&admin, &stream).await;
+    install_ecdsacert_crd(&admin).await;
+
+    let agent = kube
+        .client_as_service_account("veil-system", "veil-agent")
+        .await
+        .expect("a client acting as the agent");
+    let pods: Api<Pod> = Api::all(agent.clone());
+    pods.list(&Default::default())
+        .await
+        .expect("the agent lists pods in every namespace");
+    let nodes: Api<Node> = Api::all(agent.clone());
+    nodes
+        .list(&Default::default())
+        .await
+        .expect("the agent lists nodes");
+    let agent_certs: Api<ECDSACert> = Api::all(agent.clone());
+    agent_certs
+        .list(&Default::default())
+        .await
+        .expect("the agent lists ECDSACerts");
+    let secrets: Api<Secret> = Api::namespaced(agent.clone(), "veil-system");
+    assert!(
+        is_forbidden(secrets.list(&Default::default()).await),
+        "the agent must not list Secrets"
+    );
+    assert!(
+        is_forbidden(secrets.get("anything").await),
+        "the agent must not read a Secret"
+    );
+    assert!(!can_i(&agent, "get", "", "secrets", None, None).await);
+    assert!(
+        !can_i(
+            &agent,
+            "update",
+            "veil.dev",
+            "ecdsacerts",
+            Some("status"),
+            None
+        )
+        .await
+    );
+    assert!(can_i(&agent, "create", "veil.dev", "ecdsacerts", None, None).await);
+    assert!(can_i(&agent, "watch", "", "pods", None, None).await);
+    assert!(!can_i(&agent, "delete", "", "pods", None, None).await);
+
+    let controller = kube
+        .client_as_service_account("veil-system", "veil-controller")
+        .await
+        .expect("a client acting as the controller");
+    assert!(
+        can_i(
+            &controller,
+            "update",
+            "veil.dev",
+            "ecdsacerts",
+            Some("status"),
+            None
+        )
+        .await
+    );
+    assert!(can_i(&controller, "create", "", "events", None, None).await);
+    assert!(!can_i(&controller, "get", "", "secrets", None, None).await);
+    assert!(!can_i(&controller, "create", "", "secrets", None, None).await);
+    // Leader election only in Veil's own namespace.
+    assert!(
+        can_i(
+            &controller,
+            "update",
+            "coordination.k8s.io",
+            "leases",
+            None,
+            Some("veil-system")
+        )
+        .await
+    );
+    assert!(
+        !can_i(
+            &controller,
+            "update",
+            "coordination.k8s.io",
+            "leases",
+            None,
+            Some("default")
+        )
+        .await
+    );
+    let secrets: Api<Secret> = Api::all(controller.clone());
+    assert!(
+        is_forbidden(secrets.list(&Default::default()).await),
+        "the controller must not list Secrets without --secret-writing"
+    );
+
+    // A ServiceAccount the manifests do not mention gets nothing.
+    let stranger = kube
+        .client_as_service_account("veil-system", "default")
+        .await
+        .unwrap();
+    let stranger_pods: Api<Pod> = Api::all(stranger);
+    assert!(is_forbidden(stranger_pods.list(&Default::default()).await));
+}
