@@ -500,3 +500,180 @@ async fn the_service_accounts_get_exactly_what_the_rbac_manifests_grant() {
     let stranger_pods: Api<Pod> = Api::all(stranger);
     assert!(is_forbidden(stranger_pods.list(&Default::default()).await));
 }
+
+/// Polls `name` until `check` accepts its status, bounded by [`WAIT`].
+async fn wait_for_status(
+    certs: &Api<ECDSACert>,
+    name: &str,
+    check: impl Fn(&ECDSACertStatus) -> bool,
+) -> ECDSACert {
+    let started = std::time::Instant::now();
+    loop {
+        if let Ok(cert) = certs.get(name).await
+            && cert.status.as_ref().is_some_and(&check)
+        {
+            return cert;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "{name}: status not reached within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn condition<'a>(status: &'a ECDSACertStatus, type_: &str) -> Option<&'a veil_crd::Condition> {
+    status.conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[tokio::test]
+async fn the_controller_signs_an_agents_csr_and_refuses_a_foreign_one() {
+    use veil_controller::{
+        issuance::{DEFAULT_DURATION, LocalIssuer},
+        lease::LeaseLock,
+        reconcile::{self, Context},
+    };
+    use veil_identity::{CertificateAuthority, SpiffeId, WorkloadKey, renewal::RenewalPolicy};
+
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let Some(kube) = veil_kubebed::start_or_skip("the ECDSACert controller test").await else {
+        return;
+    };
+    let client = kube.client().await.expect("an admin client");
+    install_ecdsacert_crd(&client).await;
+
+    // Leader election: of two replicas, one holds the lease.
+    let first = LeaseLock::new(client.clone(), "default", "veil-controller", "replica-a");
+    let second = LeaseLock::new(client.clone(), "default", "veil-controller", "replica-b");
+    assert!(
+        first.try_acquire().await.expect("lease API"),
+        "the first replica leads"
+    );
+    assert!(
+        !second.try_acquire().await.expect("lease API"),
+        "only one leader"
+    );
+    assert!(
+        first.try_acquire().await.expect("lease API"),
+        "the leader renews"
+    );
+
+    let ca = CertificateAuthority::generate("cluster.local", DEFAULT_DURATION).unwrap();
+    let root = ca.root_pem().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(reconcile::run(
+        Context {
+            client: client.clone(),
+            issuer: LocalIssuer {
+                ca,
+                renewal: RenewalPolicy::default(),
+            },
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    // What a node agent does: a key that stays home, a CSR in the spec.
+    let identity: SpiffeId = "spiffe://cluster.local/ns/shop/sa/cart".parse().unwrap();
+    let key = WorkloadKey::generate().unwrap();
+    let request = |name: &str, identity: &str, csr: String| {
+        ECDSACert::new(
+            name,
+            ECDSACertSpec {
+                identity: Some(identity.into()),
+                dns_names: Vec::new(),
+                ip_addresses: Vec::new(),
+                csr: Some(csr),
+                issuer_ref: IssuerRef {
+                    kind: IssuerKind::LocalCA,
+                    name: "mesh".into(),
+                },
+                duration: None,
+                renew_before: None,
+                secret_name: None,
+            },
+        )
+    };
+    let certs: Api<ECDSACert> = Api::all(client.clone());
+    certs
+        .create(
+            &PostParams::default(),
+            &request(
+                "cart.node1",
+                &identity.to_string(),
+                key.csr_pem(&identity).unwrap(),
+            ),
+        )
+        .await
+        .expect("an agent may write its CSR");
+    let issued = wait_for_status(&certs, "cart.node1", |s| {
+        condition(s, "Ready").is_some_and(|c| c.status == "True")
+    })
+    .await;
+    let status = issued.status.clone().unwrap();
+    let chain = status
+        .certificate_chain
+        .expect("the chain is in the status");
+    use rustls::pki_types::pem::PemObject;
+    let leaf = rustls::pki_types::CertificateDer::pem_slice_iter(chain.as_bytes())
+        .next()
+        .expect("a leaf")
+        .expect("PEM");
+    assert_eq!(
+        veil_identity::verify::spiffe_id_of(&leaf).unwrap(),
+        identity,
+        "the certificate carries the requested identity"
+    );
+    assert!(
+        chain.len() > root.len() / 2 && !chain.contains(&root),
+        "leaf + intermediate, no root"
+    );
+    assert!(status.next_renewal.is_some() && status.serial.is_some());
+    assert!(
+        issued
+            .finalizers()
+            .iter()
+            .any(|f| f == reconcile::FINALIZER),
+        "the controller owns cleanup: {:?}",
+        issued.finalizers()
+    );
+
+    // A CSR for another identity than the spec names is refused, with the reason.
+    let other: SpiffeId = "spiffe://cluster.local/ns/shop/sa/admin".parse().unwrap();
+    certs
+        .create(
+            &PostParams::default(),
+            &request(
+                "admin.node1",
+                &other.to_string(),
+                key.csr_pem(&identity).unwrap(),
+            ),
+        )
+        .await
+        .unwrap();
+    let refused = wait_for_status(&certs, "admin.node1", |s| {
+        condition(s, "Failed").is_some_and(|c| c.status == "True")
+    })
+    .await;
+    let refused = refused.status.unwrap();
+    assert_eq!(
+        condition(&refused, "Failed").unwrap().reason,
+        "SigningRefused"
+    );
+    assert_eq!(condition(&refused, "Ready").unwrap().status, "False");
+    assert!(refused.certificate_chain.is_none());
+
+    // Deleting goes through the finalizer and the object is gone.
+    certs
+        .delete("cart.node1", &Default::default())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    while certs.get_opt("cart.node1").await.unwrap().is_some() {
+        assert!(started.elapsed() < WAIT, "the finalizer never let go");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+}
