@@ -750,3 +750,89 @@ fn certificates_rotate_under_a_live_connection_and_new_connections_get_the_new_o
         bed.dump()
     );
 }
+
+/// Runs `openssl s_client` in node 1's namespace against node 2's :15008,
+/// asking for checkout by SNI; `client` is (certificate chain, key) files.
+fn openssl_to_inbound(
+    topology: &Topology,
+    root: &std::path::Path,
+    client: Option<(&std::path::Path, &std::path::Path)>,
+) -> String {
+    let [a, b, c, d] = CHECKOUT.ip().octets();
+    let mut command = topology.node(1).command("openssl");
+    command
+        .args([
+            "s_client",
+            "-connect",
+            "198.18.0.2:15008",
+            "-tls1_3",
+            "-brief",
+        ])
+        .args(["-servername", &format!("{a}-{b}-{c}-{d}.pod.veil.internal")])
+        .arg("-CAfile")
+        .arg(root)
+        .arg("-verify_return_error");
+    if let Some((chain, key)) = client {
+        command
+            .arg("-cert")
+            .arg(chain)
+            .arg("-cert_chain")
+            .arg(chain)
+            .arg("-key")
+            .arg(key);
+    }
+    let output = command
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl runs");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn openssl_with_a_workload_certificate_completes_the_handshake_and_without_one_is_refused() {
+    if !require_root("mesh interop test")
+        || !veil_testbed::require_program("openssl", "mesh interop test")
+    {
+        return;
+    }
+    let bed = MeshBed::start("meshssl");
+    let topology = &bed.topology;
+    let cert = std::fs::read_to_string(&bed.ca_cert).unwrap();
+    let key = std::fs::read_to_string(&bed.ca_key).unwrap();
+    let ca =
+        CertificateAuthority::import(TRUST_DOMAIN, &cert, &key, DEFAULT_LEAF_LIFETIME).unwrap();
+    let id = SpiffeId::new(TRUST_DOMAIN, "shop", "cart").unwrap();
+    let workload_key = WorkloadKey::generate().unwrap();
+    let issued = ca.sign(&workload_key.csr_pem(&id).unwrap(), &id).unwrap();
+    let chain = topology.workdir().join("cart-chain.pem");
+    let key_file = topology.workdir().join("cart.key");
+    std::fs::write(&chain, &issued.chain_pem).unwrap();
+    workload_key.save(&key_file).unwrap();
+
+    let accepted = openssl_to_inbound(topology, &bed.ca_cert, Some((&chain, &key_file)));
+    assert!(
+        accepted.contains("Protocol version: TLSv1.3") && accepted.contains("Verification: OK"),
+        "openssl with a workload certificate must complete the handshake:\n{accepted}\n{}",
+        bed.dump()
+    );
+    // `Verification: OK` against the mesh root: the agent presented a
+    // workload certificate of our CA (openssl does not check SPIFFE IDs).
+
+    let before = bed.metric(2, &refused_series("tls_refused"));
+    let refused = openssl_to_inbound(topology, &bed.ca_cert, None);
+    assert!(
+        !refused.contains("Protocol version: TLSv1.3") || refused.contains("alert"),
+        "without a client certificate the handshake must fail:\n{refused}"
+    );
+    wait_for_metric(&bed, 2, &refused_series("tls_refused"), before + 1.0);
+    assert!(
+        bed.agents[1].log().contains("NoCertificatesPresented")
+            || bed.agents[1].log().contains("certificate"),
+        "{}",
+        bed.dump()
+    );
+}
