@@ -40,10 +40,18 @@ fn tiny_run_writes_json_report_and_plots() {
     assert_eq!(status("kernel-vxlan"), "measured");
     assert_eq!(status("stunnel"), "measured");
     assert_eq!(status("veil-overlay"), "measured");
-    assert_eq!(status("veil-mtls-userspace"), "not built yet");
+    // The agent picks kTLS whenever the kernel has it: one of the two mTLS
+    // configurations runs, the other is skipped with the reason.
+    let (mesh, other) = if veil_mtls::ktls::kernel_supports_tls() {
+        ("veil-mtls-ktls", "veil-mtls-userspace")
+    } else {
+        ("veil-mtls-userspace", "veil-mtls-ktls")
+    };
+    assert_eq!(status(mesh), "measured");
+    assert_eq!(status(other), "skipped");
 
     let metric = |id: &str| results.metrics.iter().find(|m| m.id == id).unwrap();
-    for configuration in ["direct", "kernel-vxlan", "veil-overlay", "stunnel"] {
+    for configuration in ["direct", "kernel-vxlan", "veil-overlay", "stunnel", mesh] {
         for id in ["throughput-1.gbps", "latency-1b.p50", "connections.rate"] {
             let series = metric(id)
                 .series
@@ -53,13 +61,21 @@ fn tiny_run_writes_json_report_and_plots() {
             assert!(series.samples[0] > 0.0, "{id} {configuration}: {series:?}");
         }
     }
-    // Only the proxy has proxy memory; its connections cost it something.
+    // Only configurations with a proxy have proxy memory (for Veil's mTLS
+    // the agents are the proxy).
     let memory = metric("proxy-memory.kib-per-1000");
-    assert_eq!(memory.series.len(), 1);
-    assert_eq!(memory.series[0].configuration, "stunnel");
+    let mut with_memory: Vec<&str> = memory
+        .series
+        .iter()
+        .map(|s| s.configuration.as_str())
+        .collect();
+    with_memory.sort_unstable();
+    let mut expected = vec!["stunnel", mesh];
+    expected.sort_unstable();
+    assert_eq!(with_memory, expected);
 
     let report = std::fs::read_to_string(&run.report).unwrap();
-    assert!(report.contains("not built yet"), "{report}");
+    assert!(report.contains("skipped"), "{report}");
     assert!(report.contains("× baseline"), "{report}");
     let plot_dir = run.json.with_extension("");
     let svg = std::fs::read_to_string(plot_dir.join("throughput-1.gbps.svg")).unwrap();
