@@ -294,6 +294,26 @@ fn meshed_tcp_crosses_nodes_encrypted_byte_exact_with_the_real_client_address() 
         ),
         "{status}"
     );
+    // veilctl flows: what talked to what, with bytes.
+    let flows: serde_json::Value =
+        serde_json::from_str(&bed.agents[0].veilctl(&["flows", "-o", "json"]).unwrap()).unwrap();
+    let big = flows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["bytes_to_peer"].as_u64() == Some(100 * MIB))
+        .unwrap_or_else(|| panic!("no 100 MiB flow in {flows:#}"));
+    assert_eq!(big["direction"], "outbound");
+    assert_eq!(big["result"], "ok");
+    assert_eq!(big["mode"], "userspace");
+    assert!(
+        big["source"].as_str().unwrap().starts_with("n1p1 ("),
+        "{big}"
+    );
+    assert!(
+        big["destination"].as_str().unwrap().starts_with("n2p1 ("),
+        "{big}"
+    );
     let (code, _) = bed.agents[0]
         .veilctl_exit(&["mtls", "no-such-pod"])
         .unwrap();
@@ -339,6 +359,13 @@ fn strict_pods_refuse_plaintext_and_agents_refuse_bad_peers() {
             .contains("is not allowed to shop/checkout port 7800"),
         "{}",
         bed.dump()
+    );
+    let flows = bed.agents[1].veilctl(&["flows"]).unwrap();
+    assert!(
+        flows
+            .lines()
+            .any(|l| l.contains("inbound") && l.contains("denied")),
+        "{flows}"
     );
     // Other ports of checkout are not selected by the rule: allowed.
     traffic::tcp_echo(topology, CART, CHECKOUT, 7801, 4096).unwrap();
@@ -423,10 +450,9 @@ fn strict_pods_refuse_plaintext_and_agents_refuse_bad_peers() {
     for reason in ["Expired", "source address 198.19.1.1:40000 does not belong"] {
         assert!(log.contains(reason), "no {reason:?} in the log:\n{log}");
     }
-    // Plaintext to :15008 is not a TLS handshake.
-    let before = bed.metric(2, &refused_series("handshake_failed"))
-        + bed.metric(2, &refused_series("tls_refused"));
-    let _ = topology
+    // Plaintext to :15008 is not a TLS handshake: refused at its first bytes.
+    let before = bed.metric(2, &refused_series("not_tls"));
+    let answer = topology
         .node(1)
         .run(move || {
             let mut stream = TcpStream::connect_timeout(&peer, Duration::from_secs(2))?;
@@ -436,15 +462,13 @@ fn strict_pods_refuse_plaintext_and_agents_refuse_bad_peers() {
             stream.read(&mut buffer)
         })
         .unwrap();
-    let after = bed.metric(2, &refused_series("handshake_failed"))
-        + bed.metric(2, &refused_series("tls_refused"));
     assert!(
-        after > before,
-        "plaintext on :15008 not refused\n{}",
-        bed.dump()
+        matches!(answer, Ok(0) | Err(_)),
+        "plaintext on :15008 got an answer: {answer:?}"
     );
+    wait_for_metric(&bed, 2, &refused_series("not_tls"), before + 1.0);
     let log = bed.agents[1].log();
-    assert!(log.contains("inbound mesh connection refused"), "{log}");
+    assert!(log.contains("not a TLS record"), "{log}");
 }
 
 /// `from` connects to `to`'s `port` (a server listens there) and must get
@@ -822,12 +846,11 @@ fn openssl_with_a_workload_certificate_completes_the_handshake_and_without_one_i
     // `Verification: OK` against the mesh root: the agent presented a
     // workload certificate of our CA (openssl does not check SPIFFE IDs).
 
+    // In TLS 1.3 the client finishes before the server has checked its
+    // certificate, so openssl may print success before the alert arrives:
+    // the refusal is read on the server side.
     let before = bed.metric(2, &refused_series("tls_refused"));
-    let refused = openssl_to_inbound(topology, &bed.ca_cert, None);
-    assert!(
-        !refused.contains("Protocol version: TLSv1.3") || refused.contains("alert"),
-        "without a client certificate the handshake must fail:\n{refused}"
-    );
+    let _ = openssl_to_inbound(topology, &bed.ca_cert, None);
     wait_for_metric(&bed, 2, &refused_series("tls_refused"), before + 1.0);
     assert!(
         bed.agents[1].log().contains("NoCertificatesPresented")

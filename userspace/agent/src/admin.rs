@@ -12,7 +12,7 @@ use axum::{
     routing::get,
 };
 use tokio::net::TcpListener;
-use veil_api::{AgentStatus, EventCount, MTLS_MODE_PATH, ModeReport, STATUS_PATH};
+use veil_api::{AgentStatus, EventCount, FLOWS_PATH, MTLS_MODE_PATH, ModeReport, STATUS_PATH};
 
 use crate::{datapath::Datapath, overlay_sync::OverlaySync};
 
@@ -83,6 +83,7 @@ pub async fn serve(
     let app = Router::new()
         .route(STATUS_PATH, get(status))
         .route(MTLS_MODE_PATH, get(mtls_mode))
+        .route(FLOWS_PATH, get(flows))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -126,6 +127,16 @@ async fn status(
                 announced_pods: events.announced_pods(),
             }),
     }))
+}
+
+async fn flows(
+    State(state): State<Arc<AdminState>>,
+) -> Result<Json<Vec<veil_api::FlowRecord>>, (StatusCode, String)> {
+    let mesh = state.mesh.as_ref().ok_or((
+        StatusCode::NOT_FOUND,
+        "this agent runs no mesh: add a [mesh] section to its config".to_string(),
+    ))?;
+    Ok(Json(mesh.flows.snapshot()))
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -22,6 +22,26 @@ pub const READINESS_PATH: &str = "/healthz/ready";
 pub const STATUS_PATH: &str = "/status";
 /// Path of the effective-mode query: `?pod=<name or address>&port=<n>`.
 pub const MTLS_MODE_PATH: &str = "/mtls";
+/// Path of the recent meshed connections (oldest first).
+pub const FLOWS_PATH: &str = "/flows";
+
+/// One meshed connection: who talked to whom, how, and what came of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRecord {
+    /// When it ended (or was refused), seconds since the Unix epoch.
+    pub unix_time: u64,
+    /// `outbound` (a local pod's connection) or `inbound` (to a local pod).
+    pub direction: String,
+    /// Pod name and address when known, else the address.
+    pub source: String,
+    pub destination: String,
+    /// `ktls`, `userspace`, or `none` for refused connections.
+    pub mode: String,
+    /// `ok`, or why the connection was refused.
+    pub result: String,
+    pub bytes_to_peer: u64,
+    pub bytes_to_pod: u64,
+}
 
 /// Everything `veilctl status` shows.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -34,6 +34,8 @@ pub enum HandshakeError {
     Closed,
     #[error("peer sent a TLS record of {0} bytes (more than TLS allows)")]
     OversizedRecord(usize),
+    #[error("not a TLS record (first bytes {0:02x?}): the peer does not speak TLS")]
+    NotTls([u8; 3]),
     #[error("bad connection preface: {0}")]
     Preface(#[from] PrefaceError),
 }
@@ -42,6 +44,12 @@ pub enum HandshakeError {
 pub fn read_record(tcp: &mut TcpStream) -> Result<Vec<u8>, HandshakeError> {
     let mut record = vec![0u8; RECORD_HEADER];
     read_exact_or_closed(tcp, &mut record)?;
+    // Content type change_cipher_spec/alert/handshake/application_data and a
+    // 3.x legacy version: anything else (plaintext HTTP, say) is refused at
+    // once instead of waiting for a "record" that never completes.
+    if !(20..=23).contains(&record[0]) || record[1] != 3 {
+        return Err(HandshakeError::NotTls([record[0], record[1], record[2]]));
+    }
     let body = usize::from(u16::from_be_bytes([record[3], record[4]]));
     if body > MAX_RECORD_BODY {
         return Err(HandshakeError::OversizedRecord(body));

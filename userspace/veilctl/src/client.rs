@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use veil_api::{AgentStatus, MTLS_MODE_PATH, ModeReport, STATUS_PATH};
+use veil_api::{AgentStatus, FLOWS_PATH, FlowRecord, MTLS_MODE_PATH, ModeReport, STATUS_PATH};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -35,6 +35,14 @@ impl AdminClient {
         self.get_json(
             self.agent
                 .get(format!("http://{}{}", self.address, STATUS_PATH)),
+        )
+    }
+
+    /// The node's recent meshed connections, oldest first.
+    pub fn flows(&self) -> Result<Vec<FlowRecord>, ClientError> {
+        self.get_json(
+            self.agent
+                .get(format!("http://{}{}", self.address, FLOWS_PATH)),
         )
     }
 

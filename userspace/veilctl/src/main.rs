@@ -50,6 +50,9 @@ enum Command {
     Workloads,
     /// Each local workload's certificate: serial, issuer, expiry, next renewal, state.
     Certs,
+    /// What talked to what: this node's recent meshed connections, with
+    /// direction, TLS mode, result and bytes.
+    Flows,
     /// The effective mTLS mode of a pod (or one of its ports) and the
     /// precedence chain (port > workload > namespace > mesh) that produced it.
     Mtls {
@@ -96,6 +99,9 @@ fn main() -> ExitCode {
                 })
             })
         }),
+        Command::Flows => client
+            .flows()
+            .map(|flows| emit(output, &flows, || mesh::flows(&flows, SystemTime::now()))),
         Command::Mtls { pod, port } => client
             .mtls_mode(&pod, port)
             .map(|report| emit(output, &report, || mesh::mode_report(&report))),

@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
-use veil_api::{MeshStatus, MeshWorkload, ModeReport};
+use veil_api::{FlowRecord, MeshStatus, MeshWorkload, ModeReport};
 
 fn table(header: &[&str]) -> Table {
     let mut table = Table::new();
@@ -141,6 +141,34 @@ pub fn status_section(mesh: &MeshStatus, now: SystemTime) -> String {
     text
 }
 
+/// `veilctl flows`: the node's recent meshed connections, newest last.
+pub fn flows(flows: &[FlowRecord], now: SystemTime) -> String {
+    if flows.is_empty() {
+        return "No meshed connections yet.\n".into();
+    }
+    let mut rows = table(&[
+        "WHEN",
+        "DIRECTION",
+        "SOURCE",
+        "DESTINATION",
+        "TLS",
+        "RESULT",
+        "BYTES OUT/IN",
+    ]);
+    for flow in flows {
+        rows.add_row([
+            relative(flow.unix_time, now),
+            flow.direction.clone(),
+            flow.source.clone(),
+            flow.destination.clone(),
+            flow.mode.clone(),
+            flow.result.clone(),
+            format!("{} / {}", flow.bytes_to_peer, flow.bytes_to_pod),
+        ]);
+    }
+    format!("{} meshed connection(s)\n{rows}\n", flows.len())
+}
+
 /// `veilctl mtls`: the effective mode and the chain that produced it.
 pub fn mode_report(report: &ModeReport) -> String {
     let target = match report.port {
@@ -252,6 +280,35 @@ mod tests {
         );
         let row = section.lines().find(|l| l.contains("outbound")).unwrap();
         assert!(row.contains("userspace") && row.contains("12"), "{row}");
+    }
+
+    #[test]
+    fn flows_show_who_talked_to_whom_and_how() {
+        let text = flows(
+            &[FlowRecord {
+                unix_time: NOW - 5,
+                direction: "outbound".into(),
+                source: "cart-1 (198.19.1.1:40000)".into(),
+                destination: "checkout-1 (198.19.2.1:8080)".into(),
+                mode: "userspace".into(),
+                result: "ok".into(),
+                bytes_to_peer: 1024,
+                bytes_to_pod: 2048,
+            }],
+            now(),
+        );
+        let row = text.lines().find(|l| l.contains("cart-1")).unwrap();
+        for cell in [
+            "5s ago",
+            "outbound",
+            "checkout-1",
+            "userspace",
+            "ok",
+            "1024 / 2048",
+        ] {
+            assert!(row.contains(cell), "{cell} missing: {row}");
+        }
+        assert_eq!(flows(&[], now()), "No meshed connections yet.\n");
     }
 
     #[test]

@@ -55,6 +55,16 @@ fn handle(mesh: &MeshState, tcp: TcpStream) {
             );
             mesh.metrics
                 .connection(Direction::Inbound, "none", refusal.label());
+            mesh.flows.record(super::flows::Flow {
+                direction: Direction::Inbound,
+                source: peer,
+                destination: None,
+                mode: "none",
+                result: refusal.label(),
+                bytes_to_peer: 0,
+                bytes_to_pod: 0,
+                directory: &mesh.directory,
+            });
             if let Some(tcp) = tcp {
                 reset(tcp);
             }

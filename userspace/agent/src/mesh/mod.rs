@@ -10,6 +10,7 @@
 //! visible in the metrics' `mode` label.
 
 pub mod directory;
+pub mod flows;
 pub mod inbound;
 pub mod metrics;
 pub mod names;
@@ -80,6 +81,7 @@ pub struct MeshState {
     pub server_config: Arc<ServerConfig>,
     pub inbound_port: u16,
     pub metrics: MeshMetrics,
+    pub flows: flows::FlowLog,
 }
 
 /// The running mesh; dropping it removes its policy routing.
@@ -122,6 +124,7 @@ impl Mesh {
             server_config: Arc::new(server_config),
             inbound_port: section.inbound_port,
             metrics: MeshMetrics::default(),
+            flows: flows::FlowLog::default(),
         });
 
         routing::install()?;
@@ -290,6 +293,22 @@ impl MeshState {
         open.inc();
         let result = session.relay(pod);
         open.dec();
+        let (to_peer, to_pod) = result
+            .as_ref()
+            .map_or((0, 0), |stats| (stats.a_to_b, stats.b_to_a));
+        self.flows.record(flows::Flow {
+            direction,
+            source: Some(preface.source.into()),
+            destination: Some(preface.original_destination.into()),
+            mode: mode.as_str(),
+            result: match &result {
+                Ok(_) => "ok",
+                Err(_) => "ended_with_error",
+            },
+            bytes_to_peer: to_peer,
+            bytes_to_pod: to_pod,
+            directory: &self.directory,
+        });
         match result {
             Ok(stats) => {
                 self.metrics

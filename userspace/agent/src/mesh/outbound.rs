@@ -51,6 +51,16 @@ fn handle(mesh: &MeshState, pod: TcpStream) {
             );
             mesh.metrics
                 .connection(Direction::Outbound, "none", refusal.label());
+            mesh.flows.record(super::flows::Flow {
+                direction: Direction::Outbound,
+                source: pod.peer_addr().ok(),
+                destination: pod.local_addr().ok(),
+                mode: "none",
+                result: refusal.label(),
+                bytes_to_peer: 0,
+                bytes_to_pod: 0,
+                directory: &mesh.directory,
+            });
             reset(pod);
         }
     }

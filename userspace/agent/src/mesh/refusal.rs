@@ -58,6 +58,7 @@ impl Refusal {
             Self::PeerUnreachable { .. } => "peer_unreachable",
             Self::Handshake(HandshakeError::Tls(_)) => "tls_refused",
             Self::Handshake(HandshakeError::Preface(_)) => "bad_preface",
+            Self::Handshake(HandshakeError::NotTls(_)) => "not_tls",
             Self::Handshake(_) => "handshake_failed",
             Self::PeerIdentity(_) => "peer_identity_invalid",
             Self::SniMismatch { .. } => "sni_mismatch",
