@@ -677,3 +677,94 @@ async fn the_controller_signs_an_agents_csr_and_refuses_a_foreign_one() {
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
 }
+
+#[tokio::test]
+async fn the_agent_gets_its_workload_certificates_from_the_controller() {
+    use veil_agent::mesh::{signer::KubernetesSigner, workloads::WorkloadStore};
+    use veil_controller::{
+        issuance::{DEFAULT_DURATION, LocalIssuer},
+        reconcile::{self, Context},
+    };
+    use veil_identity::{CertificateAuthority, SpiffeId, renewal::RenewalPolicy};
+
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let Some(kube) = veil_kubebed::start_or_skip("the agent's Kubernetes issuer test").await else {
+        return;
+    };
+    let client = kube.client().await.expect("an admin client");
+    install_ecdsacert_crd(&client).await;
+    let ca = CertificateAuthority::generate("cluster.local", DEFAULT_DURATION).unwrap();
+    let root = ca.root_pem().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(reconcile::run(
+        Context {
+            client: client.clone(),
+            issuer: LocalIssuer {
+                ca,
+                renewal: RenewalPolicy::default(),
+            },
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    // The agent's side runs on plain threads (as in the agent); its signer
+    // has its own runtime, made and dropped off this test's async runtime.
+    let config = kube.config();
+    let identity: SpiffeId = "spiffe://cluster.local/ns/shop/sa/cart".parse().unwrap();
+    let wanted = identity.clone();
+    let (serial, issuer, object) = tokio::task::spawn_blocking(move || {
+        let signer =
+            KubernetesSigner::from_config(config, "node1", Duration::from_secs(30)).unwrap();
+        let object = signer.object_name(&wanted);
+        let store = WorkloadStore::with_signer(
+            Box::new(signer),
+            "cluster.local".into(),
+            vec![root],
+            veil_mtls::TlsSettings::default(),
+        );
+        let workload = store
+            .get(&wanted)
+            .expect("the controller signs the agent's CSR");
+        let again = store.get(&wanted).unwrap();
+        assert_eq!(again.serial, workload.serial, "held until renewal time");
+        // The chain verifies against the mesh root with the right identity.
+        let leaf = &workload.credentials.chain[0];
+        assert_eq!(veil_identity::verify::spiffe_id_of(leaf).unwrap(), wanted);
+        (workload.serial.clone(), store.issuer_name(), object)
+    })
+    .await
+    .unwrap();
+    assert_eq!(object, "cart.shop.node1");
+    assert!(issuer.contains("veil-controller"), "{issuer}");
+    let certs: Api<ECDSACert> = Api::all(client.clone());
+    let stored = certs
+        .get(&object)
+        .await
+        .expect("the agent wrote its ECDSACert");
+    assert_eq!(
+        stored.spec.identity.as_deref(),
+        Some(identity.to_string().as_str())
+    );
+    assert!(
+        stored
+            .spec
+            .csr
+            .as_deref()
+            .is_some_and(|c| c.contains("CERTIFICATE REQUEST")),
+        "only the CSR travels"
+    );
+    assert!(
+        !serde_json::to_string(&stored)
+            .unwrap()
+            .contains("PRIVATE KEY"),
+        "no key material in the API server"
+    );
+    assert_eq!(
+        stored.status.unwrap().serial.as_deref(),
+        Some(serial.as_str())
+    );
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+}

@@ -87,13 +87,28 @@ pub struct MeshSection {
     /// (the workload keys are made on the node and never leave it).
     pub ca_cert: PathBuf,
     /// Root CA private key (PEM); must not be readable by group or others.
-    pub ca_key: PathBuf,
+    /// Needed with `issuer = "local-ca"` only.
+    #[serde(default)]
+    pub ca_key: Option<PathBuf>,
+    /// Who signs the workloads' CSRs: `local-ca` (this agent, with `ca_key`)
+    /// or `kubernetes` (the agent writes `ECDSACert`s and `veil-controller`
+    /// signs; no node holds the CA key).
+    #[serde(default)]
+    pub issuer: MeshIssuer,
     /// Lifetime of workload certificates (e.g. `24h`, `90m`); renewed at 2/3 of it.
     #[serde(default = "default_certificate_lifetime")]
     pub certificate_lifetime: String,
     /// Port of the inbound mTLS listener that peer agents dial.
     #[serde(default = "default_inbound_port")]
     pub inbound_port: u16,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MeshIssuer {
+    #[default]
+    LocalCa,
+    Kubernetes,
 }
 
 fn default_trust_domain() -> String {
@@ -252,6 +267,11 @@ impl AgentConfig {
                     ));
                 }
             }
+            if mesh.issuer == MeshIssuer::LocalCa && mesh.ca_key.is_none() {
+                return Err("mesh.ca_key is missing: with issuer = \"local-ca\" the agent signs \
+                            its workloads' CSRs and needs the CA key (or set issuer = \"kubernetes\")"
+                    .into());
+            }
             if mesh.trust_domain.is_empty() || mesh.trust_domain.contains(['/', ' ']) {
                 return Err(format!(
                     "mesh.trust_domain = {:?} is not a trust domain name (like cluster.local)",
@@ -320,6 +340,13 @@ mod tests {
         assert_eq!(section.certificate_lifetime().as_secs(), 24 * 3600);
         let error = parse(&format!("{base}{mesh}")).unwrap_err().to_string();
         assert!(error.contains("[mesh] needs [overlay]"), "{error}");
+        let kubernetes = "[mesh]\nca_cert = \"ca.pem\"\nissuer = \"kubernetes\"\n";
+        let config = parse(&format!("{base}{overlay}{kubernetes}")).unwrap();
+        assert_eq!(config.mesh.unwrap().issuer, MeshIssuer::Kubernetes);
+        let error = parse(&format!("{base}{overlay}[mesh]\nca_cert = \"ca.pem\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("mesh.ca_key is missing"), "{error}");
         let error = parse(&format!(
             "{base}{overlay}{mesh}certificate_lifetime = \"5s\"\n"
         ))

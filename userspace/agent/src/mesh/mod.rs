@@ -17,6 +17,7 @@ pub mod names;
 pub mod outbound;
 pub mod refusal;
 pub mod routing;
+pub mod signer;
 pub mod sockets;
 pub mod status;
 pub mod workloads;
@@ -44,7 +45,10 @@ use self::{
     metrics::{ByteLabels, Direction, DirectionLabels, MeshMetrics},
     workloads::WorkloadStore,
 };
-use crate::{config::MeshSection, overlay_sync::OverlaySync};
+use crate::{
+    config::{MeshIssuer, MeshSection},
+    overlay_sync::OverlaySync,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {
@@ -97,16 +101,18 @@ impl Mesh {
         node_name: &str,
         overlay: Arc<OverlaySync>,
     ) -> Result<Self, MeshError> {
-        let ca = load_ca(section)?;
         let settings = TlsSettings::default();
+        let store = Arc::new(match section.issuer {
+            MeshIssuer::LocalCa => WorkloadStore::new(load_ca(section)?, settings.clone()),
+            MeshIssuer::Kubernetes => kubernetes_store(section, node_name, settings.clone())?,
+        });
         let trust = Arc::new(TrustState::default());
-        *trust.roots.write().unwrap_or_else(|p| p.into_inner()) = ca
+        *trust.roots.write().unwrap_or_else(|p| p.into_inner()) = store
             .trust_bundle()
             .iter()
             .filter_map(|pem| CertificateDer::from_pem_slice(pem.as_bytes()).ok())
             .collect();
-        let trust_domain = ca.trust_domain().to_string();
-        let store = Arc::new(WorkloadStore::new(ca, settings.clone()));
+        let trust_domain = store.trust_domain().to_string();
         let directory = Arc::new(Directory {
             node_name: node_name.into(),
             overlay,
@@ -177,28 +183,61 @@ impl Drop for Mesh {
     }
 }
 
+fn read_file(what: &'static str, path: &Path) -> Result<String, MeshError> {
+    std::fs::read_to_string(path).map_err(|source| MeshError::Read {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// With `issuer = "kubernetes"`: only the root's certificate on the node;
+/// `veil-controller` signs through `ECDSACert`s.
+fn kubernetes_store(
+    section: &MeshSection,
+    node_name: &str,
+    settings: TlsSettings,
+) -> Result<WorkloadStore, MeshError> {
+    let root = read_file("CA certificate", &section.ca_cert)?;
+    let node = node_name.to_string();
+    // The signer runs its own runtime; build it off the async workers.
+    let signer = std::thread::spawn(move || {
+        signer::KubernetesSigner::from_environment(&node, KUBERNETES_SIGNING_TIMEOUT)
+    })
+    .join()
+    .map_err(|_| MeshError::Ca("the Kubernetes signer panicked while starting".into()))?
+    .map_err(MeshError::Ca)?;
+    Ok(WorkloadStore::with_signer(
+        Box::new(signer),
+        section.trust_domain.clone(),
+        vec![root],
+        settings,
+    ))
+}
+
+/// How long the agent waits for `veil-controller` to sign a CSR.
+const KUBERNETES_SIGNING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn load_ca(section: &MeshSection) -> Result<CertificateAuthority, MeshError> {
-    let read = |what, path: &Path| {
-        std::fs::read_to_string(path).map_err(|source| MeshError::Read {
-            what,
-            path: path.display().to_string(),
-            source,
-        })
+    let Some(ca_key) = &section.ca_key else {
+        return Err(MeshError::Ca(
+            "mesh.ca_key is not set (needed with issuer = \"local-ca\")".into(),
+        ));
     };
-    let metadata = std::fs::metadata(&section.ca_key).map_err(|source| MeshError::Read {
+    let metadata = std::fs::metadata(ca_key).map_err(|source| MeshError::Read {
         what: "CA key",
-        path: section.ca_key.display().to_string(),
+        path: ca_key.display().to_string(),
         source,
     })?;
     let mode = metadata.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(MeshError::KeyPermissions {
-            path: section.ca_key.display().to_string(),
+            path: ca_key.display().to_string(),
             mode,
         });
     }
-    let cert = read("CA certificate", &section.ca_cert)?;
-    let key = zeroize::Zeroizing::new(read("CA key", &section.ca_key)?);
+    let cert = read_file("CA certificate", &section.ca_cert)?;
+    let key = zeroize::Zeroizing::new(read_file("CA key", ca_key)?);
     CertificateAuthority::import(
         &section.trust_domain,
         &cert,

@@ -21,6 +21,8 @@ use veil_identity::{
 };
 use veil_mtls::{TlsSettings, WorkloadCredentials, settings::SettingsError};
 
+use super::signer::{LocalCaSigner, Signer};
+
 use crate::inventory::PodMesh;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +31,7 @@ pub enum WorkloadError {
     Identity(#[from] SpiffeIdError),
     #[error("cannot make a key for {identity}: {message}")]
     Key { identity: String, message: String },
-    #[error("the CA refused to sign for {identity}: {message}")]
+    #[error("cannot get {identity} signed: {message}")]
     Sign { identity: String, message: String },
     #[error("the certificate for {identity} is unusable: {source}")]
     Credentials {
@@ -60,7 +62,9 @@ impl std::fmt::Debug for Workload {
 
 /// The certificates of this node's workloads.
 pub struct WorkloadStore {
-    ca: CertificateAuthority,
+    signer: Box<dyn Signer>,
+    trust_domain: String,
+    trust_bundle: Vec<String>,
     settings: TlsSettings,
     renewal: RenewalPolicy,
     entries: Mutex<HashMap<SpiffeId, Arc<Workload>>>,
@@ -69,9 +73,29 @@ pub struct WorkloadStore {
 }
 
 impl WorkloadStore {
+    /// A store that signs with the mesh CA itself.
     pub fn new(ca: CertificateAuthority, settings: TlsSettings) -> Self {
+        let trust_domain = ca.trust_domain().to_string();
+        let trust_bundle = ca.trust_bundle().to_vec();
+        Self::with_signer(
+            Box::new(LocalCaSigner(ca)),
+            trust_domain,
+            trust_bundle,
+            settings,
+        )
+    }
+
+    /// A store whose CSRs `signer` signs; `trust_bundle` is the mesh's roots (PEM).
+    pub fn with_signer(
+        signer: Box<dyn Signer>,
+        trust_domain: String,
+        trust_bundle: Vec<String>,
+        settings: TlsSettings,
+    ) -> Self {
         Self {
-            ca,
+            signer,
+            trust_domain,
+            trust_bundle,
             settings,
             renewal: RenewalPolicy::default(),
             entries: Mutex::default(),
@@ -81,7 +105,7 @@ impl WorkloadStore {
 
     /// Who signs: the local CA of the trust domain.
     pub fn issuer_name(&self) -> String {
-        format!("local CA ({})", self.trust_domain())
+        self.signer.describe()
     }
 
     /// Why the last attempt to issue for `identity` failed, if it did.
@@ -91,11 +115,11 @@ impl WorkloadStore {
     }
 
     pub fn trust_domain(&self) -> &str {
-        self.ca.trust_domain()
+        &self.trust_domain
     }
 
     pub fn trust_bundle(&self) -> &[String] {
-        self.ca.trust_bundle()
+        &self.trust_bundle
     }
 
     /// The SPIFFE ID of a meshed pod.
@@ -164,11 +188,11 @@ impl WorkloadStore {
             .csr_pem(identity)
             .map_err(|e| key_error(e.to_string()))?;
         let issued = self
-            .ca
-            .sign(&csr, identity)
-            .map_err(|e| WorkloadError::Sign {
+            .signer
+            .sign(identity, &csr)
+            .map_err(|message| WorkloadError::Sign {
                 identity: identity.to_string(),
-                message: e.to_string(),
+                message,
             })?;
         let unusable = |source| WorkloadError::Credentials {
             identity: identity.to_string(),
