@@ -191,6 +191,12 @@ fn show(interrupted: &AtomicBool) -> Result<()> {
     println!("    refused: the connection never reached {b}");
     check()?;
 
+    step("veilctl flows on node1: what talked to what, and how");
+    print!("{}", agents[0].veilctl(&["flows"])?);
+    step(&format!("veilctl mtls {b}: the effective mode and why"));
+    print!("{}", agents[1].veilctl(&["mtls", &b.to_string()])?);
+    check()?;
+
     // Let aya-log's ring buffer drain into the agents' logs.
     std::thread::sleep(Duration::from_millis(300));
     for agent in &agents {
