@@ -7,8 +7,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest, Sha256};
-use veil_crd::{Condition, ECDSACertSpec, ECDSACertStatus, IssuerKind};
+use veil_crd::{Condition, ECDSACertSpec, ECDSACertStatus, IssuerKind, csr_sha256};
 use veil_identity::{CertificateAuthority, SpiffeId, renewal::RenewalPolicy};
 
 /// Lifetime when the spec asks for none.
@@ -45,13 +44,6 @@ fn rfc3339(time: SystemTime) -> String {
 
 fn parse_time(text: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339(text).ok()
-}
-
-fn csr_digest(csr: &str) -> String {
-    Sha256::digest(csr.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 fn condition(type_: &str, status: bool, reason: &str, message: &str, now: SystemTime) -> Condition {
@@ -176,7 +168,7 @@ impl LocalIssuer {
                 recheck_after: Duration::from_secs(300),
             };
         };
-        let digest = csr_digest(csr);
+        let digest = csr_sha256(csr);
         if let Some(current) = status
             && current.csr_sha256.as_deref() == Some(digest.as_str())
             && let Some(renew_at) = current.next_renewal.as_deref().and_then(parse_time)
@@ -217,7 +209,6 @@ impl LocalIssuer {
 
 #[cfg(test)]
 mod tests {
-    use veil_crd::IssuerRef;
     use veil_identity::WorkloadKey;
 
     use super::*;
@@ -232,19 +223,7 @@ mod tests {
     }
 
     fn spec(csr: Option<String>) -> ECDSACertSpec {
-        ECDSACertSpec {
-            identity: Some(CART.into()),
-            dns_names: vec![],
-            ip_addresses: vec![],
-            csr,
-            issuer_ref: IssuerRef {
-                kind: IssuerKind::LocalCA,
-                name: "mesh".into(),
-            },
-            duration: None,
-            renew_before: None,
-            secret_name: None,
-        }
+        ECDSACertSpec::workload(CART, csr)
     }
 
     fn csr_for(identity: &str) -> String {

@@ -157,7 +157,7 @@ mod tests {
 
     use http::{Request, Response};
     use kube::client::Body;
-    use veil_crd::{ECDSACertSpec, IssuerKind, IssuerRef};
+    use veil_crd::ECDSACertSpec;
     use veil_identity::{CertificateAuthority, WorkloadKey, renewal::RenewalPolicy};
 
     use super::*;
@@ -166,22 +166,7 @@ mod tests {
     const CART: &str = "spiffe://cluster.local/ns/shop/sa/cart";
 
     fn cert(csr: Option<String>) -> ECDSACert {
-        let mut cert = ECDSACert::new(
-            "shop.cart.node1",
-            ECDSACertSpec {
-                identity: Some(CART.into()),
-                dns_names: vec![],
-                ip_addresses: vec![],
-                csr,
-                issuer_ref: IssuerRef {
-                    kind: IssuerKind::LocalCA,
-                    name: "mesh".into(),
-                },
-                duration: None,
-                renew_before: None,
-                secret_name: None,
-            },
-        );
+        let mut cert = ECDSACert::new("shop.cart.node1", ECDSACertSpec::workload(CART, csr));
         cert.metadata.resource_version = Some("1".into());
         cert
     }

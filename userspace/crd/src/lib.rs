@@ -56,6 +56,29 @@ pub struct ECDSACertSpec {
     pub secret_name: Option<String>,
 }
 
+/// Name of the local CA issuer in `issuerRef` (the mesh's one CA).
+pub const LOCAL_CA_ISSUER: &str = "mesh";
+
+impl ECDSACertSpec {
+    /// A workload identity from the local CA: what a node agent asks for,
+    /// with `csr` once it has made the key. Defaults for everything else.
+    pub fn workload(identity: impl Into<String>, csr: Option<String>) -> Self {
+        Self {
+            identity: Some(identity.into()),
+            dns_names: Vec::new(),
+            ip_addresses: Vec::new(),
+            csr,
+            issuer_ref: IssuerRef {
+                kind: IssuerKind::LocalCA,
+                name: LOCAL_CA_ISSUER.into(),
+            },
+            duration: None,
+            renew_before: None,
+            secret_name: None,
+        }
+    }
+}
+
 /// Which issuer signs.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -109,6 +132,17 @@ pub struct Condition {
     pub reason: String,
     pub message: String,
     pub last_transition_time: String,
+}
+
+/// The value of `status.csrSha256` for `csr` (the PEM text): SHA-256, lowercase
+/// hex. The controller records it; the agent matches it to know the chain in
+/// the status is for its current key.
+pub fn csr_sha256(csr: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(csr.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The CRD manifests for `deploy/crds/`, as (file name, YAML).

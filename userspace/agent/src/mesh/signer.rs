@@ -13,8 +13,7 @@ use kube::{
     Api, Client,
     api::{Patch, PatchParams},
 };
-use sha2::{Digest, Sha256};
-use veil_crd::{ECDSACert, ECDSACertSpec, IssuerKind, IssuerRef};
+use veil_crd::{ECDSACert, ECDSACertSpec, csr_sha256};
 use veil_identity::{CertificateAuthority, IssuedCertificate, SpiffeId};
 
 /// Signs a CSR for an identity.
@@ -112,25 +111,10 @@ impl KubernetesSigner {
     ) -> Result<IssuedCertificate, String> {
         let api: Api<ECDSACert> = Api::all(self.client.clone());
         let name = self.object_name(identity);
-        let digest: String = Sha256::digest(csr_pem.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let digest = csr_sha256(csr_pem);
         let request = ECDSACert::new(
             &name,
-            ECDSACertSpec {
-                identity: Some(identity.to_string()),
-                dns_names: Vec::new(),
-                ip_addresses: Vec::new(),
-                csr: Some(csr_pem.into()),
-                issuer_ref: IssuerRef {
-                    kind: IssuerKind::LocalCA,
-                    name: "mesh".into(),
-                },
-                duration: None,
-                renew_before: None,
-                secret_name: None,
-            },
+            ECDSACertSpec::workload(identity.to_string(), Some(csr_pem.into())),
         );
         api.patch(
             &name,
