@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 use veil_testbed::{
-    Agent, PodMesh, PodRef, Routing, Topology, TopologySpec, netns::NetNs, process::ChildGuard,
+    Agent, MeshCaFiles, PodMesh, PodRef, Routing, Topology, TopologySpec, netns::NetNs,
+    process::ChildGuard,
 };
 
 use crate::{
@@ -363,22 +364,9 @@ fn write_mesh_ca(topology: &Topology) -> Result<String> {
     };
     let (cert, key) = veil_identity::CertificateAuthority::new_root_pem("cluster.local")
         .map_err(|e| failed(format!("cannot make the mesh CA: {e}")))?;
-    let cert_path = topology.workdir().join("mesh-root.pem");
-    let key_path = topology.workdir().join("mesh-root.key");
-    std::fs::write(&cert_path, cert)
-        .and_then(|()| std::fs::write(&key_path, key.as_bytes()))
-        .and_then(|()| {
-            std::fs::set_permissions(
-                &key_path,
-                std::os::unix::fs::PermissionsExt::from_mode(0o600),
-            )
-        })
+    let files = MeshCaFiles::write(topology, &cert, &key)
         .map_err(|e| failed(format!("cannot write the mesh CA: {e}")))?;
-    Ok(format!(
-        "\n[mesh]\ntrust_domain = \"cluster.local\"\nca_cert = \"{}\"\nca_key = \"{}\"\n",
-        cert_path.display(),
-        key_path.display()
-    ))
+    Ok(files.agent_section("cluster.local"))
 }
 
 /// Two nodes with `pairs` pods each, nothing routed between them yet.

@@ -15,7 +15,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use veil_testbed::{Agent, PodMesh, PodRef, Routing, Topology, TopologySpec, netns, traffic};
+use veil_testbed::{
+    Agent, MeshCaFiles, PodMesh, PodRef, Routing, Topology, TopologySpec, netns, traffic,
+};
 
 use crate::{
     ebpf, paths,
@@ -220,8 +222,7 @@ fn show(interrupted: &AtomicBool) -> Result<()> {
 /// returns the agents' `[mesh]` section. The key is 0600 and goes away with
 /// the test bed.
 fn make_mesh_ca(topology: &Topology) -> Result<String> {
-    let cert = topology.workdir().join("mesh-root.pem");
-    let key = topology.workdir().join("mesh-root.key");
+    let files = MeshCaFiles::in_workdir(topology);
     let mut openssl = std::process::Command::new("openssl");
     openssl
         .args([
@@ -236,17 +237,14 @@ fn make_mesh_ca(topology: &Topology) -> Result<String> {
         .args(["-addext", "basicConstraints=critical,CA:TRUE"])
         .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
         .arg("-keyout")
-        .arg(&key)
+        .arg(&files.key)
         .arg("-out")
-        .arg(&cert)
+        .arg(&files.cert)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     shell::run(&mut openssl).context("cannot make the demo CA with openssl")?;
-    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+    files
+        .restrict_key()
         .context("cannot restrict the demo CA key to 0600")?;
-    Ok(format!(
-        "\n[mesh]\ntrust_domain = \"cluster.local\"\nca_cert = \"{}\"\nca_key = \"{}\"\n",
-        cert.display(),
-        key.display()
-    ))
+    Ok(files.agent_section("cluster.local"))
 }

@@ -526,14 +526,53 @@ fn condition<'a>(status: &'a ECDSACertStatus, type_: &str) -> Option<&'a veil_cr
     status.conditions.iter().find(|c| c.type_ == type_)
 }
 
+/// `veil-controller`'s reconciler, in this process, signing with a new mesh CA.
+struct Controller {
+    root_pem: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Controller {
+    fn start(client: &Client) -> Self {
+        use veil_controller::{
+            issuance::{DEFAULT_DURATION, LocalIssuer},
+            reconcile::{self, Context},
+        };
+        use veil_identity::{CertificateAuthority, renewal::RenewalPolicy};
+
+        let ca = CertificateAuthority::generate("cluster.local", DEFAULT_DURATION).unwrap();
+        let root_pem = ca.root_pem().to_string();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(reconcile::run(
+            Context {
+                client: client.clone(),
+                issuer: LocalIssuer {
+                    ca,
+                    renewal: RenewalPolicy::default(),
+                },
+            },
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Self {
+            root_pem,
+            stop,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
 #[tokio::test]
 async fn the_controller_signs_an_agents_csr_and_refuses_a_foreign_one() {
-    use veil_controller::{
-        issuance::{DEFAULT_DURATION, LocalIssuer},
-        lease::LeaseLock,
-        reconcile::{self, Context},
-    };
-    use veil_identity::{CertificateAuthority, SpiffeId, WorkloadKey, renewal::RenewalPolicy};
+    use veil_controller::{lease::LeaseLock, reconcile};
+    use veil_identity::{SpiffeId, WorkloadKey};
 
     let _serial = ONE_AT_A_TIME.lock().await;
     let Some(kube) = veil_kubebed::start_or_skip("the ECDSACert controller test").await else {
@@ -558,42 +597,14 @@ async fn the_controller_signs_an_agents_csr_and_refuses_a_foreign_one() {
         "the leader renews"
     );
 
-    let ca = CertificateAuthority::generate("cluster.local", DEFAULT_DURATION).unwrap();
-    let root = ca.root_pem().to_string();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let controller = tokio::spawn(reconcile::run(
-        Context {
-            client: client.clone(),
-            issuer: LocalIssuer {
-                ca,
-                renewal: RenewalPolicy::default(),
-            },
-        },
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let controller = Controller::start(&client);
+    let root = controller.root_pem.clone();
 
     // What a node agent does: a key that stays home, a CSR in the spec.
     let identity: SpiffeId = "spiffe://cluster.local/ns/shop/sa/cart".parse().unwrap();
     let key = WorkloadKey::generate().unwrap();
     let request = |name: &str, identity: &str, csr: String| {
-        ECDSACert::new(
-            name,
-            ECDSACertSpec {
-                identity: Some(identity.into()),
-                dns_names: Vec::new(),
-                ip_addresses: Vec::new(),
-                csr: Some(csr),
-                issuer_ref: IssuerRef {
-                    kind: IssuerKind::LocalCA,
-                    name: "mesh".into(),
-                },
-                duration: None,
-                renew_before: None,
-                secret_name: None,
-            },
-        )
+        ECDSACert::new(name, ECDSACertSpec::workload(identity, Some(csr)))
     };
     let certs: Api<ECDSACert> = Api::all(client.clone());
     certs
@@ -674,18 +685,13 @@ async fn the_controller_signs_an_agents_csr_and_refuses_a_foreign_one() {
         assert!(started.elapsed() < WAIT, "the finalizer never let go");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    controller.stop().await;
 }
 
 #[tokio::test]
 async fn the_agent_gets_its_workload_certificates_from_the_controller() {
     use veil_agent::mesh::{signer::KubernetesSigner, workloads::WorkloadStore};
-    use veil_controller::{
-        issuance::{DEFAULT_DURATION, LocalIssuer},
-        reconcile::{self, Context},
-    };
-    use veil_identity::{CertificateAuthority, SpiffeId, renewal::RenewalPolicy};
+    use veil_identity::SpiffeId;
 
     let _serial = ONE_AT_A_TIME.lock().await;
     let Some(kube) = veil_kubebed::start_or_skip("the agent's Kubernetes issuer test").await else {
@@ -693,21 +699,8 @@ async fn the_agent_gets_its_workload_certificates_from_the_controller() {
     };
     let client = kube.client().await.expect("an admin client");
     install_ecdsacert_crd(&client).await;
-    let ca = CertificateAuthority::generate("cluster.local", DEFAULT_DURATION).unwrap();
-    let root = ca.root_pem().to_string();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let controller = tokio::spawn(reconcile::run(
-        Context {
-            client: client.clone(),
-            issuer: LocalIssuer {
-                ca,
-                renewal: RenewalPolicy::default(),
-            },
-        },
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let controller = Controller::start(&client);
+    let root = controller.root_pem.clone();
 
     // The agent's side runs on plain threads (as in the agent); its signer
     // has its own runtime, made and dropped off this test's async runtime.
@@ -765,6 +758,5 @@ async fn the_agent_gets_its_workload_certificates_from_the_controller() {
         stored.status.unwrap().serial.as_deref(),
         Some(serial.as_str())
     );
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    controller.stop().await;
 }

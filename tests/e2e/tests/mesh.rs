@@ -12,21 +12,21 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::unix::fs::PermissionsExt,
     path::PathBuf,
     sync::Arc,
     time::Duration,
 };
 
 use rustls::{ClientConnection, pki_types::ServerName};
+use veil_agent::mesh::names::sni_for;
 use veil_identity::{CertificateAuthority, SpiffeId, WorkloadKey, ca::DEFAULT_LEAF_LIFETIME};
 use veil_mtls::{
     Preface, TlsSettings, WorkloadCredentials, handshake,
     verifier::{ExpectedPeer, TrustState},
 };
 use veil_testbed::{
-    Agent, PodMesh, PodRef, Routing, Topology, TopologySpec, process::ChildGuard, require_root,
-    traffic,
+    Agent, MeshCaFiles, PodMesh, PodRef, Routing, Topology, TopologySpec, process::ChildGuard,
+    require_root, traffic,
 };
 
 const VNI: u32 = 7878;
@@ -72,16 +72,9 @@ impl MeshBed {
         );
         topology.set_inventory_extra(policy);
         let (cert, key) = CertificateAuthority::new_root_pem(TRUST_DOMAIN).unwrap();
-        let ca_cert = topology.workdir().join("mesh-root.pem");
-        let ca_key = topology.workdir().join("mesh-root.key");
-        std::fs::write(&ca_cert, cert).unwrap();
-        std::fs::write(&ca_key, key.as_bytes()).unwrap();
-        std::fs::set_permissions(&ca_key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let extra = format!(
-            "\n[mesh]\ntrust_domain = \"{TRUST_DOMAIN}\"\nca_cert = \"{}\"\nca_key = \"{}\"\n{mesh_extra}",
-            ca_cert.display(),
-            ca_key.display()
-        );
+        let files = MeshCaFiles::write(&topology, &cert, &key).unwrap();
+        let extra = format!("{}{mesh_extra}", files.agent_section(TRUST_DOMAIN));
+        let (ca_cert, ca_key) = (files.cert, files.key);
         let agents = (1..=2)
             .map(|node| Agent::start_overlay_with(&topology, node, VNI, &extra).unwrap())
             .collect();
@@ -533,18 +526,15 @@ fn wait_for_metric(bed: &MeshBed, node: usize, series: &str, at_least: f64) {
     }
 }
 
-/// A TLS client in node 1's namespace presenting `service_account`'s
-/// certificate from `ca`, claiming `claimed_source` in the preface; true
-/// when the server accepted the session and relayed an echo.
-fn rogue_client(
-    topology: &Topology,
+/// A client configuration as `service_account` of shop, with a certificate
+/// from `ca` (valid yesterday only when `expired`), trusting `trust`'s roots
+/// and accepting only checkout as the server.
+fn client_config_for_checkout(
     ca: &CertificateAuthority,
     expired: bool,
     trust: &CertificateAuthority,
     service_account: &str,
-    claimed_source: PodRef,
-    peer: SocketAddr,
-) -> Result<(), String> {
+) -> rustls::ClientConfig {
     let id = SpiffeId::new(TRUST_DOMAIN, "shop", service_account).unwrap();
     let key = WorkloadKey::generate().unwrap();
     let csr = key.csr_pem(&id).unwrap();
@@ -566,9 +556,29 @@ fn rogue_client(
         })
         .collect();
     let checkout = SpiffeId::new(TRUST_DOMAIN, "shop", "checkout").unwrap();
-    let config = TlsSettings::default()
+    TlsSettings::default()
         .client_config(&credentials, state, ExpectedPeer::Identity(checkout))
-        .unwrap();
+        .unwrap()
+}
+
+/// The SNI a client agent sends for checkout (the agent's own naming).
+fn checkout_server_name() -> ServerName<'static> {
+    ServerName::try_from(sni_for(CHECKOUT.ip())).unwrap()
+}
+
+/// A TLS client in node 1's namespace presenting `service_account`'s
+/// certificate from `ca`, claiming `claimed_source` in the preface; true
+/// when the server accepted the session and relayed an echo.
+fn rogue_client(
+    topology: &Topology,
+    ca: &CertificateAuthority,
+    expired: bool,
+    trust: &CertificateAuthority,
+    service_account: &str,
+    claimed_source: PodRef,
+    peer: SocketAddr,
+) -> Result<(), String> {
+    let config = client_config_for_checkout(ca, expired, trust, service_account);
     let preface = Preface {
         original_destination: std::net::SocketAddrV4::new(CHECKOUT.ip(), 7700),
         source: std::net::SocketAddrV4::new(claimed_source.ip(), 40000),
@@ -580,9 +590,8 @@ fn rogue_client(
                 .map_err(|e| e.to_string())?;
             tcp.set_read_timeout(Some(Duration::from_secs(5)))
                 .map_err(|e| e.to_string())?;
-            let [a, b, c, d] = CHECKOUT.ip().octets();
-            let name = ServerName::try_from(format!("{a}-{b}-{c}-{d}.pod.veil.internal")).unwrap();
-            let connection = ClientConnection::new(Arc::new(config), name).unwrap();
+            let connection =
+                ClientConnection::new(Arc::new(config), checkout_server_name()).unwrap();
             let mut connection =
                 handshake::client(connection, &mut tcp, &preface).map_err(|e| e.to_string())?;
             // Accepted sessions carry bytes; refused ones end without any.
@@ -629,23 +638,7 @@ fn serial_on(bed: &MeshBed, node: usize, identity: &str) -> Option<String> {
 /// The serial of the certificate node 2's agent presents for checkout to a
 /// new connection (an honest client: cart's identity from our CA).
 fn presented_serial(topology: &Topology, ca: &CertificateAuthority) -> String {
-    let id = SpiffeId::new(TRUST_DOMAIN, "shop", "cart").unwrap();
-    let key = WorkloadKey::generate().unwrap();
-    let issued = ca.sign(&key.csr_pem(&id).unwrap(), &id).unwrap();
-    let credentials = WorkloadCredentials::new(&issued, &key).unwrap();
-    let trust = Arc::new(TrustState::default());
-    *trust.roots.write().unwrap() = ca
-        .trust_bundle()
-        .iter()
-        .map(|pem| {
-            use rustls::pki_types::pem::PemObject;
-            rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
-        })
-        .collect();
-    let checkout = SpiffeId::new(TRUST_DOMAIN, "shop", "checkout").unwrap();
-    let config = TlsSettings::default()
-        .client_config(&credentials, trust, ExpectedPeer::Identity(checkout))
-        .unwrap();
+    let config = client_config_for_checkout(ca, false, ca, "cart");
     let preface = Preface {
         original_destination: std::net::SocketAddrV4::new(CHECKOUT.ip(), 7999),
         source: std::net::SocketAddrV4::new(CART.ip(), 40001),
@@ -655,9 +648,8 @@ fn presented_serial(topology: &Topology, ca: &CertificateAuthority) -> String {
         .run(move || {
             let peer = SocketAddr::from(([198, 18, 0, 2], 15008));
             let mut tcp = TcpStream::connect_timeout(&peer, Duration::from_secs(2)).unwrap();
-            let [a, b, c, d] = CHECKOUT.ip().octets();
-            let name = ServerName::try_from(format!("{a}-{b}-{c}-{d}.pod.veil.internal")).unwrap();
-            let connection = ClientConnection::new(Arc::new(config), name).unwrap();
+            let connection =
+                ClientConnection::new(Arc::new(config), checkout_server_name()).unwrap();
             let connection = handshake::client(connection, &mut tcp, &preface).unwrap();
             let leaf = connection.peer_certificates().unwrap()[0].clone();
             let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
@@ -782,7 +774,6 @@ fn openssl_to_inbound(
     root: &std::path::Path,
     client: Option<(&std::path::Path, &std::path::Path)>,
 ) -> String {
-    let [a, b, c, d] = CHECKOUT.ip().octets();
     let mut command = topology.node(1).command("openssl");
     command
         .args([
@@ -792,7 +783,7 @@ fn openssl_to_inbound(
             "-tls1_3",
             "-brief",
         ])
-        .args(["-servername", &format!("{a}-{b}-{c}-{d}.pod.veil.internal")])
+        .args(["-servername", &sni_for(CHECKOUT.ip())])
         .arg("-CAfile")
         .arg(root)
         .arg("-verify_return_error");

@@ -23,6 +23,7 @@ pub mod binaries;
 mod command;
 pub mod inventory;
 pub mod kafka;
+pub mod mesh_ca;
 pub mod netns;
 pub mod privileges;
 pub mod process;
@@ -32,6 +33,7 @@ pub mod traffic;
 
 pub use addressing::PodRef;
 pub use agents::Agent;
+pub use mesh_ca::MeshCaFiles;
 pub use privileges::{require_program, require_root};
 pub use topology::{PodMesh, Routing, Topology, TopologySpec};
 

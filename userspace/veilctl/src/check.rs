@@ -202,28 +202,12 @@ fn mesh_findings(mesh: &MeshStatus, now: std::time::SystemTime, found: &mut Vec<
 
 #[cfg(test)]
 mod tests {
-    use veil_api::{AttachedProgram, EventCount, OverlayStatus};
+    use veil_api::{EventCount, OverlayStatus};
 
     use super::*;
 
     fn status() -> AgentStatus {
-        AgentStatus {
-            version: "0.1.0".into(),
-            node: "node1".into(),
-            programs: vec![AttachedProgram {
-                name: "veil_underlay_ingress".into(),
-                hook: HookKind::Xdp,
-                interface: "ul0".into(),
-                ifindex: 2,
-                mode: "native".into(),
-            }],
-            counters: vec![],
-            events: vec![],
-            overlay: None,
-            kernel_tls: true,
-            mesh: None,
-            event_bus: None,
-        }
+        crate::render::tests::sample(vec![])
     }
 
     #[test]

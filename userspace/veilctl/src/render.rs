@@ -141,12 +141,13 @@ fn overlay_section(overlay: &veil_api::OverlayStatus) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use veil_api::{AttachedProgram, HookKind, InterfaceCounters};
 
     use super::*;
 
-    fn sample(counters: Vec<InterfaceCounters>) -> AgentStatus {
+    /// A healthy node with the XDP program attached (shared by `check`'s tests).
+    pub(crate) fn sample(counters: Vec<InterfaceCounters>) -> AgentStatus {
         AgentStatus {
             version: "0.1.0".into(),
             node: "node1".into(),
