@@ -112,7 +112,26 @@ impl Values {
                 "kafka_brokers",
                 self.kafka_brokers.clone().unwrap_or_default(),
             ),
+            ("agent_events", self.agent_events()),
         ]
+    }
+
+    /// The agent's event-bus setting, one TOML line (it goes before the
+    /// config's first table): the brokers when given, else a comment.
+    fn agent_events(&self) -> String {
+        match &self.kafka_brokers {
+            None => "# No Kafka brokers given: no event bus.".into(),
+            Some(brokers) => {
+                let list: Vec<String> = brokers
+                    .split(',')
+                    .map(|b| format!("{:?}", b.trim()))
+                    .collect();
+                format!(
+                    "events = {{ kafka = {{ brokers = [{}], state_dir = \"/var/lib/veil/events\" }} }}",
+                    list.join(", ")
+                )
+            }
+        }
     }
 }
 

@@ -25,7 +25,7 @@ use k8s_openapi::{
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::Value;
-use veil_agent::{config::AgentConfig, inventory::Inventory};
+use veil_agent::config::AgentConfig;
 
 const ADDED_CAPABILITIES: [&str; 5] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE", "NET_RAW"];
 
@@ -333,13 +333,32 @@ fn the_agent_config_in_the_config_map_is_accepted_by_the_agent() {
     assert_eq!(config.datapath.underlay_interface, "ens5");
     let overlay = config.overlay.unwrap();
     assert_eq!(overlay.vni, 77);
-    assert_eq!(overlay.inventory, Path::new("/etc/veil/inventory.toml"));
+    assert_eq!(
+        overlay.inventory, None,
+        "nodes and pods come from the API server"
+    );
+    let kubernetes = config.kubernetes.expect("a [kubernetes] section");
+    assert_eq!(kubernetes.kubeconfig, None, "in-cluster credentials");
+    let mesh = config.mesh.expect("a [mesh] section");
+    assert_eq!(mesh.issuer, veil_agent::config::MeshIssuer::Kubernetes);
+    assert_eq!(mesh.ca_key, None, "no CA key on the nodes");
+    assert_eq!(config.events, None, "no brokers given, no bus");
     assert!(config.admin_listen.ip().is_loopback());
     assert_eq!(config.readiness_listen.port(), 15021);
     assert_eq!(config.metrics_listen.port(), 15020);
-    let inventory = Inventory::parse(&data["inventory.toml"], Path::new("inventory.toml"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(inventory.nodes.is_empty() && inventory.pods.is_empty());
+
+    // With brokers, the agent joins the bus.
+    let objects = parse(&render(&["--kafka-brokers", "kafka-0:9092,kafka-1:9092"]));
+    let data = config_map(&objects, "veil-agent-config")
+        .data
+        .clone()
+        .unwrap();
+    let text = data["agent.toml"].replace("@NODE_NAME@", "node-a");
+    let config =
+        AgentConfig::parse(&text, Path::new("agent.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let kafka = config.events.expect("an event bus").kafka;
+    assert_eq!(kafka.brokers, ["kafka-0:9092", "kafka-1:9092"]);
+    assert_eq!(kafka.state_dir, Path::new("/var/lib/veil/events"));
 
     // The init container's rendering and check match the agent's arguments.
     let spec = pod_spec(&objects, "DaemonSet");
@@ -599,4 +618,58 @@ fn kafka_topics_cover_every_event_role() {
             assert!(topic.config.contains_key("retention.ms"), "{}", topic.name);
         }
     }
+}
+
+#[test]
+fn only_the_controller_mounts_the_ca_key_and_the_agents_get_the_root_certificate() {
+    let objects = parse(&render(&[]));
+    let agent = pod_spec(&objects, "DaemonSet");
+    let volumes = agent.volumes.clone().unwrap();
+    let root = volumes.iter().find(|v| v.name == "mesh-root").unwrap();
+    assert_eq!(root.config_map.as_ref().unwrap().name, "veil-mesh-root");
+    assert!(
+        volumes.iter().all(|v| v.secret.is_none()),
+        "no Secret (and so no CA key) on the nodes' agents"
+    );
+    let data = config_map(&objects, "veil-agent-config")
+        .data
+        .clone()
+        .unwrap();
+    let mount = container(&agent, "agent")
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == "mesh-root")
+        .unwrap()
+        .mount_path
+        .clone();
+    assert!(
+        data["agent.toml"].contains(&format!("ca_cert = \"{mount}/ca.crt\"")),
+        "the agent's [mesh] names the mounted root"
+    );
+
+    let controller = pod_spec(&objects, "Deployment");
+    let ca = controller
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "mesh-ca")
+        .unwrap();
+    let secret = ca.secret.as_ref().unwrap();
+    assert_eq!(secret.secret_name.as_deref(), Some("veil-mesh-ca"));
+    assert_eq!(secret.default_mode, Some(0o400));
+    let mounted = container(&controller, "controller")
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .any(|m| {
+            m.name == "mesh-ca" && m.mount_path == "/etc/veil/ca" && m.read_only == Some(true)
+        });
+    assert!(
+        mounted,
+        "the controller reads tls.crt and tls.key from /etc/veil/ca"
+    );
 }

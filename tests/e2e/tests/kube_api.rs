@@ -25,14 +25,11 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{DynamicObject, ListParams, Patch, PatchParams, PostParams},
-    core::{GroupVersionKind, TypeMeta},
-    discovery::{self, Scope},
-    runtime::{conditions, wait::await_condition},
+    api::{Patch, PatchParams, PostParams},
 };
-use serde::Deserialize;
 use serde_json::{Value, json};
 use veil_crd::{ECDSACert, ECDSACertSpec, ECDSACertStatus, IssuerKind, IssuerRef};
+use veil_kubebed::objects::{describe, documents};
 
 /// One API server at a time: each needs a few hundred MB and a core while it starts.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -50,82 +47,20 @@ fn repo_root() -> &'static Path {
         .expect("tests/e2e is two levels below the repository root")
 }
 
-/// Every YAML document of `text`, as JSON values.
-fn documents(text: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
-        .map(|document| Value::deserialize(document).expect("every document is YAML"))
-        .filter(|value| !value.is_null())
-        .collect()
-}
-
-fn describe(object: &Value) -> String {
-    format!(
-        "{} {}/{}",
-        object["kind"].as_str().unwrap_or("?"),
-        object["metadata"]["namespace"].as_str().unwrap_or("-"),
-        object["metadata"]["name"].as_str().unwrap_or("?"),
-    )
-}
-
-/// Server-side applies `object` (typed through discovery) and returns what
-/// the API server answered.
+/// Server-side applies `object` as the tests' field manager.
 async fn apply(client: &Client, object: &Value, dry_run: bool) -> Result<Value, kube::Error> {
-    let types: TypeMeta = serde_json::from_value(object.clone()).expect("apiVersion and kind");
-    let gvk = GroupVersionKind::try_from(&types).expect("a valid apiVersion");
-    let (resource, capabilities) = discovery::pinned_kind(client, &gvk).await?;
-    let name = object["metadata"]["name"].as_str().expect("metadata.name");
-    let api: Api<DynamicObject> = match capabilities.scope {
-        Scope::Cluster => Api::all_with(client.clone(), &resource),
-        Scope::Namespaced => Api::namespaced_with(
-            client.clone(),
-            object["metadata"]["namespace"]
-                .as_str()
-                .expect("namespaced objects in deploy/ name their namespace"),
-            &resource,
-        ),
-    };
-    let mut params = PatchParams::apply(FIELD_MANAGER);
-    if dry_run {
-        params = params.dry_run();
-    }
-    let applied = api.patch(name, &params, &Patch::Apply(object)).await?;
-    Ok(serde_json::to_value(applied).expect("an object serializes"))
+    veil_kubebed::objects::apply(client, object, FIELD_MANAGER, dry_run).await
 }
 
 /// Installs deploy/crds/ecdsacert.yaml and waits until it is Established.
 async fn install_ecdsacert_crd(client: &Client) {
-    let text = std::fs::read_to_string(repo_root().join("deploy/crds/ecdsacert.yaml"))
-        .expect("deploy/crds/ecdsacert.yaml is readable");
-    let [crd] = documents(&text).try_into().expect("one CRD in the file");
-    apply(client, &crd, false)
-        .await
-        .expect("the API server accepts the ECDSACert CRD");
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    tokio::time::timeout(
+    veil_kubebed::objects::install_crd(
+        client,
+        &repo_root().join("deploy/crds/ecdsacert.yaml"),
+        FIELD_MANAGER,
         WAIT,
-        await_condition(
-            crds,
-            "ecdsacerts.veil.dev",
-            conditions::is_crd_established(),
-        ),
     )
-    .await
-    .expect("the ECDSACert CRD is Established within 30 s")
-    .expect("watching the CRD works");
-    // Established is not yet servable for reads: until the new resource's
-    // watch cache is filled, lists answer 429 "storage is (re)initializing"
-    // (clients retry; so does this, bounded).
-    let certs: Api<ECDSACert> = Api::all(client.clone());
-    let started = std::time::Instant::now();
-    loop {
-        match certs.list(&ListParams::default().limit(1)).await {
-            Ok(_) => break,
-            Err(kube::Error::Api(response)) if response.code == 429 && started.elapsed() < WAIT => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(error) => panic!("listing ECDSACerts after the CRD is Established: {error}"),
-        }
-    }
+    .await;
 }
 
 #[tokio::test]
@@ -444,6 +379,10 @@ async fn the_service_accounts_get_exactly_what_the_rbac_manifests_grant() {
     assert!(can_i(&agent, "create", "veil.dev", "ecdsacerts", None, None).await);
     assert!(can_i(&agent, "watch", "", "pods", None, None).await);
     assert!(!can_i(&agent, "delete", "", "pods", None, None).await);
+    // Its own Node's underlay annotations; nodes cannot be made or removed.
+    assert!(can_i(&agent, "patch", "", "nodes", None, None).await);
+    assert!(!can_i(&agent, "delete", "", "nodes", None, None).await);
+    assert!(!can_i(&agent, "create", "", "nodes", None, None).await);
 
     let controller = kube
         .client_as_service_account("veil-system", "veil-controller")

@@ -25,6 +25,7 @@
 
 mod binaries;
 mod certs;
+pub mod objects;
 mod process;
 
 use std::{
@@ -109,6 +110,7 @@ pub struct KubeApi {
     url: String,
     kubeconfig: PathBuf,
     config: Config,
+    pki: certs::Pki,
     dir: tempfile::TempDir,
 }
 
@@ -203,7 +205,7 @@ impl KubeApi {
         )?;
 
         let kubeconfig = dir.path().join("kubeconfig");
-        write_kubeconfig(&kubeconfig, &url, &pki)?;
+        write_kubeconfig(&kubeconfig, &url, &pki, None)?;
         let config = load_kubeconfig(&kubeconfig).await?;
         let mut api = Self {
             apiserver,
@@ -211,6 +213,7 @@ impl KubeApi {
             url,
             kubeconfig,
             config,
+            pki,
             dir,
         };
         api.wait_until_ready().await?;
@@ -226,6 +229,21 @@ impl KubeApi {
     /// lives as long as this value.
     pub fn kubeconfig_path(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    /// Writes a kubeconfig at `path` for reaching this API server at
+    /// `server` (e.g. a relay's `https://198.18.0.1:6443` inside a test
+    /// bed's namespace), acting as the ServiceAccount `namespace/name` so
+    /// RBAC decides as for it. The serving certificate is checked as
+    /// `localhost` (`tls-server-name`), whatever address `server` names.
+    pub fn write_service_account_kubeconfig(
+        &self,
+        path: &Path,
+        server: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<()> {
+        write_kubeconfig(path, server, &self.pki, Some((namespace, name)))
     }
 
     /// The temporary directory holding certificates, etcd's data and the logs.
@@ -385,15 +403,33 @@ async fn http_get_loopback(port: u16, path: &str) -> std::io::Result<String> {
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in 2 s"))?
 }
 
-/// A kubeconfig naming the certificate files (usable by kubectl as well).
-fn write_kubeconfig(path: &Path, url: &str, pki: &certs::Pki) -> Result<()> {
+/// A kubeconfig naming the certificate files (usable by kubectl as well);
+/// with `service_account`, the admin impersonates it and the server name
+/// checked is `localhost` (for servers reached through a relay).
+fn write_kubeconfig(
+    path: &Path,
+    url: &str,
+    pki: &certs::Pki,
+    service_account: Option<(&str, &str)>,
+) -> Result<()> {
+    let (server_name, impersonation) = match service_account {
+        None => (String::new(), String::new()),
+        Some((namespace, name)) => (
+            "    tls-server-name: localhost\n".to_owned(),
+            format!(
+                "    as: system:serviceaccount:{namespace}:{name}\n    as-groups:\n\
+                 \x20   - system:serviceaccounts\n\x20   - system:serviceaccounts:{namespace}\n\
+                 \x20   - system:authenticated\n"
+            ),
+        ),
+    };
     let text = format!(
         "apiVersion: v1\n\
          kind: Config\n\
          clusters:\n\
-         - name: veil-kubebed\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\n\
+         - name: veil-kubebed\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\n{server_name}\
          users:\n\
-         - name: {ADMIN_USER}\n  user:\n    client-certificate: {cert}\n    client-key: {key}\n\
+         - name: {ADMIN_USER}\n  user:\n    client-certificate: {cert}\n    client-key: {key}\n{impersonation}\
          contexts:\n\
          - name: veil-kubebed\n  context:\n    cluster: veil-kubebed\n    user: {ADMIN_USER}\n    namespace: default\n\
          current-context: veil-kubebed\n",

@@ -50,6 +50,23 @@ impl Agent {
         Self::start_configured(topology, node, Some(vni), extra)
     }
 
+    /// Like [`Self::start_overlay_with`], with no inventory file at all:
+    /// `extra` must name the sources (`[kubernetes]`, `[events.kafka]`).
+    pub fn start_overlay_without_inventory(
+        topology: &Topology,
+        node: usize,
+        vni: u32,
+        extra: &str,
+    ) -> Result<Self> {
+        let config = config_for(topology, node, Some(vni));
+        let config: String = config
+            .lines()
+            .filter(|line| !line.starts_with("inventory = "))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        Self::start_from(topology, node, format!("{config}{extra}"))
+    }
+
     fn start_with(topology: &Topology, node: usize, overlay_vni: Option<u32>) -> Result<Self> {
         Self::start_configured(topology, node, overlay_vni, "")
     }
@@ -60,11 +77,15 @@ impl Agent {
         overlay_vni: Option<u32>,
         extra: &str,
     ) -> Result<Self> {
+        let config = format!("{}{extra}", config_for(topology, node, overlay_vni));
+        Self::start_from(topology, node, config)
+    }
+
+    fn start_from(topology: &Topology, node: usize, config: String) -> Result<Self> {
         let agent_bin = binaries::locate("veil-agent")?;
         let veilctl = binaries::locate("veilctl")?;
         let ns = topology.node(node);
         let config_path = topology.workdir().join(format!("agent-n{node}.toml"));
-        let config = format!("{}{extra}", config_for(topology, node, overlay_vni));
         std::fs::write(&config_path, config)
             .map_err(io_error(format!("cannot write {}", config_path.display())))?;
         let log_path = topology.workdir().join(format!("agent-n{node}.log"));

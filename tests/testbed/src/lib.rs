@@ -27,6 +27,7 @@ pub mod mesh_ca;
 pub mod netns;
 pub mod privileges;
 pub mod process;
+pub mod relay;
 pub mod routes;
 pub mod topology;
 pub mod traffic;

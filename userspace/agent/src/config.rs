@@ -67,6 +67,29 @@ pub struct AgentConfig {
     /// The control-plane event bus; without it the inventory file is the only source.
     #[serde(default)]
     pub events: Option<EventsSection>,
+    /// Kubernetes as a source: this node's pods and every Node object.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesSection>,
+}
+
+/// Where the agent learns its pods and the cluster's nodes from the API
+/// server (watches, not polling). Works together with the inventory file
+/// (the file wins for what it lists) and the event bus (other nodes' pods).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSection {
+    /// A kubeconfig file; default: the in-cluster service account, then `KUBECONFIG`.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Write this node's underlay address and MAC into its Node object
+    /// (annotations `veil.dev/underlay-ip`, `veil.dev/underlay-mac`), where
+    /// the other agents read them.
+    #[serde(default = "default_true")]
+    pub annotate_node: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -147,7 +170,9 @@ pub struct OverlaySection {
     #[serde(default = "default_underlay_mtu")]
     pub underlay_mtu: u32,
     /// The inventory file (nodes and pods), re-read when it changes.
-    pub inventory: PathBuf,
+    /// Optional with `[kubernetes]`, which then supplies nodes and pods.
+    #[serde(default)]
+    pub inventory: Option<PathBuf>,
 }
 
 fn default_vni() -> u32 {
@@ -230,6 +255,23 @@ impl AgentConfig {
                     overlay.underlay_mtu
                 ));
             }
+        }
+        if let Some(overlay) = &self.overlay
+            && overlay.inventory.is_none()
+            && self.kubernetes.is_none()
+        {
+            return Err(
+                "overlay.inventory is missing: name an inventory file, or add a \
+                        [kubernetes] section so nodes and pods come from the API server"
+                    .into(),
+            );
+        }
+        if self.kubernetes.is_some() && self.overlay.is_none() {
+            return Err(
+                "[kubernetes] needs [overlay]: the pods and nodes it learns \
+                        are what the overlay is built from; add an [overlay] section"
+                    .into(),
+            );
         }
         if let Some(events) = &self.events {
             if self.overlay.is_none() {
@@ -373,6 +415,29 @@ mod tests {
         assert!(error.contains("overlay.vni"), "{error}");
         let error = parse(base).unwrap_err().to_string();
         assert!(error.contains("inventory"), "{error}");
+    }
+
+    #[test]
+    fn kubernetes_can_replace_the_inventory_file_but_needs_the_overlay() {
+        let base = "node_name = \"n1\"\n[datapath]\nunderlay_interface = \"ul0\"\n";
+        let config = parse(&format!(
+            "{base}[overlay]\n[kubernetes]\nkubeconfig = \"/etc/veil/kubeconfig\"\n"
+        ))
+        .unwrap();
+        let kubernetes = config.kubernetes.unwrap();
+        assert!(
+            kubernetes.annotate_node,
+            "annotating the Node is the default"
+        );
+        assert_eq!(config.overlay.unwrap().inventory, None);
+        let error = parse(&format!("{base}[kubernetes]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("[kubernetes] needs [overlay]"), "{error}");
+        let error = parse(&format!("{base}[overlay]\n[kubernetes]\nwatch = true\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown field"), "{error}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The cluster inventory the overlay is built from: nodes and pods.
 //!
-//! For now a TOML file (the same file on every node); Kubernetes and the
-//! event bus will feed the same structure later. The agent re-reads it when
+//! A TOML file (the same file on every node), to which the API server
+//! ([`crate::kubernetes`]) and the event bus ([`crate::events_sync`]) add
+//! what they learn. The agent re-reads it when
 //! it changes and applies the difference to the maps without reloading
 //! programs. A file that does not parse or validate is refused with the line
 //! or entry and the reason, and the last good state stays in force.
@@ -260,7 +261,10 @@ impl Inventory {
         (mode != MeshMode::Disable).then_some((mesh, mode))
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// Checks the whole inventory (also after the API server's and the bus's
+    /// entries are merged in): unique names and addresses, known nodes,
+    /// addresses inside a pod CIDR, no conflicting mTLS settings.
+    pub fn validate(&self) -> Result<(), String> {
         let mut names = HashSet::new();
         for (i, node) in self.nodes.iter().enumerate() {
             if !names.insert(node.name.as_str()) {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod datapath;
 pub mod events_sync;
 pub mod inventory;
+pub mod kubernetes;
 pub mod logging;
 pub mod mesh;
 pub mod overlay_sync;
@@ -40,6 +41,8 @@ pub enum AgentError {
     Mesh(#[from] mesh::MeshError),
     #[error(transparent)]
     Events(#[from] events_sync::EventsError),
+    #[error(transparent)]
+    Kubernetes(#[from] kubernetes::KubernetesError),
 }
 
 /// Runs the agent until `shutdown` completes, then detaches everything.
@@ -55,6 +58,31 @@ pub async fn run(
         )?),
         None => None,
     };
+    let kubernetes = match &config.kubernetes {
+        Some(section) => {
+            let (section, node, underlay) = (
+                section.clone(),
+                config.node_name.clone(),
+                config.datapath.underlay_interface.clone(),
+            );
+            // The watchers run their own runtime; build it off the async workers.
+            Some(
+                tokio::task::spawn_blocking(move || {
+                    kubernetes::Kubernetes::start(
+                        section.kubeconfig.as_deref(),
+                        section.annotate_node,
+                        &node,
+                        &underlay,
+                    )
+                })
+                .await
+                .map_err(|e| {
+                    kubernetes::KubernetesError::Thread(std::io::Error::other(e.to_string()))
+                })??,
+            )
+        }
+        None => None,
+    };
     let overlay = config.overlay.as_ref().map(|section| {
         Arc::new(OverlaySync {
             settings: OverlaySettings {
@@ -67,6 +95,7 @@ pub async fn run(
             report: Mutex::default(),
             latest: Default::default(),
             events: events.as_ref().map(|e| Arc::clone(&e.state)),
+            kubernetes: kubernetes.as_ref().map(|k| Arc::clone(&k.state)),
         })
     });
     if let Some(overlay) = &overlay {
@@ -80,6 +109,10 @@ pub async fn run(
         (Some(section), Some(overlay)) => Some(mesh::Mesh::start(
             section,
             &config.node_name,
+            config
+                .kubernetes
+                .as_ref()
+                .and_then(|k| k.kubeconfig.clone()),
             Arc::clone(overlay),
         )?),
         _ => None,

@@ -34,26 +34,40 @@ pub struct SyncReport {
 
 pub struct OverlaySync {
     pub settings: OverlaySettings,
-    pub inventory: PathBuf,
+    /// The inventory file, when there is one (else only Kubernetes and the bus).
+    pub inventory: Option<PathBuf>,
     pub report: Mutex<SyncReport>,
     /// The last inventory accepted, for the mesh (who is meshed, and as whom).
     pub latest: std::sync::RwLock<Option<Arc<Inventory>>>,
     /// Pods of other nodes learnt from the event bus, when there is one.
     pub events: Option<Arc<crate::events_sync::EventState>>,
+    /// This node's pods and the cluster's nodes from the API server, when watched.
+    pub kubernetes: Option<Arc<crate::kubernetes::KubeState>>,
 }
 
 impl OverlaySync {
     /// Reads the inventory once and applies it. Errors go into the report.
     pub fn sync_once(&self, datapath: &Mutex<Datapath>) {
-        let result = Inventory::load(&self.inventory)
-            .map_err(|e| e.to_string())
-            .and_then(|mut inventory| {
-                if let Some(events) = &self.events {
-                    events.merge_into(&mut inventory, &self.settings.node_name);
-                }
-                let plan = overlay::plan(&inventory, &self.settings, &links::current())?;
-                Ok((plan, inventory))
-            });
+        let file = match &self.inventory {
+            Some(path) => Inventory::load(path).map_err(|e| e.to_string()),
+            None => Ok(Inventory::default()),
+        };
+        let result = file.and_then(|mut inventory| {
+            // The file first, then the API server (nodes, this node's pods),
+            // then the bus (other nodes' pods, which need the nodes).
+            if let Some(kubernetes) = &self.kubernetes {
+                kubernetes.merge_into(&mut inventory, &self.settings.node_name);
+            }
+            if let Some(events) = &self.events {
+                events.merge_into(&mut inventory, &self.settings.node_name);
+            }
+            inventory.validate()?;
+            let mut plan = overlay::plan(&inventory, &self.settings, &links::current())?;
+            if let Some(kubernetes) = &self.kubernetes {
+                plan.warnings.extend(kubernetes.problems());
+            }
+            Ok((plan, inventory))
+        });
         let mut report = self.report.lock().unwrap_or_else(|p| p.into_inner());
         let plan = match result {
             Ok((plan, inventory)) => {
@@ -138,7 +152,10 @@ impl OverlaySync {
             vni: self.settings.vni,
             underlay_ip: std::net::Ipv4Addr::from(config.underlay_ip).to_string(),
             underlay_mtu: self.settings.underlay_mtu,
-            inventory: self.inventory.display().to_string(),
+            inventory: self
+                .inventory
+                .as_ref()
+                .map_or_else(|| "(none: Kubernetes)".into(), |p| p.display().to_string()),
             inventory_error: report.inventory_error,
             warnings: report.warnings,
             routes: maps

@@ -5,7 +5,11 @@
 //! controller checks it against the identity and signs it with the mesh's
 //! local CA, and reports progress and the certificate chain in the status.
 //! Replicas elect a leader with a Lease ([`lease`]); only the leader writes.
+//! With a Kafka broker configured, the leader also publishes pod lifecycle
+//! events derived from the API server ([`pod_events`]), which is how each
+//! agent learns the pods of the other nodes.
 
 pub mod issuance;
 pub mod lease;
+pub mod pod_events;
 pub mod reconcile;

@@ -8,6 +8,7 @@ use tracing::{error, info};
 use veil_controller::{
     issuance::{DEFAULT_DURATION, LocalIssuer},
     lease::LeaseLock,
+    pod_events,
     reconcile::{self, Context},
 };
 use veil_identity::{CertificateAuthority, renewal::RenewalPolicy};
@@ -42,6 +43,18 @@ enum Command {
         /// This replica's name (the pod name in Kubernetes).
         #[arg(long, env = "POD_NAME")]
         holder: Option<String>,
+        /// Kafka bootstrap brokers (`host:port`, comma-separated): publish pod
+        /// lifecycle events on the pods topic for the agents. Without it the
+        /// agents learn only their own node's pods.
+        #[arg(long, env = "VEIL_KAFKA_BROKERS", value_delimiter = ',')]
+        kafka_brokers: Vec<String>,
+        /// Where unacknowledged events spill while the broker is away.
+        #[arg(
+            long,
+            env = "VEIL_EVENTS_STATE_DIR",
+            default_value = "/var/lib/veil-controller/events"
+        )]
+        events_state_dir: PathBuf,
     },
 }
 
@@ -77,6 +90,8 @@ async fn run(command: Command) -> Result<()> {
         lease_name,
         lease_namespace,
         holder,
+        kafka_brokers,
+        events_state_dir,
     } = command;
     let cert = std::fs::read_to_string(&ca_cert)
         .with_context(|| format!("cannot read the CA certificate {}", ca_cert.display()))?;
@@ -99,6 +114,30 @@ async fn run(command: Command) -> Result<()> {
     info!(holder, lease = %lease_name, "waiting for leadership");
     lock.acquire().await.context("cannot take the lease")?;
     info!(holder, "leading: reconciling ECDSACerts");
+    let bus = if kafka_brokers.is_empty() {
+        info!("no Kafka brokers configured: pod lifecycle events are not published");
+        None
+    } else {
+        let settings = veil_events::kafka::KafkaSettings {
+            brokers: kafka_brokers,
+            state_dir: events_state_dir,
+            ..Default::default()
+        };
+        Some(
+            veil_events::kafka::KafkaBus::connect(&settings)
+                .context("cannot start the Kafka event bus")?,
+        )
+    };
+    let pods = {
+        let client = client.clone();
+        let trust_domain = trust_domain.clone();
+        async move {
+            match &bus {
+                Some(bus) => pod_events::run(client, bus, &trust_domain).await,
+                None => std::future::pending().await,
+            }
+        }
+    };
     let context = Context {
         client,
         issuer: LocalIssuer {
@@ -111,6 +150,7 @@ async fn run(command: Command) -> Result<()> {
     };
     tokio::select! {
         () = reconcile::run(context, shutdown) => Ok(()),
+        () = pods => anyhow::bail!("the pod watch ended"),
         reason = lock.hold() => anyhow::bail!("lost leadership ({reason}); exiting so a restart rejoins the election"),
     }
 }

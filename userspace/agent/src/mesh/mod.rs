@@ -99,12 +99,15 @@ impl Mesh {
     pub fn start(
         section: &MeshSection,
         node_name: &str,
+        kubeconfig: Option<std::path::PathBuf>,
         overlay: Arc<OverlaySync>,
     ) -> Result<Self, MeshError> {
         let settings = TlsSettings::default();
         let store = Arc::new(match section.issuer {
             MeshIssuer::LocalCa => WorkloadStore::new(load_ca(section)?, settings.clone()),
-            MeshIssuer::Kubernetes => kubernetes_store(section, node_name, settings.clone())?,
+            MeshIssuer::Kubernetes => {
+                kubernetes_store(section, node_name, kubeconfig, settings.clone())?
+            }
         });
         let trust = Arc::new(TrustState::default());
         *trust.roots.write().unwrap_or_else(|p| p.into_inner()) = store
@@ -196,13 +199,18 @@ fn read_file(what: &'static str, path: &Path) -> Result<String, MeshError> {
 fn kubernetes_store(
     section: &MeshSection,
     node_name: &str,
+    kubeconfig: Option<std::path::PathBuf>,
     settings: TlsSettings,
 ) -> Result<WorkloadStore, MeshError> {
     let root = read_file("CA certificate", &section.ca_cert)?;
     let node = node_name.to_string();
     // The signer runs its own runtime; build it off the async workers.
     let signer = std::thread::spawn(move || {
-        signer::KubernetesSigner::from_environment(&node, KUBERNETES_SIGNING_TIMEOUT)
+        signer::KubernetesSigner::from_kubeconfig(
+            kubeconfig.as_deref(),
+            &node,
+            KUBERNETES_SIGNING_TIMEOUT,
+        )
     })
     .join()
     .map_err(|_| MeshError::Ca("the Kubernetes signer panicked while starting".into()))?

@@ -76,15 +76,23 @@ impl KubernetesSigner {
         })
     }
 
-    /// A signer with the client from the environment (in-cluster service
-    /// account, or `KUBECONFIG`). Call from a plain thread, not an async task.
-    pub fn from_environment(node: &str, timeout: Duration) -> Result<Self, String> {
+    /// A signer with the client from `kubeconfig`, else the environment
+    /// (in-cluster service account, or `KUBECONFIG`). Call from a plain
+    /// thread, not an async task.
+    pub fn from_kubeconfig(
+        kubeconfig: Option<&std::path::Path>,
+        node: &str,
+        timeout: Duration,
+    ) -> Result<Self, String> {
         let runtime = signer_runtime()?;
-        let client = runtime.block_on(Client::try_default()).map_err(|e| {
-            format!(
-                "cannot reach the Kubernetes API (no kubeconfig or in-cluster credentials): {e}"
-            )
-        })?;
+        let client = runtime
+            .block_on(async {
+                let config = crate::kubernetes::client_config(kubeconfig)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Client::try_from(config).map_err(|e| e.to_string())
+            })
+            .map_err(|e| format!("cannot reach the Kubernetes API: {e}"))?;
         Ok(Self {
             client,
             runtime,

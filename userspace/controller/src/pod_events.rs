@@ -1,0 +1,361 @@
+//! Pod lifecycle from the API server onto the event bus (`veil.pods`).
+//!
+//! Each agent watches only the pods of its own node; the pods of other nodes
+//! reach it as events, which the leading controller derives from one watch on
+//! all pods: `pod-scheduled` (node chosen, no address yet), `pod-ready`
+//! (address known) and `pod-deleted` (gone, or finished). Events are keyed
+//! `namespace/name` (one partition per pod, so per-pod order holds) and
+//! sequenced by the pod's `resourceVersion`, so agents apply each change once
+//! however often it is delivered. Only changes an agent cares about are
+//! published: a status update that changes neither node, address nor
+//! identity publishes nothing.
+
+use std::collections::HashMap;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt, watcher},
+};
+use tracing::{info, warn};
+use veil_events::schema::{Envelope, Event, Topic};
+
+/// Pod annotation that meshes a pod (the same the agents read).
+pub const MTLS_ANNOTATION: &str = "veil.dev/mtls";
+
+/// Where derived events go (the Kafka bus, or a test's recorder).
+pub trait Publish: Send + Sync {
+    fn publish(&self, envelope: &Envelope) -> Result<(), String>;
+}
+
+impl Publish for veil_events::kafka::KafkaBus {
+    fn publish(&self, envelope: &Envelope) -> Result<(), String> {
+        veil_events::bus::EventBus::publish(self, envelope).map_err(|e| e.to_string())
+    }
+}
+
+/// The SPIFFE ID of a meshed pod, or "" for one outside the mesh.
+fn identity(pod: &Pod, trust_domain: &str) -> String {
+    let meshed = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(MTLS_ANNOTATION))
+        .is_some_and(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "enabled" | "true" | "strict" | "permissive"
+            )
+        });
+    if !meshed {
+        return String::new();
+    }
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let service_account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.as_deref())
+        .filter(|sa| !sa.is_empty())
+        .unwrap_or("default");
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+}
+
+/// The event a pod's current state means to agents, `None` while it has no
+/// node (nothing to tell) or when it runs in the host's network.
+pub fn event_for(pod: &Pod, trust_domain: &str) -> Option<Event> {
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let spec = pod.spec.as_ref()?;
+    if spec.host_network == Some(true) {
+        return None;
+    }
+    let node = spec.node_name.clone()?;
+    let status = pod.status.as_ref();
+    if status
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|phase| phase == "Succeeded" || phase == "Failed")
+    {
+        return Some(Event::PodDeleted {
+            namespace,
+            pod: name,
+        });
+    }
+    let identity = identity(pod, trust_domain);
+    let ip = status.and_then(|s| {
+        s.pod_ips
+            .as_ref()
+            .and_then(|ips| {
+                ips.iter()
+                    .find(|ip| !ip.ip.contains(':'))
+                    .map(|ip| ip.ip.clone())
+            })
+            .or_else(|| s.pod_ip.clone())
+    });
+    Some(match ip {
+        Some(ip) => Event::PodReady {
+            namespace,
+            pod: name,
+            node,
+            ip,
+            identity,
+        },
+        None => Event::PodScheduled {
+            namespace,
+            pod: name,
+            node,
+            identity,
+        },
+    })
+}
+
+fn key_of(pod: &Pod) -> String {
+    format!(
+        "{}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or("default"),
+        pod.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+fn version_of(pod: &Pod) -> u64 {
+    pod.metadata
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What has been published per pod, to publish changes only and to find
+/// pods that vanished while the watch was re-listing.
+#[derive(Default)]
+pub struct Publisher {
+    trust_domain: String,
+    /// Key → (last sequence, last event).
+    published: HashMap<String, (u64, Event)>,
+    /// Keys seen since the current re-list began.
+    relisting: Option<Vec<String>>,
+    pub sent: u64,
+}
+
+impl Publisher {
+    pub fn new(trust_domain: &str) -> Self {
+        Self {
+            trust_domain: trust_domain.into(),
+            ..Self::default()
+        }
+    }
+
+    fn send(&mut self, bus: &dyn Publish, key: String, version: u64, event: Event) {
+        let seq = match self.published.get(&key) {
+            Some((_, last)) if *last == event => return,
+            // Strictly after what agents have applied for this pod.
+            Some((last_seq, _)) => version.max(last_seq + 1),
+            None => version.max(1),
+        };
+        let envelope = Envelope::new(Topic::Pods, key.clone(), seq, event.clone());
+        match bus.publish(&envelope) {
+            Ok(()) => {
+                self.sent += 1;
+                // Deleted pods are kept too: a re-created pod of the same
+                // name must sequence after its deletion.
+                self.published.insert(key, (seq, event));
+            }
+            Err(error) => {
+                warn!(%key, %error, "pod event not published; it is retried at the next change or re-list")
+            }
+        }
+    }
+
+    /// Applies one watch event.
+    pub fn observe(&mut self, bus: &dyn Publish, event: watcher::Event<Pod>) {
+        match event {
+            watcher::Event::Init => self.relisting = Some(Vec::new()),
+            watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) => {
+                let key = key_of(&pod);
+                if let Some(seen) = &mut self.relisting {
+                    seen.push(key.clone());
+                }
+                if let Some(event) = event_for(&pod, &self.trust_domain) {
+                    self.send(bus, key, version_of(&pod), event);
+                }
+            }
+            watcher::Event::Delete(pod) => {
+                let (namespace, name) = (
+                    pod.metadata
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| "default".into()),
+                    pod.metadata.name.clone().unwrap_or_default(),
+                );
+                self.send(
+                    bus,
+                    key_of(&pod),
+                    version_of(&pod),
+                    Event::PodDeleted {
+                        namespace,
+                        pod: name,
+                    },
+                );
+            }
+            watcher::Event::InitDone => {
+                let Some(seen) = self.relisting.take() else {
+                    return;
+                };
+                let vanished: Vec<(String, u64)> = self
+                    .published
+                    .iter()
+                    .filter(|(key, (_, event))| {
+                        !seen.contains(key) && !matches!(event, Event::PodDeleted { .. })
+                    })
+                    .map(|(key, (seq, _))| (key.clone(), *seq))
+                    .collect();
+                for (key, seq) in vanished {
+                    let (namespace, name) = key.split_once('/').unwrap_or(("default", &key));
+                    let event = Event::PodDeleted {
+                        namespace: namespace.into(),
+                        pod: name.into(),
+                    };
+                    self.send(bus, key.clone(), seq + 1, event);
+                }
+            }
+        }
+    }
+}
+
+/// Publishes pod lifecycle events until the watch ends (it retries with
+/// backoff on its own, so in practice until the controller stops).
+pub async fn run(client: Client, bus: &dyn Publish, trust_domain: &str) {
+    let mut publisher = Publisher::new(trust_domain);
+    let mut events = std::pin::pin!(
+        watcher(Api::<Pod>::all(client), watcher::Config::default()).default_backoff()
+    );
+    info!("publishing pod lifecycle events");
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(event) => publisher.observe(bus, event),
+            Err(error) => warn!(%error, "pod watch failed; retrying"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<Envelope>>);
+
+    impl Publish for Recorder {
+        fn publish(&self, envelope: &Envelope) -> Result<(), String> {
+            self.0.lock().unwrap().push(envelope.clone());
+            Ok(())
+        }
+    }
+
+    impl Recorder {
+        fn take(&self) -> Vec<Envelope> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
+    fn pod(name: &str, version: u64, node: Option<&str>, ip: Option<&str>) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "shop", "resourceVersion": version.to_string(),
+                         "annotations": {MTLS_ANNOTATION: "strict"}},
+            "spec": {"nodeName": node, "serviceAccountName": "cart", "containers": []},
+            "status": {"podIP": ip}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_pod_is_announced_when_scheduled_ready_and_deleted_in_order() {
+        let (bus, mut publisher) = (Recorder::default(), Publisher::new("cluster.local"));
+        publisher.observe(&bus, watcher::Event::Apply(pod("a", 10, None, None)));
+        publisher.observe(
+            &bus,
+            watcher::Event::Apply(pod("a", 11, Some("node2"), None)),
+        );
+        publisher.observe(
+            &bus,
+            watcher::Event::Apply(pod("a", 12, Some("node2"), Some("198.19.2.9"))),
+        );
+        // A status change that tells agents nothing new publishes nothing.
+        publisher.observe(
+            &bus,
+            watcher::Event::Apply(pod("a", 13, Some("node2"), Some("198.19.2.9"))),
+        );
+        publisher.observe(
+            &bus,
+            watcher::Event::Delete(pod("a", 13, Some("node2"), Some("198.19.2.9"))),
+        );
+        let sent = bus.take();
+        let types: Vec<_> = sent
+            .iter()
+            .map(|e| match &e.event {
+                Event::PodScheduled { .. } => "scheduled",
+                Event::PodReady { .. } => "ready",
+                Event::PodDeleted { .. } => "deleted",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(types, ["scheduled", "ready", "deleted"]);
+        assert!(
+            sent.windows(2).all(|w| w[0].seq < w[1].seq),
+            "sequences increase"
+        );
+        assert!(
+            sent.iter()
+                .all(|e| e.key == "shop/a" && e.topic == Topic::Pods)
+        );
+        let Event::PodReady { identity, ip, .. } = &sent[1].event else {
+            unreachable!()
+        };
+        assert_eq!(identity, "spiffe://cluster.local/ns/shop/sa/cart");
+        assert_eq!(ip, "198.19.2.9");
+    }
+
+    #[test]
+    fn pods_gone_during_a_relist_are_announced_deleted() {
+        let (bus, mut publisher) = (Recorder::default(), Publisher::new("cluster.local"));
+        publisher.observe(
+            &bus,
+            watcher::Event::Apply(pod("a", 5, Some("n"), Some("198.19.1.1"))),
+        );
+        publisher.observe(
+            &bus,
+            watcher::Event::Apply(pod("b", 6, Some("n"), Some("198.19.1.2"))),
+        );
+        bus.take();
+        publisher.observe(&bus, watcher::Event::Init);
+        publisher.observe(
+            &bus,
+            watcher::Event::InitApply(pod("a", 5, Some("n"), Some("198.19.1.1"))),
+        );
+        publisher.observe(&bus, watcher::Event::InitDone);
+        let sent = bus.take();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert_eq!(sent[0].key, "shop/b");
+        assert!(matches!(sent[0].event, Event::PodDeleted { .. }));
+        assert!(sent[0].seq > 6);
+    }
+
+    #[test]
+    fn unmeshed_and_host_network_pods() {
+        let mut plain = pod("p", 1, Some("n"), Some("198.19.1.3"));
+        plain.metadata.annotations = None;
+        let Some(Event::PodReady { identity, .. }) = event_for(&plain, "td") else {
+            panic!("an unmeshed pod is still announced (the overlay routes it)")
+        };
+        assert_eq!(identity, "");
+        let mut host = plain.clone();
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        assert_eq!(event_for(&host, "td"), None);
+    }
+}
