@@ -13,6 +13,7 @@
 pub mod configs;
 pub mod cpu;
 mod echo;
+pub mod fanout;
 pub mod iperf;
 pub mod machine;
 pub mod options;

@@ -37,3 +37,32 @@ pub fn run(args: &[String]) -> Result<()> {
             .args(args),
     )
 }
+
+/// `cargo xtask bench-fanout`: the event fan-out benchmark (`veil-fanout`).
+pub fn run_fanout(args: &[String]) -> Result<()> {
+    let object = ebpf::build()?;
+    step("Building the fan-out benchmark and the agent (release)");
+    shell::run(
+        shell::cargo()
+            .current_dir(paths::repo_root())
+            .env("VEIL_EBPF_OBJECT", &object)
+            .args([
+                "build",
+                "--release",
+                "--quiet",
+                "-p",
+                "veil-perf",
+                "-p",
+                "veil-agent",
+                "-p",
+                "veilctl",
+            ]),
+    )?;
+    step("Running the fan-out benchmark");
+    shell::run(
+        std::process::Command::new(paths::target_dir().join("release/veil-fanout"))
+            .current_dir(paths::repo_root())
+            .env("VEIL_BIN_DIR", paths::target_dir().join("release"))
+            .args(args),
+    )
+}

@@ -56,6 +56,14 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmark event fan-out: publish → applied on every agent at a fixed
+    /// rate through a real broker; writes perf/results/<time>-fanout.md.
+    BenchFanout {
+        /// Arguments for the benchmark: --quick, --agents N, --rate N, --seconds N
+        /// (see `cargo xtask bench-fanout -- --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Install Veil on this host without Kubernetes: veil-agent and veilctl in
     /// /usr/local/bin, /etc/veil/agent.toml, and the systemd units.
     ///
@@ -118,6 +126,7 @@ fn main() -> ExitCode {
         Command::KubeBinaries => kube::run(),
         Command::Demo => demo::run(),
         Command::Bench { args } => bench::run(&args),
+        Command::BenchFanout { args } => bench::run_fanout(&args),
         Command::InstallNode {
             root,
             agent_binary,

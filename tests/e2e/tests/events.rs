@@ -186,3 +186,109 @@ fn pods_announced_on_kafka_reach_other_agents_within_a_second() {
             .is_ok_and(|(code, body)| code == 200 && body.contains("degraded: event bus"))
     });
 }
+
+/// An event whose broker timestamp lies seconds in this node's future (as
+/// when this node's clock is behind the publisher's) makes `veilctl check`
+/// report the clock, with the fix.
+#[test]
+fn veilctl_check_reports_a_clock_behind_the_publishers() {
+    use rdkafka::{
+        ClientConfig,
+        producer::{BaseProducer, BaseRecord, Producer},
+    };
+    if !require_root("clock skew check test") {
+        return;
+    }
+    let topology = Topology::build(
+        TopologySpec::new("evclock")
+            .nodes(1)
+            .pods_per_node(1)
+            .routing(Routing::None),
+    )
+    .unwrap();
+    let Some(broker) = Broker::start_in("clock skew check test", &topology.node(1), BROKER_IP)
+    else {
+        return;
+    };
+    let agent =
+        Agent::start_overlay_with(&topology, 1, VNI, &events_section(&topology, &broker, 1))
+            .unwrap();
+    wait_for("the agent on the bus", Duration::from_secs(30), || {
+        agent
+            .status()
+            .ok()
+            .and_then(|s| s.event_bus)
+            .is_some_and(|b| b.state == "connected")
+    });
+    let address = broker.address();
+    let (code, before) = agent.veilctl_exit(&["check"]).unwrap();
+    assert!(!before.contains("clock"), "{code}: {before}");
+    // A publisher whose clock runs 5 s ahead of this node's, until the agent
+    // (its consumer group joining takes a few seconds) has seen one.
+    let started = Instant::now();
+    let mut seq = 0;
+    while agent
+        .status()
+        .ok()
+        .and_then(|s| s.event_bus)
+        .and_then(|b| b.clock_behind_ms)
+        .is_none()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no early event noticed"
+        );
+        seq += 1;
+        let future_ms = (std::time::SystemTime::now() + Duration::from_secs(5))
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let payload = Envelope::new(
+            Topic::Pods,
+            "clock/test",
+            seq,
+            Event::PodDeleted {
+                namespace: "clock".into(),
+                pod: "test".into(),
+            },
+        )
+        .encode();
+        let address = address.clone();
+        topology
+            .node(1)
+            .run(move || {
+                let producer: BaseProducer = ClientConfig::new()
+                    .set("bootstrap.servers", &address)
+                    .create()
+                    .unwrap();
+                producer
+                    .send(
+                        BaseRecord::to("veil.pods")
+                            .key("clock/test")
+                            .payload(&payload)
+                            .timestamp(future_ms),
+                    )
+                    .map_err(|(e, _)| e)
+                    .unwrap();
+                producer.flush(Duration::from_secs(10)).unwrap();
+            })
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let behind = agent
+        .status()
+        .unwrap()
+        .event_bus
+        .unwrap()
+        .clock_behind_ms
+        .unwrap();
+    assert!((2_000..=6_000).contains(&behind), "{behind} ms");
+    let (code, report) = agent.veilctl_exit(&["check"]).unwrap();
+    assert_eq!(code, 3, "{report}");
+    assert!(
+        report.contains("clock looks")
+            && report.contains("behind the event publishers")
+            && report.contains("NTP"),
+        "{report}"
+    );
+}

@@ -15,7 +15,9 @@
 //!   `veil.dev/mtls` leaves the pod out, with the reason in `veilctl status`.
 //! - With `veil-controller` publishing pod lifecycle on Kafka (a real tansu
 //!   broker), a pod moved to another node is routed there by the node that
-//!   does not watch it: the API and the bus converge on one state.
+//!   does not watch it: the API and the bus converge on one state. Both pods
+//!   are meshed, so their TCP crosses in mTLS, and the connection shows up as
+//!   a flow record on `veil.flows`.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -29,6 +31,11 @@ use kube::{
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
+use veil_events::{
+    bus::{EventBus, EventConsumer},
+    kafka::{KafkaBus, KafkaSettings},
+    schema::{Event, Topic},
+};
 use veil_testbed::{
     Agent, PodRef, Routing, Topology, TopologySpec, inventory::link_mac, kafka::Broker,
     relay::TcpRelay, require_root,
@@ -399,10 +406,11 @@ async fn the_controller_announces_pods_on_kafka_to_the_nodes_that_do_not_watch_t
     topology.move_pod(moved, 2).unwrap();
     let sections = |node: usize| {
         format!(
-            "{}\n[events.kafka]\nbrokers = [\"{}\"]\nstate_dir = \"{}\"\n",
+            "{}\n[events.kafka]\nbrokers = [\"{}\"]\nstate_dir = \"{}\"\n{}",
             kubernetes_section(&agent_access.kubeconfigs[node - 1]),
             broker.address(),
-            topology.workdir().join(format!("events-n{node}")).display()
+            topology.workdir().join(format!("events-n{node}")).display(),
+            ca.agent_section("cluster.local")
         )
     };
     let agents: Vec<Agent> = (1..=2)
@@ -420,7 +428,7 @@ async fn the_controller_announces_pods_on_kafka_to_the_nodes_that_do_not_watch_t
     });
     // A first pod, so the consumer groups have joined and are polling.
     let web1 = PodRef::new(1, 1);
-    run_pod(&client, "web-1", 1, web1.ip(), None).await;
+    run_pod(&client, "web-1", 1, web1.ip(), Some("enabled")).await;
     wait_for("node 1's pod local", Duration::from_secs(10), || {
         endpoint_mac(&agents[0], web1.ip()).is_some()
     });
@@ -449,10 +457,61 @@ async fn the_controller_announces_pods_on_kafka_to_the_nodes_that_do_not_watch_t
         )
     });
 
+    // Meshed both ends: TCP crosses in mTLS, and the agents publish it.
+    veil_testbed::traffic::tcp_echo(&topology, web1, moved, 8080, 64 * 1024).unwrap();
+    let reader = KafkaSettings {
+        brokers: vec![broker.address()],
+        state_dir: topology.workdir().join("flow-reader"),
+        ..KafkaSettings::default()
+    };
+    let flows = topology
+        .node(1)
+        .run(move || read_flows(&reader, Duration::from_secs(30)))
+        .unwrap();
+    let to_moved = flows
+        .iter()
+        .find(|(source, destination, _)| {
+            source.contains("shop/web-1") && destination.contains("shop/moved")
+        })
+        .unwrap_or_else(|| panic!("no flow web-1 → moved on veil.flows: {flows:?}"));
+    assert!(to_moved.2 >= 2 * 64 * 1024, "bytes both ways: {to_moved:?}");
+
     delete_pod(&client, "moved").await;
     let took = wait_for("the /32 removed on node 1", Duration::from_secs(20), || {
         route(&agents[0], &format!("{}/32", moved.ip())).is_none()
     });
     eprintln!("pod deleted → other node's route gone: {took:?}");
     drop(agents);
+}
+
+/// Flow records (source, destination, bytes) read from `veil.flows` by a
+/// consumer group of its own, until one with `ok` arrives or `timeout`.
+fn read_flows(settings: &KafkaSettings, timeout: Duration) -> Vec<(String, String, u64)> {
+    let bus = KafkaBus::connect(settings).unwrap();
+    let mut consumer = bus.subscribe("flow-reader", &[Topic::Flows]).unwrap();
+    let started = Instant::now();
+    let mut flows = Vec::new();
+    while started.elapsed() < timeout {
+        for delivery in consumer
+            .poll(100, Duration::from_millis(500))
+            .unwrap_or_default()
+        {
+            if let Ok(envelope) = delivery.event
+                && let Event::Flow {
+                    source,
+                    destination,
+                    bytes,
+                    result,
+                    ..
+                } = envelope.event
+                && result == "ok"
+            {
+                flows.push((source, destination, bytes));
+            }
+        }
+        if !flows.is_empty() {
+            break;
+        }
+    }
+    flows
 }

@@ -25,11 +25,12 @@ use veil_mtls::{
     verifier::{ExpectedPeer, TrustState},
 };
 use veil_testbed::{
-    Agent, MeshCaFiles, PodMesh, PodRef, Routing, Topology, TopologySpec, process::ChildGuard,
-    require_root, traffic,
+    Agent, MeshCaFiles, PodMesh, PodRef, Routing, Topology, TopologySpec, kafka::Broker,
+    process::ChildGuard, require_root, traffic,
 };
 
 const VNI: u32 = 7878;
+const BROKER_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 0, 1);
 const TRUST_DOMAIN: &str = "cluster.local";
 const MIB: u64 = 1024 * 1024;
 const MARKER: &[u8] = b"VEIL-PLAINTEXT-MARKER-7d1f";
@@ -57,6 +58,33 @@ impl MeshBed {
 
     /// `policy` goes into the inventory, `mesh_extra` into the agents' `[mesh]`.
     fn start_with(name: &str, policy: &str, mesh_extra: &str) -> Self {
+        Self::start_custom(name, policy, |_, _| mesh_extra.to_string())
+    }
+
+    /// Like [`Self::start`], with a broker in node 1's namespace and both
+    /// agents on it (`[events.kafka]`).
+    fn start_on_bus(name: &str) -> (Self, Broker) {
+        let mut broker = None;
+        let bed = Self::start_custom(name, "", |topology, node| {
+            let broker = broker.get_or_insert_with(|| {
+                Broker::start_in("mesh on the event bus", &topology.node(1), BROKER_IP)
+                    .expect("a Kafka-protocol broker (tansu): run `cargo xtask setup`")
+            });
+            format!(
+                "\n[events.kafka]\nbrokers = [\"{}\"]\nstate_dir = \"{}\"\n",
+                broker.address(),
+                topology.workdir().join(format!("events-n{node}")).display()
+            )
+        });
+        (bed, broker.expect("the agents were started"))
+    }
+
+    /// `extra(topology, node)` is appended to each agent's config.
+    fn start_custom(
+        name: &str,
+        policy: &str,
+        mut extra: impl FnMut(&Topology, usize) -> String,
+    ) -> Self {
         let mut topology = Topology::build(
             TopologySpec::new(name)
                 .nodes(2)
@@ -73,11 +101,17 @@ impl MeshBed {
         topology.set_inventory_extra(policy);
         let (cert, key) = CertificateAuthority::new_root_pem(TRUST_DOMAIN).unwrap();
         let files = MeshCaFiles::write(&topology, &cert, &key).unwrap();
-        let extra = format!("{}{mesh_extra}", files.agent_section(TRUST_DOMAIN));
-        let (ca_cert, ca_key) = (files.cert, files.key);
         let agents = (1..=2)
-            .map(|node| Agent::start_overlay_with(&topology, node, VNI, &extra).unwrap())
+            .map(|node| {
+                let config = format!(
+                    "{}{}",
+                    files.agent_section(TRUST_DOMAIN),
+                    extra(&topology, node)
+                );
+                Agent::start_overlay_with(&topology, node, VNI, &config).unwrap()
+            })
             .collect();
+        let (ca_cert, ca_key) = (files.cert, files.key);
         Self {
             topology,
             agents,
@@ -535,6 +569,16 @@ fn client_config_for_checkout(
     trust: &CertificateAuthority,
     service_account: &str,
 ) -> rustls::ClientConfig {
+    client_config_and_serial(ca, expired, trust, service_account).0
+}
+
+/// [`client_config_for_checkout`], with the serial of the client's certificate.
+fn client_config_and_serial(
+    ca: &CertificateAuthority,
+    expired: bool,
+    trust: &CertificateAuthority,
+    service_account: &str,
+) -> (rustls::ClientConfig, String) {
     let id = SpiffeId::new(TRUST_DOMAIN, "shop", service_account).unwrap();
     let key = WorkloadKey::generate().unwrap();
     let csr = key.csr_pem(&id).unwrap();
@@ -556,9 +600,10 @@ fn client_config_for_checkout(
         })
         .collect();
     let checkout = SpiffeId::new(TRUST_DOMAIN, "shop", "checkout").unwrap();
-    TlsSettings::default()
+    let config = TlsSettings::default()
         .client_config(&credentials, state, ExpectedPeer::Identity(checkout))
-        .unwrap()
+        .unwrap();
+    (config, issued.serial)
 }
 
 /// The SNI a client agent sends for checkout (the agent's own naming).
@@ -849,4 +894,163 @@ fn openssl_with_a_workload_certificate_completes_the_handshake_and_without_one_i
         "{}",
         bed.dump()
     );
+}
+
+/// Whether node 2's agent completes an mTLS handshake with `config` (from
+/// node 1's namespace).
+fn handshake_with(topology: &Topology, config: rustls::ClientConfig) -> Result<(), String> {
+    let preface = Preface {
+        original_destination: std::net::SocketAddrV4::new(CHECKOUT.ip(), 7999),
+        source: std::net::SocketAddrV4::new(CART.ip(), 40002),
+    };
+    topology
+        .node(1)
+        .run(move || -> Result<(), String> {
+            let peer = SocketAddr::from(([198, 18, 0, 2], 15008));
+            let mut tcp = TcpStream::connect_timeout(&peer, Duration::from_secs(2))
+                .map_err(|e| e.to_string())?;
+            tcp.set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(|e| e.to_string())?;
+            let connection =
+                ClientConnection::new(Arc::new(config), checkout_server_name()).unwrap();
+            let mut connection =
+                handshake::client(connection, &mut tcp, &preface).map_err(|e| e.to_string())?;
+            // In TLS 1.3 the server judges the client's certificate after the
+            // client is done: a refusal arrives as an alert, an acceptance
+            // as anything else (here the end of the stream, since nothing
+            // listens behind the destination port).
+            loop {
+                match connection.read_tls(&mut tcp) {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {
+                        connection
+                            .process_new_packets()
+                            .map_err(|e| e.to_string())?;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_certificate_revoked_on_the_bus_is_refused_everywhere_and_its_owner_rekeys() {
+    if !require_root("revocation test") {
+        return;
+    }
+    let (bed, broker) = MeshBed::start_on_bus("mrevoke");
+    for agent in &bed.agents {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while agent
+            .status()
+            .ok()
+            .and_then(|s| s.event_bus)
+            .is_none_or(|b| b.state != "connected")
+        {
+            assert!(std::time::Instant::now() < deadline, "agent not on the bus");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let ca = CertificateAuthority::import(
+        TRUST_DOMAIN,
+        &std::fs::read_to_string(&bed.ca_cert).unwrap(),
+        &std::fs::read_to_string(&bed.ca_key).unwrap(),
+        DEFAULT_LEAF_LIFETIME,
+    )
+    .unwrap();
+    let cart = format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/cart");
+    let checkout = format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/checkout");
+    // A client certificate of cart's, accepted now.
+    let (config, client_serial) = client_config_and_serial(&ca, false, &ca, "cart");
+    handshake_with(&bed.topology, config.clone()).expect("accepted before it is revoked");
+    let checkout_serial = presented_serial(&bed.topology, &ca);
+    assert_eq!(
+        serial_on(&bed, 2, &checkout).as_deref(),
+        Some(checkout_serial.as_str())
+    );
+
+    // Revoked with the controller's command, published on node 1.
+    let controller = veil_testbed::binaries::locate("veil-controller").unwrap();
+    let revoke = |serial: &str, identity: &str| {
+        let output = bed
+            .topology
+            .node(1)
+            .command(&controller)
+            .args(["revoke", "--serial", serial, "--identity", identity])
+            .arg("--kafka-brokers")
+            .arg(broker.address())
+            .arg("--events-state-dir")
+            .arg(bed.topology.workdir().join(format!("revoke-{serial}")))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let started = std::time::Instant::now();
+    revoke(&client_serial, &cart);
+    revoke(&checkout_serial, &checkout);
+
+    // Node 2 refuses the revoked client certificate, and re-keys its own.
+    let deadline = started + Duration::from_secs(30);
+    while handshake_with(&bed.topology, config.clone()).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "revoked certificate still accepted\n{}",
+            bed.dump()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "revoke published → refused on node 2: {:?}",
+        started.elapsed()
+    );
+    let refused = handshake_with(&bed.topology, config).unwrap_err();
+    assert!(
+        refused.contains("CertificateRevoked") || refused.contains("alert"),
+        "{refused}"
+    );
+    while serial_on(&bed, 2, &checkout).is_none_or(|s| s == checkout_serial) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "checkout not re-keyed\n{}",
+            bed.dump()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "revoke published → checkout re-keyed on node 2: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        bed.agents[1]
+            .log()
+            .contains("our own certificate was revoked; re-keying")
+    );
+    assert!(bed.agents[1].log().contains("revoked"), "{}", bed.dump());
+    // New connections get the new certificate; both agents know both serials.
+    let presented = presented_serial(&bed.topology, &ca);
+    assert_ne!(presented, checkout_serial);
+    for agent in &bed.agents {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while agent.status().unwrap().event_bus.unwrap().revoked_serials < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "revocations did not reach node {}",
+                agent.node()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let status = bed.agents[0].veilctl(&["status"]).unwrap();
+    assert!(
+        status.contains("2 revoked certificate(s) refused"),
+        "{status}"
+    );
+    // Meshed traffic goes on with the new certificate.
+    traffic::tcp_echo(&bed.topology, CART, CHECKOUT, 7300, 64 * 1024).unwrap();
 }

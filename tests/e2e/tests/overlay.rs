@@ -486,4 +486,104 @@ fn a_too_big_packet_gets_fragmentation_needed_so_path_mtu_discovery_works() {
     );
     let fits = ping("1422");
     assert!(fits.contains("1 received"), "{fits}");
+    // `veilctl check` names the misconfigured pod veth and the MTU to use.
+    let (code, report) = _agents[0].veilctl_exit(&["check"]).unwrap();
+    assert_eq!(code, 3, "{report}");
+    assert!(
+        report.contains("MTU mismatch: pod veth vp1 has MTU 1500") && report.contains("MTU 1450"),
+        "{report}"
+    );
+}
+
+#[test]
+fn veilctl_check_finds_an_underlay_mtu_mismatch_and_a_detached_xdp_program() {
+    if !require_root("veilctl check test") {
+        return;
+    }
+    let topology = overlay_topology("chk");
+    let agents = start_agents(&topology);
+    let (code, report) = agents[0].veilctl_exit(&["check"]).unwrap();
+    assert!(
+        !report.contains("MTU mismatch"),
+        "a fresh bed is consistent:\n{report}"
+    );
+    let _ = code;
+
+    // The underlay shrinks under the agent's feet.
+    topology
+        .node(1)
+        .ip(&["link", "set", "ul0", "mtu", "1400"])
+        .unwrap();
+    let (code, report) = agents[0].veilctl_exit(&["check"]).unwrap();
+    assert_eq!(code, 3, "{report}");
+    assert!(
+        report.contains(
+            "MTU mismatch: the underlay ul0 has MTU 1400, but overlay.underlay_mtu = 1500"
+        ) && report.contains("overlay.underlay_mtu = 1400"),
+        "{report}"
+    );
+
+    // Node 2's underlay is deleted and made again: the XDP program went with
+    // the old interface.
+    topology.node(2).ip(&["link", "del", "ul0"]).unwrap();
+    topology
+        .node(2)
+        .ip(&[
+            "link", "add", "ul0", "type", "veth", "peer", "name", "ul0-peer",
+        ])
+        .unwrap();
+    let (code, report) = agents[1].veilctl_exit(&["check"]).unwrap();
+    assert_eq!(code, 3, "{report}");
+    assert!(
+        report.contains("veil_underlay_ingress on ul0 is detached: interface ul0 was recreated")
+            && report.contains("restart the agent"),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_pod_veth_recreated_under_the_same_name_gets_the_program_again() {
+    if !require_root("recreated veth test") {
+        return;
+    }
+    let mut topology = overlay_topology("reveth");
+    let agents = start_agents(&topology);
+    let (a, b) = (PodRef::new(1, 1), PodRef::new(2, 1));
+    traffic::ping(&topology, a, b.ip(), 1).unwrap();
+    let before = agents[0]
+        .status()
+        .unwrap()
+        .programs
+        .into_iter()
+        .find(|p| p.interface == "vp1")
+        .unwrap()
+        .ifindex;
+    // Away and back before the agent's next sync: same name, new interface
+    // (as when a pod's sandbox is recreated); the inventory never changed.
+    topology.move_pod(a, 2).unwrap();
+    topology.move_pod(a, 1).unwrap();
+    // The pod's new eth0 has a new MAC, which the inventory must say (on
+    // Kubernetes the agent learns it from the neighbour table).
+    topology.write_inventory().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        // (Absent for a moment if a sync ran while vp1 did not exist.)
+        let program = agents[0]
+            .status()
+            .unwrap()
+            .programs
+            .into_iter()
+            .find(|p| p.interface == "vp1");
+        if let Some(program) = program.filter(|p| p.ifindex != before) {
+            assert_eq!(program.detached, None, "{program:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the program was not attached to the new vp1"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Only the pod-egress program encapsulates: traffic across nodes proves it.
+    traffic::ping(&topology, a, b.ip(), 3).unwrap();
 }

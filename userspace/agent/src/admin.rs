@@ -111,7 +111,7 @@ async fn status(
     Ok(Json(AgentStatus {
         version: env!("CARGO_PKG_VERSION").into(),
         node: state.node_name.clone(),
-        programs: datapath.programs(),
+        programs: datapath.programs_checked(),
         counters,
         events,
         overlay: state.overlay.as_ref().map(|o| o.status(&datapath)),
@@ -125,6 +125,8 @@ async fn status(
                     .bus_state()
                     .map_or_else(|| "starting".into(), |s| s.to_string()),
                 announced_pods: events.announced_pods(),
+                clock_behind_ms: events.clock_behind_ms(),
+                revoked_serials: events.revocations.len(),
             }),
     }))
 }

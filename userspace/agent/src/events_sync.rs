@@ -2,8 +2,9 @@
 //! and mesh identity, learnt from `veil.pods` (Kafka), merged into the
 //! inventory the overlay and the mesh use.
 //!
-//! Every batch is applied (idempotently: [`Applier`]), written to an on-disk
-//! cache of the last known pods, and only then committed, so a restarted
+//! Every batch is applied (idempotently: [`Applier`]); the on-disk cache of
+//! the last known pods is written at most every [`CACHE_PERIOD`], and offsets
+//! are committed only once the cache holds what they cover, so a restarted
 //! agent starts from its cache and resumes from its committed offsets, and a
 //! broker outage leaves it working from what it knew. The bus state shows in
 //! readiness ("degraded: event bus: …") and `veilctl status`. Mesh
@@ -18,11 +19,15 @@ use std::{
     time::Duration,
 };
 
+use prometheus_client::{
+    metrics::{counter::Counter, histogram::Histogram},
+    registry::Registry,
+};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use veil_events::{
     apply::Applier,
-    bus::{BusState, EventBus, apply_batch},
+    bus::{BusState, EventBus, apply_batch_with},
     kafka::{KafkaBus, KafkaSettings},
     schema::{Envelope, Event, Topic},
 };
@@ -51,13 +56,67 @@ pub struct AnnouncedPod {
     pub identity: String,
 }
 
+/// Event-bus metrics: how much is applied and how far behind the publisher.
+#[derive(Debug, Clone)]
+pub struct EventMetrics {
+    /// Events applied (new for their key), all topics.
+    pub applied: Counter,
+    /// Publication (the broker's timestamp, ms resolution) to applied here.
+    pub lag_seconds: Histogram,
+}
+
+/// Upper bounds of the lag histogram, in milliseconds.
+const LAG_BUCKETS_MS: [f64; 22] = [
+    1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0, 125.0, 150.0,
+    200.0, 300.0, 500.0, 1000.0, 2000.0, 5000.0,
+];
+
+impl Default for EventMetrics {
+    fn default() -> Self {
+        Self {
+            applied: Counter::default(),
+            // Fine around the 100 ms goal of the fan-out benchmark.
+            lag_seconds: Histogram::new(LAG_BUCKETS_MS.iter().map(|ms| ms / 1000.0)),
+        }
+    }
+}
+
+impl EventMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "veil_events_applied",
+            "Control-plane events applied by this agent (duplicates and stale ones excluded)",
+            self.applied.clone(),
+        );
+        registry.register(
+            "veil_events_apply_lag_seconds",
+            "Time from an event's publication (broker timestamp) to its application here",
+            self.lag_seconds.clone(),
+        );
+    }
+}
+
 /// What the bus has taught this agent, shared with the overlay sync.
 #[derive(Debug, Default)]
 pub struct EventState {
     /// By event key (namespace/pod).
     pods: RwLock<BTreeMap<String, AnnouncedPod>>,
     bus: RwLock<Option<BusState>>,
+    pub metrics: EventMetrics,
+    /// Certificates revoked (`veil.certificates`).
+    pub revocations: crate::revocations::Revocations,
+    /// The most an event seemed to arrive before its publication, and when.
+    early: std::sync::Mutex<Option<(Duration, std::time::Instant)>>,
 }
+
+/// How often, at most, the cache of announced pods is written (and the
+/// offsets it covers committed).
+const CACHE_PERIOD: Duration = Duration::from_millis(100);
+
+/// How long an early arrival is remembered for `clock_behind_ms`.
+const CLOCK_EVIDENCE_WINDOW: Duration = Duration::from_secs(300);
+/// Early arrivals below this are noise (millisecond timestamps, scheduling).
+const CLOCK_TOLERANCE: Duration = Duration::from_millis(50);
 
 impl EventState {
     /// Adds the announced pods of other nodes to `inventory`: a pod the file
@@ -101,6 +160,33 @@ impl EventState {
         }
     }
 
+    /// Records when an event was published by the broker's clock, to notice
+    /// that this node's clock is behind (events "from the future").
+    fn note_publication(&self, published: std::time::SystemTime) {
+        let now = std::time::SystemTime::now();
+        match now.duration_since(published) {
+            Ok(lag) => self.metrics.lag_seconds.observe(lag.as_secs_f64()),
+            Err(early) => {
+                let early = early.duration();
+                let mut slot = self.early.lock().unwrap_or_else(|p| p.into_inner());
+                let keep = slot.is_some_and(|(worst, at)| {
+                    worst >= early && at.elapsed() < CLOCK_EVIDENCE_WINDOW
+                });
+                if !keep {
+                    *slot = Some((early, std::time::Instant::now()));
+                }
+            }
+        }
+    }
+
+    /// How far behind the publishers' clocks this node's seems, when it
+    /// seemed so by more than the tolerance in the last minutes.
+    pub fn clock_behind_ms(&self) -> Option<u64> {
+        let slot = self.early.lock().unwrap_or_else(|p| p.into_inner());
+        slot.filter(|(early, at)| *early > CLOCK_TOLERANCE && at.elapsed() < CLOCK_EVIDENCE_WINDOW)
+            .map(|(early, _)| early.as_millis() as u64)
+    }
+
     /// The bus's state, when the agent has a bus.
     pub fn bus_state(&self) -> Option<BusState> {
         self.bus.read().unwrap_or_else(|p| p.into_inner()).clone()
@@ -139,6 +225,10 @@ impl EventState {
             Event::PodDeleted { .. } => {
                 pods.remove(&envelope.key);
             }
+            Event::CertificateRevoked { identity, serial } => {
+                drop(pods);
+                self.revocations.revoke(serial, identity);
+            }
             // Scheduled pods have no address yet; other topics are not ours.
             _ => {}
         }
@@ -161,11 +251,24 @@ impl EventState {
 
     /// Writes the cache atomically (0600).
     fn save_cache(&self, path: &Path) -> std::io::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
         let text = {
             let pods = self.pods.read().unwrap_or_else(|p| p.into_inner());
             serde_json::to_string(&*pods).map_err(std::io::Error::other)?
         };
+        write_synced(path, &text)?;
+        write_synced(&revocations_path(path), &self.revocations.to_json()?)
+    }
+}
+
+/// The revocation cache next to the pods cache.
+fn revocations_path(pods_cache: &Path) -> PathBuf {
+    pods_cache.with_file_name("revoked-serials.json")
+}
+
+/// Replaces `path` with `text` atomically, synced, mode 0600.
+fn write_synced(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    {
         let partial = path.with_extension("json.partial");
         let mut file = std::fs::OpenOptions::new()
             .write(true)
@@ -198,32 +301,60 @@ impl Events {
         let state = Arc::new(EventState::default());
         let cache = settings.state_dir.join("announced-pods.json");
         state.load_cache(&cache);
+        state.revocations.load(&revocations_path(&cache));
         let group = settings.group_for(node_name);
         let mut consumer = bus
-            .subscribe(&group, &[Topic::Pods])
+            .subscribe(&group, &[Topic::Pods, Topic::Certificates])
             .map_err(|e| EventsError::Bus(e.to_string()))?;
         let (thread_state, weak_bus) = (Arc::clone(&state), Arc::downgrade(&bus));
         std::thread::Builder::new()
             .name("events".into())
             .spawn(move || {
                 let mut applier = Applier::default();
+                let mut pending = Vec::new();
+                let (mut dirty, mut saved_at) = (false, std::time::Instant::now());
                 // Ends when the agent drops the bus (which flushes its outbox).
                 while let Some(bus) = weak_bus.upgrade() {
                     *thread_state.bus.write().unwrap_or_else(|p| p.into_inner()) =
                         Some(bus.state());
                     drop(bus);
-                    // The cache is written after each applied event, before
-                    // the batch is committed: a crash never commits an event
-                    // the cache does not hold.
-                    let result = apply_batch(
+                    // The cache is written at most every CACHE_PERIOD (an
+                    // fsync per batch would hold the consumer back), and
+                    // offsets are committed only once the cache holds what
+                    // they cover: a crash never commits an event the cache
+                    // does not hold; what was applied but not yet committed
+                    // comes again and is applied again, harmlessly.
+                    let result = apply_batch_with(
                         &mut consumer,
                         &mut applier,
-                        256,
+                        1024,
                         Duration::from_millis(200),
-                        |envelope| {
+                        &mut pending,
+                        |envelope, published| {
                             thread_state.apply(envelope);
-                            if let Err(error) = thread_state.save_cache(&cache) {
-                                warn!(%error, "cannot write the event cache");
+                            thread_state.metrics.applied.inc();
+                            if let Some(published) = published {
+                                thread_state.note_publication(published);
+                            }
+                        },
+                        |applied| {
+                            dirty |= applied;
+                            if !dirty {
+                                return true;
+                            }
+                            if saved_at.elapsed() < CACHE_PERIOD {
+                                return false;
+                            }
+                            saved_at = std::time::Instant::now();
+                            match thread_state.save_cache(&cache) {
+                                Ok(()) => {
+                                    dirty = false;
+                                    true
+                                }
+                                Err(error) => {
+                                    warn!(%error, "cannot write the event cache; not committing");
+                                    false
+                                }
                             }
                         },
                     );
@@ -248,13 +379,37 @@ impl Events {
         Ok(Self { state, bus })
     }
 
-    /// Publishes a flow record (what the mesh carried); never blocks on the broker.
-    pub fn publish_flow(&self, key: String, seq: u64, event: Event) {
-        if let Err(error) = self
-            .bus
-            .publish(&Envelope::new(Topic::Flows, key, seq, event))
-        {
-            warn!(%error, "flow record not published");
-        }
+    /// A sink for the mesh's flow records: each becomes a `flow` event on
+    /// `veil.flows`, keyed by this node (its flows stay in order) and
+    /// sequenced by microseconds since the epoch (strictly increasing, also
+    /// across restarts). Publishing never blocks on the broker (outbox).
+    pub fn flow_sink(&self, node_name: &str) -> crate::mesh::flows::FlowSink {
+        let bus = Arc::clone(&self.bus);
+        let key = node_name.to_string();
+        let last = std::sync::atomic::AtomicU64::new(0);
+        Box::new(move |record: &veil_api::FlowRecord| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_micros() as u64;
+            let next = |previous: u64| now.max(previous + 1);
+            let seq = last
+                .fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    |previous| Some(next(previous)),
+                )
+                .map_or(now, next);
+            let event = Event::Flow {
+                source: record.source.clone(),
+                destination: record.destination.clone(),
+                bytes: record.bytes_to_peer + record.bytes_to_pod,
+                mode: record.mode.clone(),
+                result: record.result.clone(),
+            };
+            if let Err(error) = bus.publish(&Envelope::new(Topic::Flows, key.clone(), seq, event)) {
+                warn!(%error, "flow record not published");
+            }
+        })
     }
 }

@@ -16,6 +16,7 @@ pub mod logging;
 pub mod mesh;
 pub mod overlay_sync;
 pub mod policy;
+pub mod revocations;
 pub mod telemetry;
 
 use std::sync::{Arc, Mutex};
@@ -117,6 +118,20 @@ pub async fn run(
         )?),
         _ => None,
     };
+    // What the mesh carried goes on the bus as flow records.
+    // Revocations from the bus go to the mesh's verifiers and certificates.
+    if let (Some(mesh), Some(events)) = (&mesh, &events) {
+        mesh.state
+            .flows
+            .publish_to(events.flow_sink(&config.node_name));
+        let state = Arc::clone(&mesh.state);
+        events
+            .state
+            .revocations
+            .on_revocation(Box::new(move |serial, identity| {
+                mesh::revoke(&state, serial, identity)
+            }));
+    }
     let listener = admin::bind(config.admin_listen).await?;
     let metrics = telemetry::bind("metrics", config.metrics_listen).await?;
     let readiness = telemetry::bind("readiness", config.readiness_listen).await?;

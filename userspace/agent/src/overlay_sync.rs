@@ -148,6 +148,24 @@ impl OverlaySync {
             .clone();
         let maps = datapath.overlay();
         let config = maps.config().unwrap_or_default();
+        let mtus = links::mtus();
+        let interface_mtus =
+            std::iter::once((self.settings.underlay_interface.clone(), "underlay"))
+                .chain(
+                    datapath
+                        .programs()
+                        .into_iter()
+                        .filter(|p| p.hook == veil_api::HookKind::TcIngress)
+                        .map(|p| (p.interface, "pod")),
+                )
+                .filter_map(|(interface, role)| {
+                    mtus.get(&interface).map(|mtu| veil_api::InterfaceMtu {
+                        interface,
+                        mtu: *mtu,
+                        role: role.into(),
+                    })
+                })
+                .collect();
         OverlayStatus {
             vni: self.settings.vni,
             underlay_ip: std::net::Ipv4Addr::from(config.underlay_ip).to_string(),
@@ -178,6 +196,7 @@ impl OverlaySync {
                     pod_mac: MacAddress(endpoint.pod_mac).to_string(),
                 })
                 .collect(),
+            interface_mtus,
         }
     }
 }

@@ -50,6 +50,9 @@ pub fn spawn(metrics: TcpListener, readiness: TcpListener, state: Arc<AdminState
     registry.register_collector(Box::new(DatapathCollector {
         state: Arc::clone(&state),
     }));
+    if let Some(events) = &state.events {
+        events.metrics.register(&mut registry);
+    }
     if let Some(mesh) = &state.mesh {
         mesh.metrics.register(&mut registry);
     }

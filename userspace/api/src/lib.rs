@@ -79,6 +79,15 @@ pub struct EventBusStatus {
     pub state: String,
     /// Pods of other nodes learnt from the bus.
     pub announced_pods: usize,
+    /// How far events from other nodes seemed to arrive *before* they were
+    /// published (broker timestamp later than this node's clock), at most,
+    /// over the last minutes: this node's clock is behind by about that much
+    /// (or the publisher's is ahead). `None` when nothing looked early.
+    #[serde(default)]
+    pub clock_behind_ms: Option<u64>,
+    /// Certificate serials revoked on the bus (refused by this node).
+    #[serde(default)]
+    pub revoked_serials: usize,
 }
 
 /// The mesh on this node: its workloads' certificates and what its
@@ -172,6 +181,19 @@ pub struct OverlayStatus {
     pub warnings: Vec<String>,
     pub routes: Vec<OverlayRoute>,
     pub endpoints: Vec<OverlayEndpoint>,
+    /// MTUs of the underlay interface and the local pods' veths as the
+    /// kernel has them now (to compare with `underlay_mtu`).
+    #[serde(default)]
+    pub interface_mtus: Vec<InterfaceMtu>,
+}
+
+/// An interface's MTU on this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceMtu {
+    pub interface: String,
+    pub mtu: u32,
+    /// `underlay` or `pod`.
+    pub role: String,
 }
 
 /// A pod CIDR (or moved pod) and the node that owns it.
@@ -218,6 +240,11 @@ pub struct AttachedProgram {
     pub ifindex: u32,
     /// How it is attached: `native`/`generic` for XDP, `tcx`/`netlink` for TC.
     pub mode: String,
+    /// Why the program no longer runs where it was attached (the interface
+    /// was deleted or recreated, or someone else's program replaced it);
+    /// `None` while it is in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detached: Option<String>,
 }
 
 /// Packets and bytes one program has seen on one interface, summed over CPUs.
@@ -262,6 +289,7 @@ mod tests {
                 interface: "ul0".into(),
                 ifindex: 2,
                 mode: "native".into(),
+                detached: None,
             }],
             counters: vec![InterfaceCounters {
                 hook: HookKind::TcIngress,

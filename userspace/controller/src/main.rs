@@ -23,6 +23,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Revoke a workload certificate: publishes `certificate-revoked` on the
+    /// certificates topic; every agent refuses the serial from then on, and
+    /// the agent holding it re-keys and gets a new certificate.
+    Revoke {
+        /// The certificate's serial (hex, as `veilctl certs` and
+        /// `kubectl get ecdsacerts` show it).
+        #[arg(long)]
+        serial: String,
+        /// The SPIFFE ID it was issued to.
+        #[arg(long)]
+        identity: String,
+        /// Kafka bootstrap brokers (`host:port`, comma-separated).
+        #[arg(
+            long,
+            env = "VEIL_KAFKA_BROKERS",
+            value_delimiter = ',',
+            required = true
+        )]
+        kafka_brokers: Vec<String>,
+        /// Where an undelivered event would spill (it is delivered before exit).
+        #[arg(long, default_value = "/tmp/veil-controller-revoke")]
+        events_state_dir: PathBuf,
+    },
     /// Reconcile ECDSACerts until SIGINT or SIGTERM (needs a kubeconfig or in-cluster credentials).
     Run {
         /// SPIFFE trust domain of the mesh.
@@ -83,6 +106,19 @@ fn main() -> ExitCode {
 }
 
 async fn run(command: Command) -> Result<()> {
+    if let Command::Revoke {
+        serial,
+        identity,
+        kafka_brokers,
+        events_state_dir,
+    } = command
+    {
+        return tokio::task::spawn_blocking(move || {
+            revoke(&serial, &identity, kafka_brokers, events_state_dir)
+        })
+        .await
+        .context("the revocation thread failed")?;
+    }
     let Command::Run {
         trust_domain,
         ca_cert,
@@ -92,7 +128,10 @@ async fn run(command: Command) -> Result<()> {
         holder,
         kafka_brokers,
         events_state_dir,
-    } = command;
+    } = command
+    else {
+        unreachable!("revoke returned above");
+    };
     let cert = std::fs::read_to_string(&ca_cert)
         .with_context(|| format!("cannot read the CA certificate {}", ca_cert.display()))?;
     let key = zeroize::Zeroizing::new(
@@ -153,6 +192,52 @@ async fn run(command: Command) -> Result<()> {
         () = pods => anyhow::bail!("the pod watch ended"),
         reason = lock.hold() => anyhow::bail!("lost leadership ({reason}); exiting so a restart rejoins the election"),
     }
+}
+
+/// How long `revoke` waits for the broker to take the event.
+const REVOKE_DELIVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn revoke(serial: &str, identity: &str, brokers: Vec<String>, state_dir: PathBuf) -> Result<()> {
+    use veil_events::{
+        bus::EventBus,
+        kafka::{KafkaBus, KafkaSettings},
+        schema::{Envelope, Event, Topic},
+    };
+    let serial = serial.trim().to_ascii_lowercase();
+    anyhow::ensure!(
+        !serial.is_empty() && serial.chars().all(|c| c.is_ascii_hexdigit()),
+        "--serial {serial:?} is not a hexadecimal certificate serial"
+    );
+    identity
+        .parse::<veil_identity::SpiffeId>()
+        .with_context(|| format!("--identity {identity:?} is not a SPIFFE ID"))?;
+    let settings = KafkaSettings {
+        brokers,
+        state_dir,
+        ..Default::default()
+    };
+    let bus = KafkaBus::connect(&settings).context("cannot start the Kafka event bus")?;
+    // One key per serial: a revocation is never undone, so any sequence works.
+    let event = Envelope::new(
+        Topic::Certificates,
+        format!("revoked/{serial}"),
+        1,
+        Event::CertificateRevoked {
+            identity: identity.to_string(),
+            serial: serial.clone(),
+        },
+    );
+    bus.publish(&event)
+        .context("cannot publish the revocation")?;
+    anyhow::ensure!(
+        bus.flush(REVOKE_DELIVERY_TIMEOUT),
+        "the broker did not take the revocation within {REVOKE_DELIVERY_TIMEOUT:?}; it is kept in \
+         {} and not yet delivered — check the brokers and run the command again",
+        settings.state_dir.display()
+    );
+    info!(serial, identity, "revocation published");
+    println!("revoked {serial} ({identity})");
+    Ok(())
 }
 
 fn nix_free_hostname() -> Option<String> {

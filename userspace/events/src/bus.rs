@@ -40,6 +40,9 @@ impl fmt::Display for Position {
 pub struct Delivery {
     pub position: Position,
     pub event: Result<Envelope, DecodeError>,
+    /// When the message was published, where the transport records it
+    /// (Kafka's CreateTime); consumers measure their lag from it.
+    pub published: Option<std::time::SystemTime>,
 }
 
 /// Whether the bus can deliver right now; the agent's readiness reports it.
@@ -138,6 +141,34 @@ pub fn apply_batch<C: EventConsumer>(
     timeout: Duration,
     mut apply: impl FnMut(&Envelope),
 ) -> Result<BatchReport, C::Error> {
+    apply_batch_with(
+        consumer,
+        applier,
+        max,
+        timeout,
+        &mut Vec::new(),
+        |e, _| apply(e),
+        |_| true,
+    )
+}
+
+/// [`apply_batch`], handing `apply` each event's publication time too, and
+/// committing only what the caller has made durable: the positions polled
+/// collect in `pending`, and after each poll `durable(applied_any)` is asked
+/// whether everything applied so far is persisted (the caller may persist
+/// now, or wait to persist many batches at once and answer `false`); on
+/// `true` the furthest pending positions are committed. `durable` is also
+/// asked after empty polls while positions are pending, so a quiet bus still
+/// gets its last events committed.
+pub fn apply_batch_with<C: EventConsumer>(
+    consumer: &mut C,
+    applier: &mut Applier,
+    max: usize,
+    timeout: Duration,
+    pending: &mut Vec<Position>,
+    mut apply: impl FnMut(&Envelope, Option<std::time::SystemTime>),
+    mut durable: impl FnMut(bool) -> bool,
+) -> Result<BatchReport, C::Error> {
     let deliveries = consumer.poll(max, timeout)?;
     let mut report = BatchReport {
         delivered: deliveries.len(),
@@ -147,7 +178,7 @@ pub fn apply_batch<C: EventConsumer>(
         match &delivery.event {
             Ok(envelope) => match applier.admit(envelope) {
                 Outcome::Apply => {
-                    apply(envelope);
+                    apply(envelope, delivery.published);
                     report.applied += 1;
                 }
                 Outcome::Stale => report.stale += 1,
@@ -156,9 +187,10 @@ pub fn apply_batch<C: EventConsumer>(
             Err(_) => report.malformed += 1,
         }
     }
-    if !deliveries.is_empty() {
-        let positions: Vec<Position> = deliveries.into_iter().map(|d| d.position).collect();
-        consumer.commit(&furthest(&positions))?;
+    pending.extend(deliveries.into_iter().map(|d| d.position));
+    if !pending.is_empty() && durable(report.applied > 0) {
+        consumer.commit(&furthest(pending))?;
+        pending.clear();
     }
     Ok(report)
 }

@@ -247,6 +247,8 @@ impl EventConsumer for EmbeddedConsumer {
                     out.push(bus::Delivery {
                         position,
                         event: delivery.event,
+                        // The journal keeps no publication time.
+                        published: None,
                     });
                 }
             }

@@ -128,6 +128,11 @@ pub struct KafkaSettings {
     pub delivery_timeout_ms: u64,
     /// Longest wait between retries of failed deliveries.
     pub retry_backoff_max_ms: u64,
+    /// How long the broker may hold a fetch that finds nothing new
+    /// (`fetch.wait.max.ms`). An upper bound on the delivery delay of a
+    /// broker that answers only when the wait ends; each idle consumer sends
+    /// about 1000 / this fetches per second.
+    pub fetch_wait_max_ms: u64,
     /// How long a clean shutdown waits for deliveries before writing what is
     /// left to the spill file.
     pub shutdown_timeout_ms: u64,
@@ -147,6 +152,7 @@ impl Default for KafkaSettings {
             outbox_disk_bytes: 256 << 20,
             delivery_timeout_ms: 30_000,
             retry_backoff_max_ms: 5_000,
+            fetch_wait_max_ms: 20,
             shutdown_timeout_ms: 5_000,
         }
     }
@@ -202,6 +208,12 @@ impl KafkaSettings {
         }
         if self.replication_factor == 0 || self.replication_factor < -1 {
             return bad("replication_factor: must be -1 (broker default) or at least 1".into());
+        }
+        if !(1..=10_000).contains(&self.fetch_wait_max_ms) {
+            return bad(format!(
+                "fetch_wait_max_ms = {} is out of range (1 to 10000)",
+                self.fetch_wait_max_ms
+            ));
         }
         if self.delivery_timeout_ms == 0 || self.retry_backoff_max_ms == 0 {
             return bad("delivery_timeout_ms and retry_backoff_max_ms must be above 0".into());
@@ -559,6 +571,10 @@ impl EventBus for KafkaBus {
             .set("enable.partition.eof", "false")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
+            .set(
+                "fetch.wait.max.ms",
+                self.settings.fetch_wait_max_ms.to_string(),
+            )
             .create_with_context(QuietContext)
             .map_err(client("consumer"))?;
         let names: Vec<&str> = topics
@@ -884,7 +900,16 @@ impl KafkaConsumer {
             *malformed += 1;
             shared.malformed.fetch_add(1, Ordering::Relaxed);
         }
-        Some(Delivery { position, event })
+        let published = message.timestamp().to_millis().and_then(|ms| {
+            u64::try_from(ms)
+                .ok()
+                .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms))
+        });
+        Some(Delivery {
+            position,
+            event,
+            published,
+        })
     }
 }
 

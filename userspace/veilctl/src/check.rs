@@ -51,6 +51,9 @@ pub fn findings(status: &AgentStatus) -> Vec<Finding> {
             ));
         }
     }
+    if let Some(overlay) = &status.overlay {
+        mtu_findings(overlay, &mut found);
+    }
     for event in status.events.iter().filter(|e| e.drop && e.packets > 0) {
         let (problem, fix) = match event.event.as_str() {
             "drop-wrong-vni" => (
@@ -94,6 +97,25 @@ pub fn findings(status: &AgentStatus) -> Vec<Finding> {
             fix,
         ));
     }
+    for program in &status.programs {
+        if let Some(why) = &program.detached {
+            let fix = if program.hook == HookKind::Xdp {
+                "restart the agent (it attaches to the underlay at start); until then \
+                 traffic from other nodes is not decapsulated here"
+            } else {
+                "the agent re-attaches to a recreated pod veth within a second; if this \
+                 stays, check the agent log"
+            };
+            found.push(finding(
+                Severity::Error,
+                format!(
+                    "{} on {} is detached: {why}",
+                    program.name, program.interface
+                ),
+                fix,
+            ));
+        }
+    }
     for program in status
         .programs
         .iter()
@@ -115,6 +137,17 @@ pub fn findings(status: &AgentStatus) -> Vec<Finding> {
              publishes; check the brokers in [events.kafka] and that they are reachable",
         ));
     }
+    if let Some(behind) = status.event_bus.as_ref().and_then(|b| b.clock_behind_ms) {
+        found.push(finding(
+            Severity::Warning,
+            format!(
+                "this node's clock looks {behind} ms behind the event publishers' (events \
+                 arrived before they were sent, by the broker's timestamps)"
+            ),
+            "run NTP (chrony or systemd-timesyncd) on every node: certificate validity \
+             and renewal times depend on clocks that agree",
+        ));
+    }
     if let Some(mesh) = &status.mesh {
         mesh_findings(mesh, std::time::SystemTime::now(), &mut found);
     }
@@ -128,6 +161,58 @@ pub fn findings(status: &AgentStatus) -> Vec<Finding> {
     found.sort_by_key(|f| std::cmp::Reverse(f.severity));
     found
 }
+
+/// The underlay's MTU must be what the overlay was told, and pods must
+/// leave room for the 50 bytes of VXLAN.
+fn mtu_findings(overlay: &veil_api::OverlayStatus, found: &mut Vec<Finding>) {
+    let pod_mtu = overlay.underlay_mtu.saturating_sub(VXLAN_OVERHEAD);
+    for interface in &overlay.interface_mtus {
+        match interface.role.as_str() {
+            "underlay" if interface.mtu < overlay.underlay_mtu => found.push(finding(
+                Severity::Error,
+                format!(
+                    "MTU mismatch: the underlay {} has MTU {}, but overlay.underlay_mtu = {}",
+                    interface.interface, interface.mtu, overlay.underlay_mtu
+                ),
+                format!(
+                    "encapsulated packets sized for {} do not fit the wire and are lost: set \
+                     overlay.underlay_mtu = {} (and pod MTUs to {}), or raise the interface's MTU",
+                    overlay.underlay_mtu,
+                    interface.mtu,
+                    interface.mtu.saturating_sub(VXLAN_OVERHEAD)
+                ),
+            )),
+            "underlay" if interface.mtu > overlay.underlay_mtu => found.push(finding(
+                Severity::Info,
+                format!(
+                    "the underlay {} has MTU {}, more than overlay.underlay_mtu = {}",
+                    interface.interface, interface.mtu, overlay.underlay_mtu
+                ),
+                format!(
+                    "set overlay.underlay_mtu = {} to let pods use {} bytes",
+                    interface.mtu,
+                    interface.mtu.saturating_sub(VXLAN_OVERHEAD)
+                ),
+            )),
+            "pod" if interface.mtu > pod_mtu => found.push(finding(
+                Severity::Warning,
+                format!(
+                    "MTU mismatch: pod veth {} has MTU {}, more than the {pod_mtu} that fit \
+                     the underlay once encapsulated",
+                    interface.interface, interface.mtu
+                ),
+                format!(
+                    "give pods MTU {pod_mtu} (the CNI's MTU setting): larger packets to other \
+                     nodes get ICMP fragmentation-needed (DF) or are dropped"
+                ),
+            )),
+            _ => {}
+        }
+    }
+}
+
+/// VXLAN over IPv4: outer Ethernet, IPv4, UDP and VXLAN headers.
+const VXLAN_OVERHEAD: u32 = 50;
 
 /// How close to expiry a certificate must be to be reported.
 const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -246,6 +331,7 @@ mod tests {
             warnings: vec![],
             routes: vec![],
             endpoints: vec![],
+            interface_mtus: vec![],
         });
         let found = findings(&s);
         let problems: Vec<&str> = found.iter().map(|f| f.problem.as_str()).collect();
@@ -266,6 +352,72 @@ mod tests {
         assert!(problems.iter().any(|p| p.contains("generic mode on ul0")));
         assert_eq!(found.last().unwrap().severity, Severity::Info);
         assert!(found.iter().all(|f| !f.fix.is_empty()));
+    }
+
+    #[test]
+    fn mtu_mismatches_detached_programs_and_clock_skew_are_found() {
+        let mut s = status();
+        s.overlay = Some(OverlayStatus {
+            vni: 1,
+            underlay_ip: "198.18.0.1".into(),
+            underlay_mtu: 1500,
+            inventory: "(none: Kubernetes)".into(),
+            inventory_error: None,
+            warnings: vec![],
+            routes: vec![],
+            endpoints: vec![],
+            interface_mtus: vec![
+                veil_api::InterfaceMtu {
+                    interface: "ul0".into(),
+                    mtu: 1400,
+                    role: "underlay".into(),
+                },
+                veil_api::InterfaceMtu {
+                    interface: "vp1".into(),
+                    mtu: 1500,
+                    role: "pod".into(),
+                },
+                veil_api::InterfaceMtu {
+                    interface: "vp2".into(),
+                    mtu: 1450,
+                    role: "pod".into(),
+                },
+            ],
+        });
+        s.programs[0].detached = Some("interface ul0 was recreated (index 2 → 9)".into());
+        s.event_bus = Some(veil_api::EventBusStatus {
+            state: "connected".into(),
+            announced_pods: 0,
+            clock_behind_ms: Some(4200),
+            revoked_serials: 0,
+        });
+        let found = findings(&s);
+        let problem = |needle: &str| {
+            found
+                .iter()
+                .find(|f| f.problem.contains(needle))
+                .unwrap_or_else(|| panic!("no finding with {needle:?}: {found:#?}"))
+        };
+        let underlay = problem("the underlay ul0 has MTU 1400");
+        assert_eq!(underlay.severity, Severity::Error);
+        assert!(
+            underlay.fix.contains("overlay.underlay_mtu = 1400"),
+            "{}",
+            underlay.fix
+        );
+        assert!(
+            problem("pod veth vp1 has MTU 1500")
+                .fix
+                .contains("MTU 1450")
+        );
+        assert!(
+            !found.iter().any(|f| f.problem.contains("vp2")),
+            "1450 fits"
+        );
+        let detached = problem("is detached: interface ul0 was recreated");
+        assert_eq!(detached.severity, Severity::Error);
+        assert!(detached.fix.contains("restart the agent"));
+        assert!(problem("4200 ms behind").fix.contains("NTP"));
     }
 
     #[test]

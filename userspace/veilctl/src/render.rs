@@ -65,9 +65,16 @@ pub fn status(status: &AgentStatus) -> String {
     }
     if let Some(bus) = &status.event_bus {
         text.push_str(&format!(
-            "\nEvent bus · {} · {} pod(s) of other nodes learnt from it\n",
+            "\nEvent bus · {} · {} pod(s) of other nodes learnt from it",
             bus.state, bus.announced_pods
         ));
+        if bus.revoked_serials > 0 {
+            text.push_str(&format!(
+                " · {} revoked certificate(s) refused",
+                bus.revoked_serials
+            ));
+        }
+        text.push('\n');
     }
     if let Some(mesh) = &status.mesh {
         text.push_str(&crate::mesh::status_section(
@@ -157,6 +164,7 @@ pub(crate) mod tests {
                 interface: "ul0".into(),
                 ifindex: 2,
                 mode: "native".into(),
+                detached: None,
             }],
             counters,
             events: Vec::new(),
@@ -212,6 +220,7 @@ pub(crate) mod tests {
                 node_mac: "02:00:00:00:00:02".into(),
             }],
             endpoints: vec![],
+            interface_mtus: vec![],
         });
         let text = status(&agent);
         let drop_row = text.lines().find(|l| l.contains("drop-wrong-vni")).unwrap();

@@ -37,6 +37,7 @@ pub fn xdp(
                     interface: interface.into(),
                     ifindex,
                     mode: (*label).into(),
+                    detached: None,
                 });
             }
             Err(error) => {
@@ -90,6 +91,7 @@ pub fn tc_ingress(
             interface: interface.into(),
             ifindex,
             mode: mode.into(),
+            detached: None,
         },
     ))
 }

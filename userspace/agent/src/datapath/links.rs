@@ -38,3 +38,43 @@ pub fn current() -> LinkTable {
     }
     table
 }
+
+/// Whether `interface` runs an XDP program, as `ip -d link` reports it.
+/// `true` when that cannot be told (no `ip`, unexpected output): only a
+/// definite "no" is reported as a detached program.
+pub fn has_xdp(interface: &str) -> bool {
+    let Ok(output) = std::process::Command::new("ip")
+        .args(["-j", "link", "show", "dev", interface])
+        .output()
+    else {
+        return true;
+    };
+    if !output.status.success() {
+        return true;
+    }
+    match serde_json::from_slice::<Vec<serde_json::Value>>(&output.stdout) {
+        Ok(links) => links.iter().any(|link| link.get("xdp").is_some()),
+        Err(_) => true,
+    }
+}
+
+/// Every interface's MTU in this network namespace (from `ip -j link`;
+/// empty when it cannot be read).
+pub fn mtus() -> HashMap<String, u32> {
+    let Ok(output) = std::process::Command::new("ip")
+        .args(["-j", "link", "show"])
+        .output()
+    else {
+        return HashMap::new();
+    };
+    serde_json::from_slice::<Vec<serde_json::Value>>(&output.stdout)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|link| {
+            Some((
+                link.get("ifname")?.as_str()?.to_string(),
+                u32::try_from(link.get("mtu")?.as_u64()?).ok()?,
+            ))
+        })
+        .collect()
+}

@@ -170,7 +170,22 @@ impl Datapath {
                 info!(interface, "detached pod egress program");
             }
         }
+        let links = links::current();
         for interface in wanted {
+            // A veth deleted and made again under the same name (a pod
+            // restarted, or moved back) took our program with it: attach anew.
+            if let Some((_, attached)) = self.pod_programs.get(&interface)
+                && links
+                    .get(&interface)
+                    .is_some_and(|link| link.ifindex != attached.ifindex)
+                && let Some((link, _)) = self.pod_programs.remove(&interface)
+            {
+                let _ = tc.detach(link);
+                info!(
+                    interface,
+                    "pod veth was recreated; attaching the pod egress program again"
+                );
+            }
             if let std::collections::btree_map::Entry::Vacant(slot) =
                 self.pod_programs.entry(interface)
             {
@@ -195,6 +210,31 @@ impl Datapath {
         std::iter::once(self.xdp.clone())
             .chain(self.pod_programs.values().map(|(_, p)| p.clone()))
             .collect()
+    }
+
+    /// [`Self::programs`], each checked against the kernel now: the
+    /// interface still exists with the index it had when the program was
+    /// attached, and (XDP) it still runs an XDP program.
+    pub fn programs_checked(&self) -> Vec<AttachedProgram> {
+        let links = links::current();
+        let mut programs = self.programs();
+        for program in &mut programs {
+            program.detached = match links.get(&program.interface) {
+                None => Some(format!("interface {} is gone", program.interface)),
+                Some(link) if link.ifindex != program.ifindex => Some(format!(
+                    "interface {} was recreated (index {} → {}); the program went with the old one",
+                    program.interface, program.ifindex, link.ifindex
+                )),
+                Some(_) if program.hook == HookKind::Xdp && !links::has_xdp(&program.interface) => {
+                    Some(format!(
+                        "no XDP program runs on {} any more",
+                        program.interface
+                    ))
+                }
+                Some(_) => None,
+            };
+        }
+        programs
     }
 
     /// Packets and bytes per (hook, interface), summed over all CPUs.

@@ -183,7 +183,8 @@ impl KubeState {
     }
 
     /// Rebuilds this node's pods from the store, resolving wiring only for
-    /// pods that are new or changed address (blocking: runs `ip`).
+    /// pods that are new, recreated (new UID) or changed address (blocking:
+    /// runs `ip`).
     fn replace_pods(&self, pods: &[Arc<Pod>], this_node: &str) {
         let known = read(&self.pods).clone();
         let mut next = BTreeMap::new();
@@ -206,7 +207,7 @@ impl KubeState {
             let key = format!("pod/{}", watched.name);
             seen.push(key.clone());
             let wiring = match known.get(&watched.name) {
-                Some(local) if local.pod.ip == watched.ip => {
+                Some(local) if local.pod.ip == watched.ip && local.pod.uid == watched.uid => {
                     Ok((local.interface.clone(), local.mac))
                 }
                 _ => neighbours::resolve(watched.ip),

@@ -25,6 +25,9 @@ pub const MTLS_ANNOTATION: &str = "veil.dev/mtls";
 pub struct WatchedPod {
     /// `namespace/name`.
     pub name: String,
+    /// The Pod object's UID: a pod recreated under the same name (and maybe
+    /// the same address) has a new one, and new wiring.
+    pub uid: String,
     pub ip: Ipv4Addr,
     pub mesh: Option<PodMesh>,
 }
@@ -153,7 +156,12 @@ pub fn watched_pod(pod: &Pod, this_node: &str) -> Result<Option<WatchedPod>, Str
             .unwrap_or_else(|| "default".into()),
         mode,
     });
-    Ok(Some(WatchedPod { name, ip, mesh }))
+    Ok(Some(WatchedPod {
+        name,
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
+        ip,
+        mesh,
+    }))
 }
 
 #[cfg(test)]

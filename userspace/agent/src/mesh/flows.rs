@@ -3,12 +3,13 @@
 //! result (`ok` or why it was refused) and bytes each way.
 //!
 //! A bounded ring (the newest [`CAPACITY`]), so memory stays flat however
-//! many connections pass.
+//! many connections pass. With an event bus, every record is also handed to
+//! a sink ([`FlowLog::publish_to`]) that puts it on `veil.flows`.
 
 use std::{
     collections::VecDeque,
     net::SocketAddr,
-    sync::Mutex,
+    sync::{Mutex, OnceLock},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -19,9 +20,22 @@ use super::{directory::Directory, metrics::Direction};
 /// How many flows are kept.
 pub const CAPACITY: usize = 1024;
 
-#[derive(Debug, Default)]
+/// Where finished flows go besides the ring (the event bus).
+pub type FlowSink = Box<dyn Fn(&FlowRecord) + Send + Sync>;
+
+#[derive(Default)]
 pub struct FlowLog {
     records: Mutex<VecDeque<FlowRecord>>,
+    sink: OnceLock<FlowSink>,
+}
+
+impl std::fmt::Debug for FlowLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowLog")
+            .field("records", &self.records)
+            .field("published", &self.sink.get().is_some())
+            .finish()
+    }
 }
 
 /// What one connection did.
@@ -37,6 +51,11 @@ pub struct Flow<'a> {
 }
 
 impl FlowLog {
+    /// Hands every later record to `sink` too (set once; later calls are ignored).
+    pub fn publish_to(&self, sink: FlowSink) {
+        let _ = self.sink.set(sink);
+    }
+
     pub fn record(&self, flow: Flow<'_>) {
         let name = |address: Option<SocketAddr>| {
             address.map_or_else(String::new, |address| match address {
@@ -65,6 +84,9 @@ impl FlowLog {
             bytes_to_peer: flow.bytes_to_peer,
             bytes_to_pod: flow.bytes_to_pod,
         };
+        if let Some(sink) = self.sink.get() {
+            sink(&record);
+        }
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
         if records.len() == CAPACITY {
             records.pop_front();

@@ -223,6 +223,35 @@ fn kubernetes_store(
     ))
 }
 
+/// Applies a revocation: the serial is refused by every verifier from now
+/// on, and when it is one of this node's own certificates, its key is
+/// dropped and a new certificate issued (on its own thread: signing may
+/// wait for the controller).
+pub fn revoke(state: &Arc<MeshState>, serial: &str, identity: &str) {
+    state
+        .trust
+        .revoked_serials
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(serial.to_string());
+    if let Some(identity) = state.directory.store.forget_serial(serial) {
+        warn!(%identity, serial, "our own certificate was revoked; re-keying");
+        let state = Arc::clone(state);
+        let spawned = std::thread::Builder::new()
+            .name("mesh-rekey".into())
+            .spawn(move || {
+                if let Err(error) = state.directory.store.get(&identity) {
+                    warn!(%identity, %error, "re-issuing after revocation failed; retried in the background");
+                }
+            });
+        if let Err(error) = spawned {
+            warn!(%error, "cannot start re-keying; the background renewal will do it");
+        }
+    } else {
+        tracing::debug!(serial, identity, "revoked serial is not one of ours");
+    }
+}
+
 /// How long the agent waits for `veil-controller` to sign a CSR.
 const KUBERNETES_SIGNING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 

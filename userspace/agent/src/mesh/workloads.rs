@@ -171,6 +171,18 @@ impl WorkloadStore {
         Ok(workload)
     }
 
+    /// Drops the certificate (and key) with `serial`, if this store holds
+    /// it; the next [`Self::get`] issues a new one with a new key.
+    pub fn forget_serial(&self, serial: &str) -> Option<SpiffeId> {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let identity = entries
+            .iter()
+            .find(|(_, workload)| workload.serial.eq_ignore_ascii_case(serial))
+            .map(|(identity, _)| identity.clone())?;
+        entries.remove(&identity);
+        Some(identity)
+    }
+
     /// Every certificate held now (for status).
     pub fn all(&self) -> Vec<Arc<Workload>> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
