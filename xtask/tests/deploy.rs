@@ -200,7 +200,11 @@ fn default_render_is_well_typed_and_complete() {
     assert!(!stream.contains("{{"), "a placeholder is left:\n{stream}");
     let objects = parse(&stream);
     assert_eq!(objects.namespaces.len(), 1);
-    assert_eq!(objects.crds.len(), 1, "the ECDSACert CRD from deploy/crds");
+    assert_eq!(
+        objects.crds.len(),
+        2,
+        "the ECDSACert and MTLSPolicy CRDs from deploy/crds"
+    );
     assert_eq!(objects.daemon_sets.len(), 1);
     assert_eq!(objects.deployments.len(), 1);
     assert_eq!(objects.disruption_budgets.len(), 1);

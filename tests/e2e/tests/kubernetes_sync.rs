@@ -75,6 +75,13 @@ async fn install_cluster_objects(client: &Client) {
                 .unwrap_or_else(|e| panic!("{file}: {e}"));
         }
     }
+    veil_kubebed::objects::install_crd(
+        client,
+        &repo_root().join("deploy/crds/mtlspolicy.yaml"),
+        FIELD_MANAGER,
+        Duration::from_secs(30),
+    )
+    .await;
     let objects = format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NAMESPACE}}}\n---\n\
          apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: default, namespace: {NAMESPACE}}}\n---\n\
@@ -309,6 +316,45 @@ async fn agents_build_the_overlay_from_nodes_and_pods_in_the_api_server() {
             && workloads.contains("spiffe://cluster.local/ns/shop/sa/web"),
         "the annotated pod is meshed as its service account:\n{workloads}"
     );
+
+    // `veilctl generate` writes the MTLSPolicy that makes port 8080 of the
+    // web workload STRICT; applied, the agents take it from the API server.
+    let generated = std::process::Command::new(veil_testbed::binaries::locate("veilctl").unwrap())
+        .args([
+            "generate",
+            "--namespace",
+            NAMESPACE,
+            "--service-account",
+            "web",
+        ])
+        .args(["--port", "8080", "--mode", "strict"])
+        .output()
+        .unwrap();
+    assert!(generated.status.success(), "{generated:?}");
+    let yaml = String::from_utf8(generated.stdout).unwrap();
+    for object in veil_kubebed::objects::documents(&yaml) {
+        veil_kubebed::objects::apply(&client, &object, FIELD_MANAGER, false)
+            .await
+            .unwrap_or_else(|e| panic!("the API server refuses the generated policy: {e}\n{yaml}"));
+    }
+    let took = wait_for("the port policy on node 1", Duration::from_secs(10), || {
+        agents[0]
+            .veilctl(&["mtls", "shop/web-1", "--port", "8080", "-o", "json"])
+            .ok()
+            .and_then(|json| serde_json::from_str::<veil_api::ModeReport>(&json).ok())
+            .is_some_and(|report| {
+                report.mode == "strict"
+                    && report
+                        .chain
+                        .iter()
+                        .any(|level| level.decided && level.level == "port")
+            })
+    });
+    eprintln!("MTLSPolicy applied → effective on node 1: {took:?}");
+    let other_port = agents[0]
+        .veilctl(&["mtls", "shop/web-1", "--port", "9090"])
+        .unwrap();
+    assert!(other_port.contains("PERMISSIVE"), "{other_port}");
 
     // A misspelt mode leaves the pod out (fail closed) and says why.
     let misspelt = PodRef::new(1, 2);

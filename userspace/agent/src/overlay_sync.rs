@@ -61,6 +61,9 @@ impl OverlaySync {
             if let Some(events) = &self.events {
                 events.merge_into(&mut inventory, &self.settings.node_name);
             }
+            if let Some(kubernetes) = &self.kubernetes {
+                kubernetes.apply_policies(&mut inventory);
+            }
             inventory.validate()?;
             let mut plan = overlay::plan(&inventory, &self.settings, &links::current())?;
             if let Some(kubernetes) = &self.kubernetes {

@@ -1,5 +1,8 @@
 //! Veil's Kubernetes custom resources.
 //!
+//! `MTLSPolicy` (namespaced) sets the mTLS mode of a namespace, a workload or
+//! a port; `veilctl generate` writes them.
+//!
 //! `ECDSACert` (cluster-scoped, `veil.dev/v1alpha1`) asks for an ECDSA P-256
 //! certificate: a workload identity (SPIFFE ID) from the local CA, or server
 //! names from an ACME issuer. The node agent writes the CSR (keys never leave
@@ -148,10 +151,67 @@ pub fn csr_sha256(csr: &str) -> String {
 /// The CRD manifests for `deploy/crds/`, as (file name, YAML).
 pub fn manifests() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
     let header = "# Generated from userspace/crd by `cargo xtask gen-crds`; do not edit.\n";
-    Ok(vec![(
-        "ecdsacert.yaml",
-        format!("{header}{}", serde_yaml::to_string(&ECDSACert::crd())?),
-    )])
+    Ok(vec![
+        (
+            "ecdsacert.yaml",
+            format!("{header}{}", serde_yaml::to_string(&ECDSACert::crd())?),
+        ),
+        (
+            "mtlspolicy.yaml",
+            format!("{header}{}", serde_yaml::to_string(&MTLSPolicy::crd())?),
+        ),
+    ])
+}
+
+/// The mTLS mode a namespace, a workload or one of its ports wants.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MTLSMode {
+    /// Only mTLS from meshed workloads; plaintext from outside the mesh is dropped.
+    Strict,
+    /// mTLS between meshed workloads, plaintext accepted from outside the mesh.
+    Permissive,
+    /// Not intercepted: plaintext only.
+    Disable,
+}
+
+impl MTLSMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Strict => "STRICT",
+            Self::Permissive => "PERMISSIVE",
+            Self::Disable => "DISABLE",
+        }
+    }
+}
+
+/// The mTLS mode of a namespace (no `serviceAccount`), of a workload (its
+/// service account) or of one port of a workload. The most specific one
+/// decides (port > workload > namespace > mesh default); two policies that
+/// set different modes at the same level are a conflict the agents refuse
+/// (`veilctl status` names both) rather than resolve silently.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "veil.dev",
+    version = "v1alpha1",
+    kind = "MTLSPolicy",
+    plural = "mtlspolicies",
+    shortname = "mtlspolicy",
+    namespaced,
+    printcolumn = r#"{"name":"Service Account","type":"string","jsonPath":".spec.serviceAccount"}"#,
+    printcolumn = r#"{"name":"Port","type":"integer","jsonPath":".spec.port"}"#,
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MTLSPolicySpec {
+    /// The workload (service account) in this namespace; absent: the whole namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    /// One TCP port of that workload (needs `serviceAccount`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub mode: MTLSMode,
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 
 mod check;
 mod client;
+mod generate;
 mod mesh;
 mod render;
 
@@ -62,6 +63,32 @@ enum Command {
         #[arg(long)]
         port: Option<u16>,
     },
+    /// Print the Kubernetes YAML (an MTLSPolicy) that sets the mTLS mode of
+    /// a namespace, a workload or one of its ports; pipe it to `kubectl apply -f -`.
+    Generate {
+        /// Namespace of the workloads.
+        #[arg(long)]
+        namespace: String,
+        /// The workload (its service account); without it, the whole namespace.
+        #[arg(long)]
+        service_account: Option<String>,
+        /// One TCP port of the workload.
+        #[arg(long)]
+        port: Option<u16>,
+        /// The mode wanted.
+        #[arg(long, value_enum)]
+        mode: Mode,
+        /// Name of the MTLSPolicy (default from the workload and port).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Strict,
+    Permissive,
+    Disable,
 }
 
 /// Exit code of the mesh commands when the agent runs no mesh.
@@ -102,6 +129,35 @@ fn main() -> ExitCode {
         Command::Flows => client
             .flows()
             .map(|flows| emit(output, &flows, || mesh::flows(&flows, SystemTime::now()))),
+        Command::Generate {
+            namespace,
+            service_account,
+            port,
+            mode,
+            name,
+        } => {
+            let desired = generate::Desired {
+                namespace: &namespace,
+                service_account: service_account.as_deref(),
+                port,
+                mode: match mode {
+                    Mode::Strict => veil_crd::MTLSMode::Strict,
+                    Mode::Permissive => veil_crd::MTLSMode::Permissive,
+                    Mode::Disable => veil_crd::MTLSMode::Disable,
+                },
+                name: name.as_deref(),
+            };
+            return match generate::mtls_policy(&desired) {
+                Ok(yaml) => {
+                    print!("{yaml}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Command::Mtls { pod, port } => client
             .mtls_mode(&pod, port)
             .map(|report| emit(output, &report, || mesh::mode_report(&report))),

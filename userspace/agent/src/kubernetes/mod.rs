@@ -35,7 +35,8 @@ use kube::{
 use tracing::{info, warn};
 
 use crate::inventory::{Inventory, MacAddress, PodSpec};
-use objects::{UNDERLAY_IP_ANNOTATION, UNDERLAY_MAC_ANNOTATION, WatchedPod};
+use objects::{PolicyEntry, UNDERLAY_IP_ANNOTATION, UNDERLAY_MAC_ANNOTATION, WatchedPod};
+use veil_crd::MTLSPolicy;
 
 /// How often pods that could not be resolved (veth or MAC) are tried again.
 const RETRY_PERIOD: Duration = Duration::from_secs(1);
@@ -88,6 +89,8 @@ struct LocalPod {
 pub struct KubeState {
     nodes: RwLock<BTreeMap<String, crate::inventory::NodeSpec>>,
     pods: RwLock<BTreeMap<String, LocalPod>>,
+    /// `MTLSPolicy` objects, by `namespace/name`.
+    policies: RwLock<BTreeMap<String, PolicyEntry>>,
     /// Why something is left out, by object (`node/x`, `pod/ns/name`, `api`).
     problems: RwLock<BTreeMap<String, String>>,
 }
@@ -128,6 +131,36 @@ impl KubeState {
         }
     }
 
+    /// Applies the `MTLSPolicy` objects: namespace and port modes join the
+    /// inventory's policy (where a disagreement with the file or another
+    /// object is a conflict the inventory check refuses), workload modes go
+    /// to the workload's pods that set none themselves. Call after every
+    /// other source is merged, so the bus's pods get them too.
+    pub fn apply_policies(&self, inventory: &mut Inventory) {
+        for entry in read(&self.policies).values() {
+            match entry {
+                PolicyEntry::Namespace(namespace) => {
+                    inventory.policy.namespaces.push(namespace.clone())
+                }
+                PolicyEntry::Port(port) => inventory.policy.ports.push(port.clone()),
+                PolicyEntry::Workload {
+                    namespace,
+                    service_account,
+                    mode,
+                } => {
+                    for mesh in inventory.pods.iter_mut().filter_map(|p| p.mesh.as_mut()) {
+                        if mesh.mode.is_none()
+                            && &mesh.namespace == namespace
+                            && &mesh.service_account == service_account
+                        {
+                            mesh.mode = Some(*mode);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// What is left out and why, for `veilctl status`.
     pub fn problems(&self) -> Vec<String> {
         read(&self.problems)
@@ -156,6 +189,36 @@ impl KubeState {
             None => {
                 problems.remove(&what);
             }
+        }
+    }
+
+    fn replace_policies(&self, policies: &[Arc<MTLSPolicy>]) {
+        let mut entries = BTreeMap::new();
+        let mut seen = Vec::new();
+        for policy in policies {
+            let name = format!(
+                "{}/{}",
+                policy.metadata.namespace.as_deref().unwrap_or("default"),
+                policy.metadata.name.as_deref().unwrap_or_default()
+            );
+            let key = format!("mtlspolicy/{name}");
+            match objects::policy_entry(policy) {
+                Ok(entry) => {
+                    self.set_problem(key.clone(), None);
+                    entries.insert(name, entry);
+                }
+                Err(why) => self.set_problem(key.clone(), Some(why)),
+            }
+            seen.push(key);
+        }
+        write(&self.problems).retain(|k, _| !k.starts_with("mtlspolicy/") || seen.contains(k));
+        let mut current = write(&self.policies);
+        if *current != entries {
+            info!(
+                policies = entries.len(),
+                "mTLS policies from the API server"
+            );
+            *current = entries;
         }
     }
 
@@ -350,9 +413,15 @@ async fn watch(
     );
     let on_this_node = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let mut pods = std::pin::pin!(
-        watcher(Api::<Pod>::all(client), on_this_node)
+        watcher(Api::<Pod>::all(client.clone()), on_this_node)
             .default_backoff()
             .reflect(pod_writer)
+    );
+    let (policy_store, policy_writer) = reflector::store::<MTLSPolicy>();
+    let mut policies = std::pin::pin!(
+        watcher(Api::<MTLSPolicy>::all(client), watcher::Config::default())
+            .default_backoff()
+            .reflect(policy_writer)
     );
     let mut retry = tokio::time::interval(RETRY_PERIOD);
     loop {
@@ -374,6 +443,18 @@ async fn watch(
                 }
                 Some(Ok(_)) => {}
                 Some(Err(error)) => state.set_problem("api pods".into(), Some(format!("watch failed, retrying: {error}"))),
+                None => return,
+            },
+            event = policies.next() => match event {
+                Some(Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_))) => {
+                    state.set_problem("api mtlspolicies".into(), None);
+                    state.replace_policies(&policy_store.state());
+                }
+                Some(Ok(_)) => {}
+                Some(Err(error)) => state.set_problem(
+                    "api mtlspolicies".into(),
+                    Some(format!("watch failed, retrying (is the MTLSPolicy CRD installed?): {error}")),
+                ),
                 None => return,
             },
             _ = retry.tick() => {

@@ -9,7 +9,12 @@ use std::net::Ipv4Addr;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 
-use crate::inventory::{Ipv4Cidr, MacAddress, MeshMode, NodeSpec, PodMesh};
+use veil_crd::{MTLSMode, MTLSPolicy};
+
+use crate::{
+    inventory::{Ipv4Cidr, MacAddress, MeshMode, NodeSpec, PodMesh},
+    policy::{NamespaceMode, PortMode},
+};
 
 /// Node annotation: the underlay address other nodes send VXLAN to (default:
 /// the node's first IPv4 `InternalIP`).
@@ -164,6 +169,55 @@ pub fn watched_pod(pod: &Pod, this_node: &str) -> Result<Option<WatchedPod>, Str
     }))
 }
 
+/// What an `MTLSPolicy` sets, at its level.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicyEntry {
+    Namespace(NamespaceMode),
+    /// A workload's mode: applies to its pods that set none themselves.
+    Workload {
+        namespace: String,
+        service_account: String,
+        mode: MeshMode,
+    },
+    Port(PortMode),
+}
+
+fn mesh_mode(mode: MTLSMode) -> MeshMode {
+    match mode {
+        MTLSMode::Strict => MeshMode::Strict,
+        MTLSMode::Permissive => MeshMode::Permissive,
+        MTLSMode::Disable => MeshMode::Disable,
+    }
+}
+
+/// The policy entry an `MTLSPolicy` stands for.
+pub fn policy_entry(policy: &MTLSPolicy) -> Result<PolicyEntry, String> {
+    let namespace = policy
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let mode = mesh_mode(policy.spec.mode);
+    match (&policy.spec.service_account, policy.spec.port) {
+        (None, None) => Ok(PolicyEntry::Namespace(NamespaceMode { namespace, mode })),
+        (None, Some(port)) => Err(format!(
+            "MTLSPolicy {namespace}/{}: port {port} without serviceAccount (a port belongs to a workload)",
+            policy.metadata.name.as_deref().unwrap_or_default()
+        )),
+        (Some(service_account), None) => Ok(PolicyEntry::Workload {
+            namespace,
+            service_account: service_account.clone(),
+            mode,
+        }),
+        (Some(service_account), Some(port)) => Ok(PolicyEntry::Port(PortMode {
+            namespace,
+            service_account: service_account.clone(),
+            port,
+            mode,
+        })),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +322,48 @@ mod tests {
             error.contains("shop/cart-1") && error.contains("stirct"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn mtls_policies_become_namespace_workload_and_port_entries() {
+        let policy = |spec: serde_json::Value| -> MTLSPolicy {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "veil.dev/v1alpha1", "kind": "MTLSPolicy",
+                "metadata": {"name": "p", "namespace": "shop"}, "spec": spec
+            }))
+            .unwrap()
+        };
+        assert_eq!(
+            policy_entry(&policy(serde_json::json!({"mode": "STRICT"}))).unwrap(),
+            PolicyEntry::Namespace(NamespaceMode {
+                namespace: "shop".into(),
+                mode: MeshMode::Strict
+            })
+        );
+        assert!(matches!(
+            policy_entry(&policy(
+                serde_json::json!({"serviceAccount": "cart", "mode": "DISABLE"})
+            ))
+            .unwrap(),
+            PolicyEntry::Workload {
+                mode: MeshMode::Disable,
+                ..
+            }
+        ));
+        assert!(matches!(
+            policy_entry(&policy(
+                serde_json::json!({"serviceAccount": "cart", "port": 8080, "mode": "PERMISSIVE"})
+            ))
+            .unwrap(),
+            PolicyEntry::Port(PortMode {
+                port: 8080,
+                mode: MeshMode::Permissive,
+                ..
+            })
+        ));
+        let error =
+            policy_entry(&policy(serde_json::json!({"port": 8080, "mode": "STRICT"}))).unwrap_err();
+        assert!(error.contains("without serviceAccount"), "{error}");
     }
 
     #[test]
