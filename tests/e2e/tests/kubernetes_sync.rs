@@ -510,17 +510,71 @@ async fn the_controller_announces_pods_on_kafka_to_the_nodes_that_do_not_watch_t
         state_dir: topology.workdir().join("flow-reader"),
         ..KafkaSettings::default()
     };
-    let flows = topology
-        .node(1)
-        .run(move || read_flows(&reader, Duration::from_secs(30)))
+    let is_flow = |event: &Event| {
+        matches!(event, Event::Flow { source, destination, result, .. }
+            if source.contains("shop/web-1") && destination.contains("shop/moved") && result == "ok")
+    };
+    let flows = {
+        let reader = reader.clone();
+        topology
+            .node(1)
+            .run(move || {
+                read_until(
+                    &reader,
+                    "flow-reader",
+                    Topic::Flows,
+                    Duration::from_secs(30),
+                    is_flow,
+                )
+            })
+            .unwrap()
+    };
+    let Some(Event::Flow { bytes, .. }) = flows.iter().find(|e| is_flow(e)) else {
+        panic!("no flow web-1 → moved on veil.flows: {flows:?}")
+    };
+    assert!(*bytes >= 2 * 64 * 1024, "bytes both ways: {bytes}");
+
+    // The agents' certificates are announced on veil.certificates ...
+    let certificates = {
+        let reader = reader.clone();
+        topology
+            .node(1)
+            .run(move || {
+                read_until(&reader, "cert-reader", Topic::Certificates, Duration::from_secs(30), |e| {
+                    matches!(e, Event::CertificateIssued { identity, .. } if identity.ends_with("/ns/shop/sa/web"))
+                })
+            })
+            .unwrap()
+    };
+    assert!(
+        certificates.iter().any(|e| matches!(e, Event::CertificateIssued { identity, .. } if identity == "spiffe://cluster.local/ns/shop/sa/web")),
+        "{certificates:?}"
+    );
+    // ... and the controller logs policy changes on veil.policy.
+    let policy = veil_kubebed::objects::documents(
+        "apiVersion: veil.dev/v1alpha1\nkind: MTLSPolicy\nmetadata: {name: web, namespace: shop}\nspec: {serviceAccount: web, mode: STRICT}\n",
+    );
+    veil_kubebed::objects::apply(&client, &policy[0], FIELD_MANAGER, false)
+        .await
         .unwrap();
-    let to_moved = flows
-        .iter()
-        .find(|(source, destination, _)| {
-            source.contains("shop/web-1") && destination.contains("shop/moved")
+    let changes = topology
+        .node(1)
+        .run(move || {
+            read_until(
+                &reader,
+                "policy-reader",
+                Topic::Policy,
+                Duration::from_secs(30),
+                |e| matches!(e, Event::PolicyChanged { name, .. } if name == "shop/web"),
+            )
         })
-        .unwrap_or_else(|| panic!("no flow web-1 → moved on veil.flows: {flows:?}"));
-    assert!(to_moved.2 >= 2 * 64 * 1024, "bytes both ways: {to_moved:?}");
+        .unwrap();
+    assert!(
+        changes
+            .iter()
+            .any(|e| matches!(e, Event::PolicyChanged { name, .. } if name == "shop/web")),
+        "{changes:?}"
+    );
 
     delete_pod(&client, "moved").await;
     let took = wait_for("the /32 removed on node 1", Duration::from_secs(20), || {
@@ -530,34 +584,31 @@ async fn the_controller_announces_pods_on_kafka_to_the_nodes_that_do_not_watch_t
     drop(agents);
 }
 
-/// Flow records (source, destination, bytes) read from `veil.flows` by a
-/// consumer group of its own, until one with `ok` arrives or `timeout`.
-fn read_flows(settings: &KafkaSettings, timeout: Duration) -> Vec<(String, String, u64)> {
+/// Events of `topic` read by a consumer group of its own (`group`), until
+/// one satisfies `wanted` or `timeout` passes; all that were seen.
+fn read_until(
+    settings: &KafkaSettings,
+    group: &str,
+    topic: Topic,
+    timeout: Duration,
+    wanted: impl Fn(&Event) -> bool,
+) -> Vec<Event> {
     let bus = KafkaBus::connect(settings).unwrap();
-    let mut consumer = bus.subscribe("flow-reader", &[Topic::Flows]).unwrap();
+    let mut consumer = bus.subscribe(group, &[topic]).unwrap();
     let started = Instant::now();
-    let mut flows = Vec::new();
+    let mut seen = Vec::new();
     while started.elapsed() < timeout {
         for delivery in consumer
             .poll(100, Duration::from_millis(500))
             .unwrap_or_default()
         {
-            if let Ok(envelope) = delivery.event
-                && let Event::Flow {
-                    source,
-                    destination,
-                    bytes,
-                    result,
-                    ..
-                } = envelope.event
-                && result == "ok"
-            {
-                flows.push((source, destination, bytes));
+            if let Ok(envelope) = delivery.event {
+                seen.push(envelope.event);
             }
         }
-        if !flows.is_empty() {
+        if seen.iter().any(&wanted) {
             break;
         }
     }
-    flows
+    seen
 }

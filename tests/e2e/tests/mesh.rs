@@ -314,6 +314,22 @@ fn meshed_tcp_crosses_nodes_encrypted_byte_exact_with_the_real_client_address() 
         cart.contains("valid") && cart.contains("local CA"),
         "{cart}"
     );
+    // Certificate expiry for alerting, in Prometheus.
+    let series = "veil_mesh_certificate_expiry_timestamp_seconds{identity=\"spiffe://cluster.local/ns/shop/sa/cart\"}";
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut expiry = bed.metric(1, series);
+    while expiry == 0.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        expiry = bed.metric(1, series);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        expiry > now + 3600.0 && expiry < now + 25.0 * 3600.0,
+        "expiry {expiry}, now {now}"
+    );
     let status = bed.agents[0].veilctl(&["status"]).unwrap();
     assert!(
         status.contains(
@@ -1053,4 +1069,27 @@ fn a_certificate_revoked_on_the_bus_is_refused_everywhere_and_its_owner_rekeys()
     );
     // Meshed traffic goes on with the new certificate.
     traffic::tcp_echo(&bed.topology, CART, CHECKOUT, 7300, 64 * 1024).unwrap();
+}
+
+#[test]
+fn veilctl_check_finds_certificates_close_to_expiry() {
+    if !require_root("certificate expiry check test") {
+        return;
+    }
+    // Ten-minute certificates: every one is always within the hour of expiry.
+    let bed = MeshBed::start_with("mexpiry", "", "certificate_lifetime = \"10m\"\n");
+    let cart = format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/cart");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while serial_on(&bed, 1, &cart).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no certificate\n{}",
+            bed.dump()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, report) = bed.agents[0].veilctl_exit(&["check"]).unwrap();
+    assert_eq!(code, 3, "{report}");
+    assert!(report.contains("expires within the hour"), "{report}");
+    assert!(report.contains("fix the renewal"), "{report}");
 }

@@ -565,7 +565,7 @@ fn a_pod_veth_recreated_under_the_same_name_gets_the_program_again() {
     // The pod's new eth0 has a new MAC, which the inventory must say (on
     // Kubernetes the agent learns it from the neighbour table).
     topology.write_inventory().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         // (Absent for a moment if a sync ran while vp1 did not exist.)
         let program = agents[0]
@@ -584,6 +584,23 @@ fn a_pod_veth_recreated_under_the_same_name_gets_the_program_again() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Only the pod-egress program encapsulates: traffic across nodes proves it.
+    // Once the maps carry the new pod MAC (from the rewritten inventory),
+    // traffic across nodes proves the program runs: only it encapsulates.
+    let mac = veil_testbed::inventory::link_mac(&topology.pod(a), "eth0").unwrap();
+    while !agents[0]
+        .status()
+        .unwrap()
+        .overlay
+        .unwrap()
+        .endpoints
+        .iter()
+        .any(|e| e.ip == a.ip().to_string() && e.pod_mac == mac)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the new pod MAC never reached the maps"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     traffic::ping(&topology, a, b.ip(), 3).unwrap();
 }

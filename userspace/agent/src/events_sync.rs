@@ -379,6 +379,37 @@ impl Events {
         Ok(Self { state, bus })
     }
 
+    /// A hook for the workload store: each certificate issued here becomes
+    /// `certificate-issued` (first) or `certificate-rotated` (renewal or
+    /// re-key) on `veil.certificates`, keyed `<node>/<identity>`.
+    pub fn certificate_hook(&self, node_name: &str) -> crate::mesh::workloads::IssueHook {
+        let bus = Arc::clone(&self.bus);
+        let node = node_name.to_string();
+        Box::new(move |workload, previous| {
+            let seq = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_micros() as u64;
+            let identity = workload.identity.to_string();
+            let event = match previous {
+                None => Event::CertificateIssued {
+                    identity: identity.clone(),
+                    serial: workload.serial.clone(),
+                    not_after: humantime::format_rfc3339_seconds(workload.not_after).to_string(),
+                },
+                Some(previous) => Event::CertificateRotated {
+                    identity: identity.clone(),
+                    serial: workload.serial.clone(),
+                    previous_serial: previous.to_string(),
+                },
+            };
+            let key = format!("{node}/{identity}");
+            if let Err(error) = bus.publish(&Envelope::new(Topic::Certificates, key, seq, event)) {
+                warn!(%error, "certificate event not published");
+            }
+        })
+    }
+
     /// A sink for the mesh's flow records: each becomes a `flow` event on
     /// `veil.flows`, keyed by this node (its flows stay in order) and
     /// sequenced by microseconds since the epoch (strictly increasing, also

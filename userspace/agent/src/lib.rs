@@ -124,6 +124,10 @@ pub async fn run(
         mesh.state
             .flows
             .publish_to(events.flow_sink(&config.node_name));
+        mesh.state
+            .directory
+            .store
+            .on_issue(events.certificate_hook(&config.node_name));
         let state = Arc::clone(&mesh.state);
         events
             .state

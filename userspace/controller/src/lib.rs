@@ -12,4 +12,5 @@
 pub mod issuance;
 pub mod lease;
 pub mod pod_events;
+pub mod policy_events;
 pub mod reconcile;

@@ -8,7 +8,7 @@ use tracing::{error, info};
 use veil_controller::{
     issuance::{DEFAULT_DURATION, LocalIssuer},
     lease::LeaseLock,
-    pod_events,
+    pod_events, policy_events,
     reconcile::{self, Context},
 };
 use veil_identity::{CertificateAuthority, renewal::RenewalPolicy};
@@ -172,7 +172,12 @@ async fn run(command: Command) -> Result<()> {
         let trust_domain = trust_domain.clone();
         async move {
             match &bus {
-                Some(bus) => pod_events::run(client, bus, &trust_domain).await,
+                Some(bus) => {
+                    tokio::join!(
+                        pod_events::run(client.clone(), bus, &trust_domain),
+                        policy_events::run(client, bus)
+                    );
+                }
                 None => std::future::pending().await,
             }
         }

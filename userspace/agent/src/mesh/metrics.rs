@@ -1,5 +1,6 @@
 //! The mesh's Prometheus metrics: connections by direction, mode and result,
-//! bytes relayed, handshake latency, open connections.
+//! bytes relayed, handshake latency, open connections, and when each
+//! workload certificate expires.
 
 use std::{
     collections::BTreeMap,
@@ -46,6 +47,12 @@ pub struct ConnectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    /// The workload's SPIFFE ID.
+    pub identity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
     pub direction: Direction,
 }
@@ -75,6 +82,8 @@ pub struct MeshMetrics {
     pub open: Family<DirectionLabels, Gauge>,
     pub bytes: Family<ByteLabels, Counter>,
     pub handshake_seconds: Family<DirectionLabels, Histogram>,
+    /// Unix time at which each workload certificate held here expires.
+    pub certificate_expiry: Family<IdentityLabels, Gauge>,
 }
 
 impl Default for MeshMetrics {
@@ -85,6 +94,7 @@ impl Default for MeshMetrics {
             open: Family::default(),
             bytes: Family::default(),
             handshake_seconds: Family::new_with_constructor(handshake_histogram),
+            certificate_expiry: Family::default(),
         }
     }
 }
@@ -110,6 +120,12 @@ impl MeshMetrics {
             "veil_mesh_handshake_seconds",
             "Time from accepting a connection to an established mTLS session",
             self.handshake_seconds.clone(),
+        );
+        registry.register(
+            "veil_mesh_certificate_expiry_timestamp_seconds",
+            "When each workload certificate held on this node expires (Unix time); \
+             alert on it minus time() below the renewal margin",
+            self.certificate_expiry.clone(),
         );
     }
 

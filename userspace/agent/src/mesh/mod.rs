@@ -313,6 +313,19 @@ fn keep_certificates_fresh(state: &MeshState) {
                 }
             }
         }
+        for workload in directory.store.all() {
+            let expiry = workload
+                .not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            state
+                .metrics
+                .certificate_expiry
+                .get_or_create(&metrics::IdentityLabels {
+                    identity: workload.identity.to_string(),
+                })
+                .set(i64::try_from(expiry).unwrap_or(i64::MAX));
+        }
         std::thread::sleep(CERTIFICATE_CHECK_PERIOD);
     }
 }

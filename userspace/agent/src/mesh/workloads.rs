@@ -70,7 +70,12 @@ pub struct WorkloadStore {
     entries: Mutex<HashMap<SpiffeId, Arc<Workload>>>,
     /// The last failure to issue, per identity, until an issue succeeds.
     errors: Mutex<HashMap<SpiffeId, String>>,
+    /// Told of every certificate issued: the new one, and the serial it replaces.
+    on_issue: std::sync::OnceLock<IssueHook>,
 }
+
+/// Called after a certificate is issued: `(new, previous serial)`.
+pub type IssueHook = Box<dyn Fn(&Workload, Option<&str>) + Send + Sync>;
 
 impl WorkloadStore {
     /// A store that signs with the mesh CA itself.
@@ -100,6 +105,20 @@ impl WorkloadStore {
             renewal: RenewalPolicy::default(),
             entries: Mutex::default(),
             errors: Mutex::default(),
+            on_issue: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Tells `hook` of every certificate held now (as issued) and every one
+    /// issued from now on (set once).
+    pub fn on_issue(&self, hook: IssueHook) {
+        if self.on_issue.set(hook).is_err() {
+            return;
+        }
+        if let Some(hook) = self.on_issue.get() {
+            for workload in self.all() {
+                hook(&workload, None);
+            }
         }
     }
 
@@ -139,7 +158,8 @@ impl WorkloadStore {
         {
             return Ok(Arc::clone(current));
         }
-        let renewed = entries.contains_key(identity);
+        let previous = entries.get(identity).map(|w| w.serial.clone());
+        let renewed = previous.is_some();
         let issued = self.issue(identity);
         let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
         let workload = match issued {
@@ -168,6 +188,10 @@ impl WorkloadStore {
             "workload certificate issued"
         );
         entries.insert(identity.clone(), Arc::clone(&workload));
+        drop(entries);
+        if let Some(hook) = self.on_issue.get() {
+            hook(&workload, previous.as_deref());
+        }
         Ok(workload)
     }
 
