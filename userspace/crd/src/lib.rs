@@ -198,6 +198,7 @@ impl MTLSMode {
     plural = "mtlspolicies",
     shortname = "mtlspolicy",
     namespaced,
+    derive = "PartialEq",
     printcolumn = r#"{"name":"Service Account","type":"string","jsonPath":".spec.serviceAccount"}"#,
     printcolumn = r#"{"name":"Port","type":"integer","jsonPath":".spec.port"}"#,
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,

@@ -18,6 +18,8 @@ pub enum GenerateError {
     BadName { what: &'static str, value: String },
     #[error("cannot write YAML: {0}")]
     Yaml(#[from] serde_yaml::Error),
+    #[error("cannot write JSON: {0}")]
+    Json(#[from] serde_json::Error),
 }
 
 /// What the user wants.
@@ -47,8 +49,29 @@ fn check_name(what: &'static str, value: &str) -> Result<(), GenerateError> {
     }
 }
 
-/// The `MTLSPolicy` for `desired`, as YAML.
+/// The `MTLSPolicy` for `desired`, as YAML (with a comment saying what it does).
 pub fn mtls_policy(desired: &Desired<'_>) -> Result<String, GenerateError> {
+    let policy = build(desired)?;
+    let scope = match (desired.service_account, desired.port) {
+        (Some(sa), Some(port)) => format!("port {port} of workload {sa}"),
+        (Some(sa), None) => format!("workload {sa}"),
+        (None, _) => "every workload".into(),
+    };
+    Ok(format!(
+        "# mTLS {} for {scope} in namespace {} (apply with `kubectl apply -f -`;\n\
+         # `veilctl mtls <pod> [--port]` on a node shows the mode that results).\n{}",
+        desired.mode.as_str(),
+        desired.namespace,
+        serde_yaml::to_string(&policy)?
+    ))
+}
+
+/// The `MTLSPolicy` for `desired`, as JSON (`-o json`; kubectl takes it too).
+pub fn mtls_policy_json(desired: &Desired<'_>) -> Result<String, GenerateError> {
+    Ok(serde_json::to_string_pretty(&build(desired)?)?)
+}
+
+fn build(desired: &Desired<'_>) -> Result<MTLSPolicy, GenerateError> {
     check_name("--namespace", desired.namespace)?;
     if let Some(service_account) = desired.service_account {
         check_name("--service-account", service_account)?;
@@ -72,18 +95,7 @@ pub fn mtls_policy(desired: &Desired<'_>) -> Result<String, GenerateError> {
         },
     );
     policy.metadata.namespace = Some(desired.namespace.to_string());
-    let scope = match (desired.service_account, desired.port) {
-        (Some(sa), Some(port)) => format!("port {port} of workload {sa}"),
-        (Some(sa), None) => format!("workload {sa}"),
-        (None, _) => "every workload".into(),
-    };
-    Ok(format!(
-        "# mTLS {} for {scope} in namespace {} (apply with `kubectl apply -f -`;\n\
-         # `veilctl mtls <pod> [--port]` on a node shows the mode that results).\n{}",
-        desired.mode.as_str(),
-        desired.namespace,
-        serde_yaml::to_string(&policy)?
-    ))
+    Ok(policy)
 }
 
 #[cfg(test)]
@@ -124,6 +136,17 @@ mod tests {
         let workload: MTLSPolicy =
             serde_yaml::from_str(&mtls_policy(&desired(Some("cart"), None)).unwrap()).unwrap();
         assert_eq!(workload.metadata.name.as_deref(), Some("cart"));
+    }
+
+    #[test]
+    fn json_output_is_the_same_object() {
+        let json = mtls_policy_json(&desired(Some("checkout"), Some(8080))).unwrap();
+        let policy: MTLSPolicy = serde_json::from_str(&json).unwrap();
+        let yaml: MTLSPolicy =
+            serde_yaml::from_str(&mtls_policy(&desired(Some("checkout"), Some(8080))).unwrap())
+                .unwrap();
+        assert_eq!(policy, yaml);
+        assert_eq!(policy.metadata.namespace.as_deref(), Some("shop"));
     }
 
     #[test]

@@ -63,8 +63,9 @@ enum Command {
         #[arg(long)]
         port: Option<u16>,
     },
-    /// Print the Kubernetes YAML (an MTLSPolicy) that sets the mTLS mode of
-    /// a namespace, a workload or one of its ports; pipe it to `kubectl apply -f -`.
+    /// Print the Kubernetes YAML (an MTLSPolicy; JSON with `-o json`) that
+    /// sets the mTLS mode of a namespace, a workload or one of its ports;
+    /// pipe it to `kubectl apply -f -`.
     Generate {
         /// Namespace of the workloads.
         #[arg(long)]
@@ -147,7 +148,11 @@ fn main() -> ExitCode {
                 },
                 name: name.as_deref(),
             };
-            return match generate::mtls_policy(&desired) {
+            let generated = match output {
+                Output::Table => generate::mtls_policy(&desired),
+                Output::Json => generate::mtls_policy_json(&desired).map(|json| json + "\n"),
+            };
+            return match generated {
                 Ok(yaml) => {
                     print!("{yaml}");
                     ExitCode::SUCCESS
