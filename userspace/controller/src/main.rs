@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tracing::{error, info};
 use veil_controller::{
     issuance::{DEFAULT_DURATION, LocalIssuer},
@@ -26,59 +26,67 @@ enum Command {
     /// Revoke a workload certificate: publishes `certificate-revoked` on the
     /// certificates topic; every agent refuses the serial from then on, and
     /// the agent holding it re-keys and gets a new certificate.
-    Revoke {
-        /// The certificate's serial (hex, as `veilctl certs` and
-        /// `kubectl get ecdsacerts` show it).
-        #[arg(long)]
-        serial: String,
-        /// The SPIFFE ID it was issued to.
-        #[arg(long)]
-        identity: String,
-        /// Kafka bootstrap brokers (`host:port`, comma-separated).
-        #[arg(
-            long,
-            env = "VEIL_KAFKA_BROKERS",
-            value_delimiter = ',',
-            required = true
-        )]
-        kafka_brokers: Vec<String>,
-        /// Where an undelivered event would spill (it is delivered before exit).
-        #[arg(long, default_value = "/tmp/veil-controller-revoke")]
-        events_state_dir: PathBuf,
-    },
+    Revoke(RevokeArgs),
     /// Reconcile ECDSACerts until SIGINT or SIGTERM (needs a kubeconfig or in-cluster credentials).
-    Run {
-        /// SPIFFE trust domain of the mesh.
-        #[arg(long, env = "VEIL_TRUST_DOMAIN", default_value = "cluster.local")]
-        trust_domain: String,
-        /// Root CA certificate (PEM).
-        #[arg(long, env = "VEIL_CA_CERT", default_value = "/etc/veil/ca/tls.crt")]
-        ca_cert: PathBuf,
-        /// Root CA key (PEM).
-        #[arg(long, env = "VEIL_CA_KEY", default_value = "/etc/veil/ca/tls.key")]
-        ca_key: PathBuf,
-        /// Lease used for leader election.
-        #[arg(long, env = "VEIL_LEASE_NAME", default_value = "veil-controller")]
-        lease_name: String,
-        /// Namespace of the lease.
-        #[arg(long, env = "VEIL_LEASE_NAMESPACE", default_value = "veil-system")]
-        lease_namespace: String,
-        /// This replica's name (the pod name in Kubernetes).
-        #[arg(long, env = "POD_NAME")]
-        holder: Option<String>,
-        /// Kafka bootstrap brokers (`host:port`, comma-separated): publish pod
-        /// lifecycle events on the pods topic for the agents. Without it the
-        /// agents learn only their own node's pods.
-        #[arg(long, env = "VEIL_KAFKA_BROKERS", value_delimiter = ',')]
-        kafka_brokers: Vec<String>,
-        /// Where unacknowledged events spill while the broker is away.
-        #[arg(
-            long,
-            env = "VEIL_EVENTS_STATE_DIR",
-            default_value = "/var/lib/veil-controller/events"
-        )]
-        events_state_dir: PathBuf,
-    },
+    Run(RunArgs),
+}
+
+/// `veil-controller revoke`.
+#[derive(Args)]
+struct RevokeArgs {
+    /// The certificate's serial (hex, as `veilctl certs` and
+    /// `kubectl get ecdsacerts` show it).
+    #[arg(long)]
+    serial: String,
+    /// The SPIFFE ID it was issued to.
+    #[arg(long)]
+    identity: String,
+    /// Kafka bootstrap brokers (`host:port`, comma-separated).
+    #[arg(
+        long,
+        env = "VEIL_KAFKA_BROKERS",
+        value_delimiter = ',',
+        required = true
+    )]
+    kafka_brokers: Vec<String>,
+    /// Where an undelivered event would spill (it is delivered before exit).
+    #[arg(long, default_value = "/tmp/veil-controller-revoke")]
+    events_state_dir: PathBuf,
+}
+
+/// `veil-controller run`.
+#[derive(Args)]
+struct RunArgs {
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long, env = "VEIL_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Root CA certificate (PEM).
+    #[arg(long, env = "VEIL_CA_CERT", default_value = "/etc/veil/ca/tls.crt")]
+    ca_cert: PathBuf,
+    /// Root CA key (PEM).
+    #[arg(long, env = "VEIL_CA_KEY", default_value = "/etc/veil/ca/tls.key")]
+    ca_key: PathBuf,
+    /// Lease used for leader election.
+    #[arg(long, env = "VEIL_LEASE_NAME", default_value = "veil-controller")]
+    lease_name: String,
+    /// Namespace of the lease.
+    #[arg(long, env = "VEIL_LEASE_NAMESPACE", default_value = "veil-system")]
+    lease_namespace: String,
+    /// This replica's name (the pod name in Kubernetes).
+    #[arg(long, env = "POD_NAME")]
+    holder: Option<String>,
+    /// Kafka bootstrap brokers (`host:port`, comma-separated): publish pod
+    /// lifecycle events on the pods topic for the agents. Without it the
+    /// agents learn only their own node's pods.
+    #[arg(long, env = "VEIL_KAFKA_BROKERS", value_delimiter = ',')]
+    kafka_brokers: Vec<String>,
+    /// Where unacknowledged events spill while the broker is away.
+    #[arg(
+        long,
+        env = "VEIL_EVENTS_STATE_DIR",
+        default_value = "/var/lib/veil-controller/events"
+    )]
+    events_state_dir: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -106,20 +114,24 @@ fn main() -> ExitCode {
 }
 
 async fn run(command: Command) -> Result<()> {
-    if let Command::Revoke {
-        serial,
-        identity,
-        kafka_brokers,
-        events_state_dir,
-    } = command
-    {
-        return tokio::task::spawn_blocking(move || {
-            revoke(&serial, &identity, kafka_brokers, events_state_dir)
+    match command {
+        Command::Revoke(args) => tokio::task::spawn_blocking(move || {
+            revoke(
+                &args.serial,
+                &args.identity,
+                args.kafka_brokers,
+                args.events_state_dir,
+            )
         })
         .await
-        .context("the revocation thread failed")?;
+        .context("the revocation thread failed")?,
+        Command::Run(args) => serve(args).await,
     }
-    let Command::Run {
+}
+
+/// Reconciles (as the leader) until SIGINT or SIGTERM.
+async fn serve(
+    RunArgs {
         trust_domain,
         ca_cert,
         ca_key,
@@ -128,10 +140,8 @@ async fn run(command: Command) -> Result<()> {
         holder,
         kafka_brokers,
         events_state_dir,
-    } = command
-    else {
-        unreachable!("revoke returned above");
-    };
+    }: RunArgs,
+) -> Result<()> {
     let cert = std::fs::read_to_string(&ca_cert)
         .with_context(|| format!("cannot read the CA certificate {}", ca_cert.display()))?;
     let key = zeroize::Zeroizing::new(
