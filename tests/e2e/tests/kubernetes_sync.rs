@@ -356,6 +356,31 @@ async fn agents_build_the_overlay_from_nodes_and_pods_in_the_api_server() {
         .unwrap();
     assert!(other_port.contains("PERMISSIVE"), "{other_port}");
 
+    // A second policy that disagrees about the same port is a conflict:
+    // refused with both named (the last good state stays), until one goes.
+    let conflicting = veil_kubebed::objects::documents(
+        "apiVersion: veil.dev/v1alpha1\nkind: MTLSPolicy\nmetadata: {name: web-8080-open, namespace: shop}\n\
+         spec: {serviceAccount: web, port: 8080, mode: PERMISSIVE}\n",
+    );
+    veil_kubebed::objects::apply(&client, &conflicting[0], FIELD_MANAGER, false)
+        .await
+        .unwrap();
+    wait_for("the conflict found", Duration::from_secs(10), || {
+        agents[0]
+            .veilctl_exit(&["check"])
+            .is_ok_and(|(code, report)| code == 3 && report.contains("conflicting mTLS settings"))
+    });
+    let policies: Api<veil_crd::MTLSPolicy> = Api::namespaced(client.clone(), NAMESPACE);
+    policies
+        .delete("web-8080-open", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the conflict gone", Duration::from_secs(10), || {
+        agents[0]
+            .veilctl_exit(&["check"])
+            .is_ok_and(|(_, report)| !report.contains("conflicting mTLS settings"))
+    });
+
     // A misspelt mode leaves the pod out (fail closed) and says why.
     let misspelt = PodRef::new(1, 2);
     run_pod(&client, "typo", 1, misspelt.ip(), Some("stirct")).await;
