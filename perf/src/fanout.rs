@@ -26,7 +26,7 @@ use veil_events::{
     kafka::{KafkaBus, KafkaSettings},
     schema::{Envelope, Event, Topic},
 };
-use veil_testbed::{Agent, Routing, Topology, TopologySpec, kafka::Broker};
+use veil_testbed::{Agent, Routing, Topology, TopologySpec, kafka::Broker, try_wait_for};
 
 use crate::{cpu, machine::Machine};
 
@@ -161,14 +161,6 @@ impl Buckets {
     }
 }
 
-fn events_section(topology: &Topology, broker: &Broker, node: usize) -> String {
-    format!(
-        "\n[events.kafka]\nbrokers = [\"{}\"]\nstate_dir = \"{}\"\n",
-        broker.address(),
-        topology.workdir().join(format!("events-n{node}")).display()
-    )
-}
-
 fn applied(agent: &Agent) -> f64 {
     agent
         .metric("veil_events_applied_total")
@@ -182,19 +174,6 @@ fn lag_buckets(agent: &Agent) -> Buckets {
         .http_get(veil_api::DEFAULT_METRICS_PORT, veil_api::METRICS_PATH)
         .map(|(_, page)| Buckets::parse(&page, "veil_events_apply_lag_seconds"))
         .unwrap_or_default()
-}
-
-fn wait(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Result<(), FanoutError> {
-    let started = Instant::now();
-    while !done() {
-        if started.elapsed() > timeout {
-            return Err(FanoutError::Setup(format!(
-                "{what}: not within {timeout:?}"
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }
 
 /// The `i`-th event: pods of the last node become ready, then are deleted,
@@ -238,12 +217,7 @@ pub fn run(options: &FanoutOptions) -> Result<(FanoutResults, PathBuf), FanoutEr
         })?;
     let agents: Vec<Agent> = (1..=options.agents)
         .map(|node| {
-            Agent::start_overlay_with(
-                &topology,
-                node,
-                VNI,
-                &events_section(&topology, &broker, node),
-            )
+            Agent::start_overlay_with(&topology, node, VNI, &broker.agent_section(&topology, node))
         })
         .collect::<Result<_, _>>()?;
     let settings = KafkaSettings {
@@ -257,18 +231,14 @@ pub fn run(options: &FanoutOptions) -> Result<(FanoutResults, PathBuf), FanoutEr
         .map_err(|e| FanoutError::Setup(format!("publisher: {e}")))?;
 
     eprintln!("fan-out: waiting for every agent to join its consumer group");
-    wait("agents on the bus", Duration::from_secs(60), || {
-        agents.iter().all(|a| {
-            a.status()
-                .ok()
-                .and_then(|s| s.event_bus)
-                .is_some_and(|b| b.state == "connected")
-        })
-    })?;
+    try_wait_for("agents on the bus", Duration::from_secs(60), || {
+        agents.iter().all(Agent::bus_connected)
+    })
+    .map_err(FanoutError::Setup)?;
     // Warm-up until every agent applies events (groups joined, polling).
     let mut warm = 0u64;
     let last_node = options.agents;
-    wait("agents applying events", Duration::from_secs(60), || {
+    try_wait_for("agents applying events", Duration::from_secs(60), || {
         let envelope = Envelope::new(
             Topic::Pods,
             "fanout/warm-up",
@@ -282,7 +252,8 @@ pub fn run(options: &FanoutOptions) -> Result<(FanoutResults, PathBuf), FanoutEr
         let _ = bus.publish(&envelope);
         std::thread::sleep(Duration::from_millis(200));
         agents.iter().all(|a| applied(a) >= 1.0)
-    })?;
+    })
+    .map_err(FanoutError::Setup)?;
     std::thread::sleep(Duration::from_secs(1));
 
     let before: Vec<(f64, Buckets, f64)> = agents

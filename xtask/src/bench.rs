@@ -10,38 +10,21 @@ use crate::{
     shell::{self, step},
 };
 
+/// `cargo xtask bench`: the datapath benchmarks (`veil-bench`).
 pub fn run(args: &[String]) -> Result<()> {
-    let object = ebpf::build()?;
-    step("Building the benchmark harness and the agent (release)");
-    shell::run(
-        shell::cargo()
-            .current_dir(paths::repo_root())
-            .env("VEIL_EBPF_OBJECT", &object)
-            .args([
-                "build",
-                "--release",
-                "--quiet",
-                "-p",
-                "veil-perf",
-                "-p",
-                "veil-agent",
-                "-p",
-                "veilctl",
-            ]),
-    )?;
-    step("Running the benchmarks");
-    shell::run(
-        std::process::Command::new(paths::target_dir().join("release/veil-bench"))
-            .current_dir(paths::repo_root())
-            .env("VEIL_BIN_DIR", paths::target_dir().join("release"))
-            .args(args),
-    )
+    build_and_run("veil-bench", "the benchmarks", args)
 }
 
 /// `cargo xtask bench-fanout`: the event fan-out benchmark (`veil-fanout`).
 pub fn run_fanout(args: &[String]) -> Result<()> {
+    build_and_run("veil-fanout", "the fan-out benchmark", args)
+}
+
+/// Builds the harness (`binary`, in `perf/`) with the agent and veilctl in
+/// release mode, then runs it with `args` against those release binaries.
+fn build_and_run(binary: &str, what: &str, args: &[String]) -> Result<()> {
     let object = ebpf::build()?;
-    step("Building the fan-out benchmark and the agent (release)");
+    step(&format!("Building {what} and the agent (release)"));
     shell::run(
         shell::cargo()
             .current_dir(paths::repo_root())
@@ -58,9 +41,9 @@ pub fn run_fanout(args: &[String]) -> Result<()> {
                 "veilctl",
             ]),
     )?;
-    step("Running the fan-out benchmark");
+    step(&format!("Running {what}"));
     shell::run(
-        std::process::Command::new(paths::target_dir().join("release/veil-fanout"))
+        std::process::Command::new(paths::target_dir().join("release").join(binary))
             .current_dir(paths::repo_root())
             .env("VEIL_BIN_DIR", paths::target_dir().join("release"))
             .args(args),

@@ -14,19 +14,12 @@ use veil_events::{
     kafka::{KafkaBus, KafkaSettings},
     schema::{Envelope, Event, Topic},
 };
-use veil_testbed::{Agent, PodRef, Routing, Topology, TopologySpec, kafka::Broker, require_root};
+use veil_testbed::{
+    Agent, PodRef, Routing, Topology, TopologySpec, kafka::Broker, require_root, wait_for,
+};
 
 const VNI: u32 = 7979;
 const BROKER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-
-/// The agent's `[events]` section for `node`.
-fn events_section(topology: &Topology, broker: &Broker, node: usize) -> String {
-    format!(
-        "\n[events.kafka]\nbrokers = [\"{}\"]\nstate_dir = \"{}\"\n",
-        broker.address(),
-        topology.workdir().join(format!("events-n{node}")).display()
-    )
-}
 
 /// The route node 1's agent has for `ip`/32, if any: the node's underlay IP.
 fn host_route(agent: &Agent, ip: Ipv4Addr) -> Option<String> {
@@ -37,18 +30,6 @@ fn host_route(agent: &Agent, ip: Ipv4Addr) -> Option<String> {
         .into_iter()
         .find(|r| r.cidr == format!("{ip}/32"))
         .map(|r| r.node_ip)
-}
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !check() {
-        assert!(
-            started.elapsed() < timeout,
-            "{what}: not within {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    started.elapsed()
 }
 
 #[test]
@@ -72,13 +53,8 @@ fn pods_announced_on_kafka_reach_other_agents_within_a_second() {
     };
     let mut agents: Vec<Agent> = (1..=2)
         .map(|node| {
-            Agent::start_overlay_with(
-                &topology,
-                node,
-                VNI,
-                &events_section(&topology, &broker, node),
-            )
-            .unwrap()
+            Agent::start_overlay_with(&topology, node, VNI, &broker.agent_section(&topology, node))
+                .unwrap()
         })
         .collect();
 
@@ -106,14 +82,7 @@ fn pods_announced_on_kafka_reach_other_agents_within_a_second() {
     wait_for(
         "both agents connected to the bus",
         Duration::from_secs(30),
-        || {
-            agents.iter().all(|a| {
-                a.status()
-                    .ok()
-                    .and_then(|s| s.event_bus)
-                    .is_some_and(|b| b.state == "connected")
-            })
-        },
+        || agents.iter().all(Agent::bus_connected),
     );
     // Warm-up event, so the consumer groups have joined and are polling.
     bus.publish(&Envelope::new(
@@ -173,8 +142,7 @@ fn pods_announced_on_kafka_reach_other_agents_within_a_second() {
     broker.kill();
     agents[0].stop();
     agents[0] =
-        Agent::start_overlay_with(&topology, 1, VNI, &events_section(&topology, &broker, 1))
-            .unwrap();
+        Agent::start_overlay_with(&topology, 1, VNI, &broker.agent_section(&topology, 1)).unwrap();
     assert_eq!(
         host_route(&agents[0], announced.ip()).as_deref(),
         Some("198.18.0.2"),
@@ -211,14 +179,9 @@ fn veilctl_check_reports_a_clock_behind_the_publishers() {
         return;
     };
     let agent =
-        Agent::start_overlay_with(&topology, 1, VNI, &events_section(&topology, &broker, 1))
-            .unwrap();
+        Agent::start_overlay_with(&topology, 1, VNI, &broker.agent_section(&topology, 1)).unwrap();
     wait_for("the agent on the bus", Duration::from_secs(30), || {
-        agent
-            .status()
-            .ok()
-            .and_then(|s| s.event_bus)
-            .is_some_and(|b| b.state == "connected")
+        agent.bus_connected()
     });
     let address = broker.address();
     let (code, before) = agent.veilctl_exit(&["check"]).unwrap();

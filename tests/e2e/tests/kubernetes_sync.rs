@@ -38,7 +38,7 @@ use veil_events::{
 };
 use veil_testbed::{
     Agent, PodRef, Routing, Topology, TopologySpec, inventory::link_mac, kafka::Broker,
-    relay::TcpRelay, require_root,
+    relay::TcpRelay, require_root, wait_for,
 };
 
 const VNI: u32 = 8181;
@@ -171,18 +171,6 @@ fn route(agent: &Agent, cidr: &str) -> Option<String> {
         .into_iter()
         .find(|r| r.cidr == cidr)
         .map(|r| r.node_ip)
-}
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !check() {
-        assert!(
-            started.elapsed() < timeout,
-            "{what}: not within {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    started.elapsed()
 }
 
 /// The relay to the API server and one kubeconfig per node (as `veil-agent`).
@@ -477,10 +465,9 @@ async fn the_controller_announces_pods_on_kafka_to_the_nodes_that_do_not_watch_t
     topology.move_pod(moved, 2).unwrap();
     let sections = |node: usize| {
         format!(
-            "{}\n[events.kafka]\nbrokers = [\"{}\"]\nstate_dir = \"{}\"\n{}",
+            "{}{}{}",
             kubernetes_section(&agent_access.kubeconfigs[node - 1]),
-            broker.address(),
-            topology.workdir().join(format!("events-n{node}")).display(),
+            broker.agent_section(&topology, node),
             ca.agent_section("cluster.local")
         )
     };
@@ -490,12 +477,7 @@ async fn the_controller_announces_pods_on_kafka_to_the_nodes_that_do_not_watch_t
         })
         .collect();
     wait_for("both agents on the bus", Duration::from_secs(30), || {
-        agents.iter().all(|a| {
-            a.status()
-                .ok()
-                .and_then(|s| s.event_bus)
-                .is_some_and(|b| b.state == "connected")
-        })
+        agents.iter().all(Agent::bus_connected)
     });
     // A first pod, so the consumer groups have joined and are polling.
     let web1 = PodRef::new(1, 1);

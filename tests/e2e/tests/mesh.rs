@@ -26,7 +26,7 @@ use veil_mtls::{
 };
 use veil_testbed::{
     Agent, MeshCaFiles, PodMesh, PodRef, Routing, Topology, TopologySpec, kafka::Broker,
-    process::ChildGuard, require_root, traffic,
+    process::ChildGuard, require_root, traffic, try_wait_for, wait_for,
 };
 
 const VNI: u32 = 7878;
@@ -66,15 +66,12 @@ impl MeshBed {
     fn start_on_bus(name: &str) -> (Self, Broker) {
         let mut broker = None;
         let bed = Self::start_custom(name, "", |topology, node| {
-            let broker = broker.get_or_insert_with(|| {
-                Broker::start_in("mesh on the event bus", &topology.node(1), BROKER_IP)
-                    .expect("a Kafka-protocol broker (tansu): run `cargo xtask setup`")
-            });
-            format!(
-                "\n[events.kafka]\nbrokers = [\"{}\"]\nstate_dir = \"{}\"\n",
-                broker.address(),
-                topology.workdir().join(format!("events-n{node}")).display()
-            )
+            broker
+                .get_or_insert_with(|| {
+                    Broker::start_in("mesh on the event bus", &topology.node(1), BROKER_IP)
+                        .expect("a Kafka-protocol broker (tansu): run `cargo xtask setup`")
+                })
+                .agent_section(topology, node)
         });
         (bed, broker.expect("the agents were started"))
     }
@@ -316,12 +313,8 @@ fn meshed_tcp_crosses_nodes_encrypted_byte_exact_with_the_real_client_address() 
     );
     // Certificate expiry for alerting, in Prometheus.
     let series = "veil_mesh_certificate_expiry_timestamp_seconds{identity=\"spiffe://cluster.local/ns/shop/sa/cart\"}";
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let mut expiry = bed.metric(1, series);
-    while expiry == 0.0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-        expiry = bed.metric(1, series);
-    }
+    wait_for_metric(&bed, 1, series, 1.0);
+    let expiry = bed.metric(1, series);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -957,18 +950,9 @@ fn a_certificate_revoked_on_the_bus_is_refused_everywhere_and_its_owner_rekeys()
         return;
     }
     let (bed, broker) = MeshBed::start_on_bus("mrevoke");
-    for agent in &bed.agents {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while agent
-            .status()
-            .ok()
-            .and_then(|s| s.event_bus)
-            .is_none_or(|b| b.state != "connected")
-        {
-            assert!(std::time::Instant::now() < deadline, "agent not on the bus");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    wait_for("agents on the bus", Duration::from_secs(30), || {
+        bed.agents.iter().all(Agent::bus_connected)
+    });
     let ca = CertificateAuthority::import(
         TRUST_DOMAIN,
         &std::fs::read_to_string(&bed.ca_cert).unwrap(),
@@ -1012,15 +996,12 @@ fn a_certificate_revoked_on_the_bus_is_refused_everywhere_and_its_owner_rekeys()
     revoke(&checkout_serial, &checkout);
 
     // Node 2 refuses the revoked client certificate, and re-keys its own.
-    let deadline = started + Duration::from_secs(30);
-    while handshake_with(&bed.topology, config.clone()).is_ok() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "revoked certificate still accepted\n{}",
-            bed.dump()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // Both within 30 s of publishing.
+    let left = || Duration::from_secs(30).saturating_sub(started.elapsed());
+    try_wait_for("the revoked certificate refused", left(), || {
+        handshake_with(&bed.topology, config.clone()).is_err()
+    })
+    .unwrap_or_else(|error| panic!("{error}\n{}", bed.dump()));
     eprintln!(
         "revoke published → refused on node 2: {:?}",
         started.elapsed()
@@ -1030,14 +1011,10 @@ fn a_certificate_revoked_on_the_bus_is_refused_everywhere_and_its_owner_rekeys()
         refused.contains("CertificateRevoked") || refused.contains("alert"),
         "{refused}"
     );
-    while serial_on(&bed, 2, &checkout).is_none_or(|s| s == checkout_serial) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "checkout not re-keyed\n{}",
-            bed.dump()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    try_wait_for("checkout re-keyed", left(), || {
+        serial_on(&bed, 2, &checkout).is_some_and(|s| s != checkout_serial)
+    })
+    .unwrap_or_else(|error| panic!("{error}\n{}", bed.dump()));
     eprintln!(
         "revoke published → checkout re-keyed on node 2: {:?}",
         started.elapsed()
@@ -1052,15 +1029,11 @@ fn a_certificate_revoked_on_the_bus_is_refused_everywhere_and_its_owner_rekeys()
     let presented = presented_serial(&bed.topology, &ca);
     assert_ne!(presented, checkout_serial);
     for agent in &bed.agents {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while agent.status().unwrap().event_bus.unwrap().revoked_serials < 2 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "revocations did not reach node {}",
-                agent.node()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for(
+            &format!("both revocations on node {}", agent.node()),
+            Duration::from_secs(10),
+            || agent.status().unwrap().event_bus.unwrap().revoked_serials >= 2,
+        );
     }
     let status = bed.agents[0].veilctl(&["status"]).unwrap();
     assert!(
@@ -1079,15 +1052,10 @@ fn veilctl_check_finds_certificates_close_to_expiry() {
     // Ten-minute certificates: every one is always within the hour of expiry.
     let bed = MeshBed::start_with("mexpiry", "", "certificate_lifetime = \"10m\"\n");
     let cart = format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/cart");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while serial_on(&bed, 1, &cart).is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no certificate\n{}",
-            bed.dump()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    try_wait_for("cart's certificate", Duration::from_secs(10), || {
+        serial_on(&bed, 1, &cart).is_some()
+    })
+    .unwrap_or_else(|error| panic!("{error}\n{}", bed.dump()));
     let (code, report) = bed.agents[0].veilctl_exit(&["check"]).unwrap();
     assert_eq!(code, 3, "{report}");
     assert!(report.contains("expires within the hour"), "{report}");

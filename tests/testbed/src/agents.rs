@@ -210,6 +210,14 @@ impl Agent {
         })
     }
 
+    /// Whether the agent reports its event bus connected.
+    pub fn bus_connected(&self) -> bool {
+        self.status()
+            .ok()
+            .and_then(|s| s.event_bus)
+            .is_some_and(|bus| bus.state == "connected")
+    }
+
     /// Waits until the agent's log contains `needle`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;

@@ -388,6 +388,16 @@ impl Broker {
         }
     }
 
+    /// The `[events.kafka]` section of the agent on `node` of `topology`:
+    /// this broker, and a state directory of that agent's own.
+    pub fn agent_section(&self, topology: &crate::Topology, node: usize) -> String {
+        format!(
+            "\n[events.kafka]\nbrokers = [\"{}\"]\nstate_dir = \"{}\"\n",
+            self.address(),
+            topology.workdir().join(format!("events-n{node}")).display()
+        )
+    }
+
     /// Kills the broker (SIGKILL: no clean shutdown).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

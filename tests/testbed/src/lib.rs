@@ -31,12 +31,14 @@ pub mod relay;
 pub mod routes;
 pub mod topology;
 pub mod traffic;
+pub mod waiting;
 
 pub use addressing::PodRef;
 pub use agents::Agent;
 pub use mesh_ca::MeshCaFiles;
 pub use privileges::{require_program, require_root};
 pub use topology::{PodMesh, Routing, Topology, TopologySpec};
+pub use waiting::{try_wait_for, wait_for};
 
 /// Everything that can go wrong while building or using a test bed.
 #[derive(Debug, thiserror::Error)]
