@@ -108,13 +108,22 @@ async fn status(
             packets,
         })
         .collect();
+    // One read of the interfaces serves both the program check and the MTUs.
+    let links = crate::datapath::links::details();
+    let overlay = state.overlay.as_ref().map(|overlay| {
+        let mut status = overlay.status(&datapath);
+        if let Some(links) = &links {
+            status.interface_mtus = overlay.interface_mtus(&datapath, links);
+        }
+        status
+    });
     Ok(Json(AgentStatus {
         version: env!("CARGO_PKG_VERSION").into(),
         node: state.node_name.clone(),
-        programs: datapath.programs_checked(),
+        programs: datapath.programs_checked(links.as_ref()),
         counters,
         events,
-        overlay: state.overlay.as_ref().map(|o| o.status(&datapath)),
+        overlay,
         kernel_tls: veil_mtls::ktls::kernel_supports_tls(),
         mesh: state.mesh.as_ref().map(|m| m.status()),
         event_bus: state

@@ -379,17 +379,16 @@ impl Events {
         Ok(Self { state, bus })
     }
 
-    /// A hook for the workload store: each certificate issued here becomes
+    /// A hook for the workload store (sequenced like [`Self::flow_sink`]):
+    /// each certificate issued here becomes
     /// `certificate-issued` (first) or `certificate-rotated` (renewal or
     /// re-key) on `veil.certificates`, keyed `<node>/<identity>`.
     pub fn certificate_hook(&self, node_name: &str) -> crate::mesh::workloads::IssueHook {
         let bus = Arc::clone(&self.bus);
         let node = node_name.to_string();
+        let sequence = MicrosSequence::default();
         Box::new(move |workload, previous| {
-            let seq = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_micros() as u64;
+            let seq = sequence.next();
             let identity = workload.identity.to_string();
             let event = match previous {
                 None => Event::CertificateIssued {
@@ -417,20 +416,9 @@ impl Events {
     pub fn flow_sink(&self, node_name: &str) -> crate::mesh::flows::FlowSink {
         let bus = Arc::clone(&self.bus);
         let key = node_name.to_string();
-        let last = std::sync::atomic::AtomicU64::new(0);
+        let sequence = MicrosSequence::default();
         Box::new(move |record: &veil_api::FlowRecord| {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_micros() as u64;
-            let next = |previous: u64| now.max(previous + 1);
-            let seq = last
-                .fetch_update(
-                    std::sync::atomic::Ordering::Relaxed,
-                    std::sync::atomic::Ordering::Relaxed,
-                    |previous| Some(next(previous)),
-                )
-                .map_or(now, next);
+            let seq = sequence.next();
             let event = Event::Flow {
                 source: record.source.clone(),
                 destination: record.destination.clone(),
@@ -442,5 +430,40 @@ impl Events {
                 warn!(%error, "flow record not published");
             }
         })
+    }
+}
+
+/// Event sequences for what this agent publishes: microseconds since the
+/// epoch, strictly increasing (also across restarts, clock permitting).
+#[derive(Default)]
+struct MicrosSequence(std::sync::atomic::AtomicU64);
+
+impl MicrosSequence {
+    fn next(&self) -> u64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros() as u64;
+        let next = |previous: u64| now.max(previous + 1);
+        self.0
+            .fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |previous| Some(next(previous)),
+            )
+            .map_or(now, next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_sequences_only_grow_even_within_one_microsecond() {
+        let sequence = MicrosSequence::default();
+        let values: Vec<u64> = (0..1000).map(|_| sequence.next()).collect();
+        assert!(values.windows(2).all(|w| w[0] < w[1]));
+        assert!(values[0] > 1_700_000_000_000_000, "microseconds since the epoch");
     }
 }

@@ -143,6 +143,31 @@ impl OverlaySync {
     }
 
     /// The overlay as the admin API shows it.
+    /// MTUs of the underlay and of the pod veths the datapath serves, from
+    /// `details` ([`links::details`]).
+    pub fn interface_mtus(
+        &self,
+        datapath: &Datapath,
+        details: &std::collections::HashMap<String, links::LinkDetails>,
+    ) -> Vec<veil_api::InterfaceMtu> {
+        std::iter::once((self.settings.underlay_interface.clone(), "underlay"))
+            .chain(
+                datapath
+                    .programs()
+                    .into_iter()
+                    .filter(|p| p.hook == veil_api::HookKind::TcIngress)
+                    .map(|p| (p.interface, "pod")),
+            )
+            .filter_map(|(interface, role)| {
+                details.get(&interface).map(|link| veil_api::InterfaceMtu {
+                    interface,
+                    mtu: link.mtu,
+                    role: role.into(),
+                })
+            })
+            .collect()
+    }
+
     pub fn status(&self, datapath: &Datapath) -> OverlayStatus {
         let report = self
             .report
@@ -151,24 +176,6 @@ impl OverlaySync {
             .clone();
         let maps = datapath.overlay();
         let config = maps.config().unwrap_or_default();
-        let mtus = links::mtus();
-        let interface_mtus =
-            std::iter::once((self.settings.underlay_interface.clone(), "underlay"))
-                .chain(
-                    datapath
-                        .programs()
-                        .into_iter()
-                        .filter(|p| p.hook == veil_api::HookKind::TcIngress)
-                        .map(|p| (p.interface, "pod")),
-                )
-                .filter_map(|(interface, role)| {
-                    mtus.get(&interface).map(|mtu| veil_api::InterfaceMtu {
-                        interface,
-                        mtu: *mtu,
-                        role: role.into(),
-                    })
-                })
-                .collect();
         OverlayStatus {
             vni: self.settings.vni,
             underlay_ip: std::net::Ipv4Addr::from(config.underlay_ip).to_string(),
@@ -199,7 +206,8 @@ impl OverlaySync {
                     pod_mac: MacAddress(endpoint.pod_mac).to_string(),
                 })
                 .collect(),
-            interface_mtus,
+            // Filled by the admin API, which reads the links once per request.
+            interface_mtus: Vec::new(),
         }
     }
 }

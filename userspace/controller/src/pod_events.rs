@@ -19,10 +19,8 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use tracing::{info, warn};
+use veil_crd::pods::{self, PodMtls};
 use veil_events::schema::{Envelope, Event, Topic};
-
-/// Pod annotation that meshes a pod (the same the agents read).
-pub const MTLS_ANNOTATION: &str = "veil.dev/mtls";
 
 /// Where derived events go (the Kafka bus, or a test's recorder).
 pub trait Publish: Send + Sync {
@@ -35,68 +33,36 @@ impl Publish for veil_events::kafka::KafkaBus {
     }
 }
 
-/// The SPIFFE ID of a meshed pod, or "" for one outside the mesh.
+/// The SPIFFE ID of a meshed pod, or "" for one outside the mesh (an
+/// unreadable annotation counts as outside: its node's agent leaves it out).
 fn identity(pod: &Pod, trust_domain: &str) -> String {
-    let meshed = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(MTLS_ANNOTATION))
-        .is_some_and(|v| {
-            matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "enabled" | "true" | "strict" | "permissive"
-            )
-        });
-    if !meshed {
-        return String::new();
+    match pods::mtls(pod) {
+        Ok(PodMtls::Inherit | PodMtls::Mode(_)) => format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            pods::namespace(pod),
+            pods::service_account(pod)
+        ),
+        Ok(PodMtls::Off) | Err(_) => String::new(),
     }
-    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
-    let service_account = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.as_deref())
-        .filter(|sa| !sa.is_empty())
-        .unwrap_or("default");
-    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
 }
 
 /// The event a pod's current state means to agents, `None` while it has no
 /// node (nothing to tell) or when it runs in the host's network.
 pub fn event_for(pod: &Pod, trust_domain: &str) -> Option<Event> {
-    let namespace = pod
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
+    let namespace = pods::namespace(pod).to_string();
     let name = pod.metadata.name.clone().unwrap_or_default();
-    let spec = pod.spec.as_ref()?;
-    if spec.host_network == Some(true) {
+    if pods::host_network(pod) {
         return None;
     }
-    let node = spec.node_name.clone()?;
-    let status = pod.status.as_ref();
-    if status
-        .and_then(|s| s.phase.as_deref())
-        .is_some_and(|phase| phase == "Succeeded" || phase == "Failed")
-    {
+    let node = pod.spec.as_ref()?.node_name.clone()?;
+    if pods::finished(pod) {
         return Some(Event::PodDeleted {
             namespace,
             pod: name,
         });
     }
     let identity = identity(pod, trust_domain);
-    let ip = status.and_then(|s| {
-        s.pod_ips
-            .as_ref()
-            .and_then(|ips| {
-                ips.iter()
-                    .find(|ip| !ip.ip.contains(':'))
-                    .map(|ip| ip.ip.clone())
-            })
-            .or_else(|| s.pod_ip.clone())
-    });
-    Some(match ip {
+    Some(match pods::ipv4(pod) {
         Some(ip) => Event::PodReady {
             namespace,
             pod: name,
@@ -111,22 +77,6 @@ pub fn event_for(pod: &Pod, trust_domain: &str) -> Option<Event> {
             identity,
         },
     })
-}
-
-fn key_of(pod: &Pod) -> String {
-    format!(
-        "{}/{}",
-        pod.metadata.namespace.as_deref().unwrap_or("default"),
-        pod.metadata.name.as_deref().unwrap_or_default()
-    )
-}
-
-fn version_of(pod: &Pod) -> u64 {
-    pod.metadata
-        .resource_version
-        .as_deref()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// What has been published per pod, to publish changes only and to find
@@ -175,26 +125,23 @@ impl Publisher {
         match event {
             watcher::Event::Init => self.relisting = Some(Vec::new()),
             watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) => {
-                let key = key_of(&pod);
+                let key = pods::key(&pod);
                 if let Some(seen) = &mut self.relisting {
                     seen.push(key.clone());
                 }
                 if let Some(event) = event_for(&pod, &self.trust_domain) {
-                    self.send(bus, key, version_of(&pod), event);
+                    self.send(bus, key, pods::resource_version(&pod.metadata), event);
                 }
             }
             watcher::Event::Delete(pod) => {
                 let (namespace, name) = (
-                    pod.metadata
-                        .namespace
-                        .clone()
-                        .unwrap_or_else(|| "default".into()),
+                    pods::namespace(&pod).to_string(),
                     pod.metadata.name.clone().unwrap_or_default(),
                 );
                 self.send(
                     bus,
-                    key_of(&pod),
-                    version_of(&pod),
+                    pods::key(&pod),
+                    pods::resource_version(&pod.metadata),
                     Event::PodDeleted {
                         namespace,
                         pod: name,
@@ -242,14 +189,16 @@ pub async fn run(client: Client, bus: &dyn Publish, trust_domain: &str) {
     }
 }
 
+/// What the publishers' tests publish into.
 #[cfg(test)]
-mod tests {
+pub(crate) mod recorder {
     use std::sync::Mutex;
 
-    use super::*;
+    use super::{Envelope, Publish};
 
+    /// Keeps every envelope published.
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<Envelope>>);
+    pub struct Recorder(Mutex<Vec<Envelope>>);
 
     impl Publish for Recorder {
         fn publish(&self, envelope: &Envelope) -> Result<(), String> {
@@ -259,10 +208,20 @@ mod tests {
     }
 
     impl Recorder {
-        fn take(&self) -> Vec<Envelope> {
+        /// What was published since the last call.
+        pub fn take(&self) -> Vec<Envelope> {
             std::mem::take(&mut *self.0.lock().unwrap())
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use veil_crd::pods::MTLS_ANNOTATION;
+
+    use super::*;
+
+    use super::recorder::Recorder;
 
     fn pod(name: &str, version: u64, node: Option<&str>, ip: Option<&str>) -> Pod {
         serde_json::from_value(serde_json::json!({

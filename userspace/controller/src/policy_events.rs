@@ -15,7 +15,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use tracing::{info, warn};
-use veil_crd::MTLSPolicy;
+use veil_crd::{MTLSPolicy, pods};
 use veil_events::schema::{Envelope, Event, Topic};
 
 use crate::pod_events::Publish;
@@ -26,15 +26,6 @@ fn name_of(policy: &MTLSPolicy) -> String {
         policy.metadata.namespace.as_deref().unwrap_or("default"),
         policy.metadata.name.as_deref().unwrap_or_default()
     )
-}
-
-fn version_of(policy: &MTLSPolicy) -> u64 {
-    policy
-        .metadata
-        .resource_version
-        .as_deref()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// The last version published per policy.
@@ -70,15 +61,23 @@ impl PolicyPublisher {
     pub fn observe(&mut self, bus: &dyn Publish, event: watcher::Event<MTLSPolicy>) {
         match event {
             watcher::Event::InitApply(policy) | watcher::Event::Apply(policy) => {
-                self.send(bus, name_of(&policy), version_of(&policy));
+                self.send(
+                    bus,
+                    name_of(&policy),
+                    pods::resource_version(&policy.metadata),
+                );
             }
             watcher::Event::Delete(policy) => {
                 let name = name_of(&policy);
                 let after = self
                     .published
                     .get(&name)
-                    .map_or(version_of(&policy), |v| v + 1);
-                self.send(bus, name, after.max(version_of(&policy) + 1));
+                    .map_or(pods::resource_version(&policy.metadata), |v| v + 1);
+                self.send(
+                    bus,
+                    name,
+                    after.max(pods::resource_version(&policy.metadata) + 1),
+                );
             }
             watcher::Event::Init | watcher::Event::InitDone => {}
         }
@@ -104,19 +103,9 @@ pub async fn run(client: Client, bus: &dyn Publish) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use super::*;
 
-    #[derive(Default)]
-    struct Recorder(Mutex<Vec<Envelope>>);
-
-    impl Publish for Recorder {
-        fn publish(&self, envelope: &Envelope) -> Result<(), String> {
-            self.0.lock().unwrap().push(envelope.clone());
-            Ok(())
-        }
-    }
+    use crate::pod_events::recorder::Recorder;
 
     fn policy(version: u64) -> MTLSPolicy {
         serde_json::from_value(serde_json::json!({
@@ -134,7 +123,7 @@ mod tests {
         publisher.observe(&bus, watcher::Event::InitApply(policy(7)));
         publisher.observe(&bus, watcher::Event::Apply(policy(9)));
         publisher.observe(&bus, watcher::Event::Delete(policy(9)));
-        let sent = bus.0.lock().unwrap().clone();
+        let sent = bus.take();
         let versions: Vec<u64> = sent.iter().map(|e| e.seq).collect();
         assert_eq!(versions, [7, 9, 10], "{sent:?}");
         assert!(

@@ -1,7 +1,8 @@
 //! Veil's Kubernetes custom resources.
 //!
 //! `MTLSPolicy` (namespaced) sets the mTLS mode of a namespace, a workload or
-//! a port; `veilctl generate` writes them.
+//! a port; `veilctl generate` writes them. [`pods`] is how the agent and the
+//! controller read core Pods (mesh annotation, address), so they agree.
 //!
 //! `ECDSACert` (cluster-scoped, `veil.dev/v1alpha1`) asks for an ECDSA P-256
 //! certificate: a workload identity (SPIFFE ID) from the local CA, or server
@@ -9,6 +10,8 @@
 //! the node); the controller signs or orders, and reports progress in the
 //! status. The CRD manifest in `deploy/crds/` is generated from these types
 //! by `cargo xtask gen-crds`, and `cargo xtask test` fails when it drifts.
+
+pub mod pods;
 
 use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;

@@ -39,42 +39,35 @@ pub fn current() -> LinkTable {
     table
 }
 
-/// Whether `interface` runs an XDP program, as `ip -d link` reports it.
-/// `true` when that cannot be told (no `ip`, unexpected output): only a
-/// definite "no" is reported as a detached program.
-pub fn has_xdp(interface: &str) -> bool {
-    let Ok(output) = std::process::Command::new("ip")
-        .args(["-j", "link", "show", "dev", interface])
-        .output()
-    else {
-        return true;
-    };
-    if !output.status.success() {
-        return true;
-    }
-    match serde_json::from_slice::<Vec<serde_json::Value>>(&output.stdout) {
-        Ok(links) => links.iter().any(|link| link.get("xdp").is_some()),
-        Err(_) => true,
-    }
+/// What `ip -j link` says of one interface beyond its index and MAC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkDetails {
+    pub mtu: u32,
+    /// Whether an XDP program runs on it.
+    pub xdp: bool,
 }
 
-/// Every interface's MTU in this network namespace (from `ip -j link`;
-/// empty when it cannot be read).
-pub fn mtus() -> HashMap<String, u32> {
-    let Ok(output) = std::process::Command::new("ip")
+/// Every interface's MTU and XDP state in this network namespace, read with
+/// one `ip -j link show`; `None` when that cannot be run or read.
+pub fn details() -> Option<HashMap<String, LinkDetails>> {
+    let output = std::process::Command::new("ip")
         .args(["-j", "link", "show"])
         .output()
-    else {
-        return HashMap::new();
-    };
-    serde_json::from_slice::<Vec<serde_json::Value>>(&output.stdout)
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|link| {
-            Some((
-                link.get("ifname")?.as_str()?.to_string(),
-                u32::try_from(link.get("mtu")?.as_u64()?).ok()?,
-            ))
-        })
-        .collect()
+        .ok()
+        .filter(|output| output.status.success())?;
+    let links: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).ok()?;
+    Some(
+        links
+            .iter()
+            .filter_map(|link| {
+                Some((
+                    link.get("ifname")?.as_str()?.to_string(),
+                    LinkDetails {
+                        mtu: u32::try_from(link.get("mtu")?.as_u64()?).ok()?,
+                        xdp: link.get("xdp").is_some(),
+                    },
+                ))
+            })
+            .collect(),
+    )
 }

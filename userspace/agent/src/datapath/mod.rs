@@ -214,8 +214,13 @@ impl Datapath {
 
     /// [`Self::programs`], each checked against the kernel now: the
     /// interface still exists with the index it had when the program was
-    /// attached, and (XDP) it still runs an XDP program.
-    pub fn programs_checked(&self) -> Vec<AttachedProgram> {
+    /// attached, and (XDP) it still runs an XDP program, by `details`
+    /// ([`links::details`]; without them that last check is skipped: only a
+    /// definite "no" counts as detached).
+    pub fn programs_checked(
+        &self,
+        details: Option<&HashMap<String, links::LinkDetails>>,
+    ) -> Vec<AttachedProgram> {
         let links = links::current();
         let mut programs = self.programs();
         for program in &mut programs {
@@ -225,7 +230,12 @@ impl Datapath {
                     "interface {} was recreated (index {} → {}); the program went with the old one",
                     program.interface, program.ifindex, link.ifindex
                 )),
-                Some(_) if program.hook == HookKind::Xdp && !links::has_xdp(&program.interface) => {
+                Some(_)
+                    if program.hook == HookKind::Xdp
+                        && details
+                            .and_then(|d| d.get(&program.interface))
+                            .is_some_and(|d| !d.xdp) =>
+                {
                     Some(format!(
                         "no XDP program runs on {} any more",
                         program.interface

@@ -192,6 +192,12 @@ impl KubeState {
         }
     }
 
+    /// Drops the problems of objects of a kind (`prefix`) that are gone:
+    /// every key under `prefix` not in `seen`.
+    fn forget_problems_except(&self, prefix: &str, seen: &[String]) {
+        write(&self.problems).retain(|k, _| !k.starts_with(prefix) || seen.contains(k));
+    }
+
     fn replace_policies(&self, policies: &[Arc<MTLSPolicy>]) {
         let mut entries = BTreeMap::new();
         let mut seen = Vec::new();
@@ -211,7 +217,7 @@ impl KubeState {
             }
             seen.push(key);
         }
-        write(&self.problems).retain(|k, _| !k.starts_with("mtlspolicy/") || seen.contains(k));
+        self.forget_problems_except("mtlspolicy/", &seen);
         let mut current = write(&self.policies);
         if *current != entries {
             info!(
@@ -237,7 +243,7 @@ impl KubeState {
             }
             seen.push(key);
         }
-        write(&self.problems).retain(|k, _| !k.starts_with("node/") || seen.contains(k));
+        self.forget_problems_except("node/", &seen);
         let mut current = write(&self.nodes);
         if *current != specs {
             info!(nodes = specs.len(), "nodes from the API server");
@@ -290,7 +296,7 @@ impl KubeState {
                 Err(error) => self.set_problem(key, Some(error.to_string())),
             }
         }
-        write(&self.problems).retain(|k, _| !k.starts_with("pod/") || seen.contains(k));
+        self.forget_problems_except("pod/", &seen);
         let mut current = write(&self.pods);
         if *current != next {
             info!(pods = next.len(), "this node's pods from the API server");

@@ -9,7 +9,10 @@ use std::net::Ipv4Addr;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 
-use veil_crd::{MTLSMode, MTLSPolicy};
+use veil_crd::{
+    MTLSMode, MTLSPolicy,
+    pods::{self, PodMtls},
+};
 
 use crate::{
     inventory::{Ipv4Cidr, MacAddress, MeshMode, NodeSpec, PodMesh},
@@ -21,9 +24,6 @@ use crate::{
 pub const UNDERLAY_IP_ANNOTATION: &str = "veil.dev/underlay-ip";
 /// Node annotation: the underlay interface's MAC, written by the node's agent.
 pub const UNDERLAY_MAC_ANNOTATION: &str = "veil.dev/underlay-mac";
-/// Pod annotation that meshes a pod: `enabled` (mode inherited from the
-/// namespace and mesh policy), `strict`, `permissive` or `disable`.
-pub const MTLS_ANNOTATION: &str = "veil.dev/mtls";
 
 /// A pod of this node as the API server describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,66 +99,25 @@ pub fn node_spec(node: &Node) -> Result<NodeSpec, String> {
 /// An unreadable `veil.dev/mtls` value is an error: the pod is left out
 /// (fail closed) rather than guessed into a weaker mode.
 pub fn watched_pod(pod: &Pod, this_node: &str) -> Result<Option<WatchedPod>, String> {
-    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
-    let name = format!(
-        "{namespace}/{}",
-        pod.metadata.name.as_deref().unwrap_or_default()
-    );
-    let Some(spec) = pod.spec.as_ref() else {
-        return Ok(None);
-    };
-    if spec.node_name.as_deref() != Some(this_node) || spec.host_network == Some(true) {
+    let name = pods::key(pod);
+    let on_this_node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(this_node);
+    if !on_this_node || pods::host_network(pod) || pods::finished(pod) {
         return Ok(None);
     }
-    let status = pod.status.as_ref();
-    if status
-        .and_then(|s| s.phase.as_deref())
-        .is_some_and(|phase| phase == "Succeeded" || phase == "Failed")
-    {
-        return Ok(None);
-    }
-    let Some(ip_text) = status.and_then(|s| {
-        s.pod_ips
-            .as_ref()
-            .and_then(|ips| {
-                ips.iter()
-                    .find(|ip| !ip.ip.contains(':'))
-                    .map(|ip| ip.ip.clone())
-            })
-            .or_else(|| s.pod_ip.clone())
-    }) else {
+    let Some(ip_text) = pods::ipv4(pod) else {
         return Ok(None);
     };
     let ip: Ipv4Addr = ip_text
         .parse()
         .map_err(|_| format!("pod {name}: status.podIP {ip_text:?} is not an IPv4 address"))?;
-    let annotation = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(MTLS_ANNOTATION));
-    let mode = match annotation.map(|v| v.trim().to_ascii_lowercase()) {
-        None => None,
-        Some(value) => match value.as_str() {
-            "enabled" | "true" => Some(None),
-            "strict" => Some(Some(MeshMode::Strict)),
-            "permissive" => Some(Some(MeshMode::Permissive)),
-            "disable" | "disabled" | "false" => None,
-            _ => {
-                return Err(format!(
-                    "pod {name}: {MTLS_ANNOTATION}={value:?} is not one of enabled, strict, \
-                     permissive, disable; the pod is left out until it is fixed"
-                ));
-            }
-        },
+    let mode = match pods::mtls(pod)? {
+        PodMtls::Off => None,
+        PodMtls::Inherit => Some(None),
+        PodMtls::Mode(mode) => Some(Some(mesh_mode(mode))),
     };
     let mesh = mode.map(|mode| PodMesh {
-        namespace: namespace.to_string(),
-        service_account: spec
-            .service_account_name
-            .clone()
-            .filter(|sa| !sa.is_empty())
-            .unwrap_or_else(|| "default".into()),
+        namespace: pods::namespace(pod).to_string(),
+        service_account: pods::service_account(pod).to_string(),
         mode,
     });
     Ok(Some(WatchedPod {
@@ -220,6 +179,8 @@ pub fn policy_entry(policy: &MTLSPolicy) -> Result<PolicyEntry, String> {
 
 #[cfg(test)]
 mod tests {
+    use veil_crd::pods::MTLS_ANNOTATION;
+
     use super::*;
 
     fn node(value: serde_json::Value) -> Node {
