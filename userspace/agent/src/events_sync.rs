@@ -464,6 +464,9 @@ mod tests {
         let sequence = MicrosSequence::default();
         let values: Vec<u64> = (0..1000).map(|_| sequence.next()).collect();
         assert!(values.windows(2).all(|w| w[0] < w[1]));
-        assert!(values[0] > 1_700_000_000_000_000, "microseconds since the epoch");
+        assert!(
+            values[0] > 1_700_000_000_000_000,
+            "microseconds since the epoch"
+        );
     }
 }
