@@ -14,6 +14,7 @@ pub mod configs;
 pub mod cpu;
 mod echo;
 pub mod fanout;
+pub mod identity;
 pub mod iperf;
 pub mod machine;
 pub mod options;

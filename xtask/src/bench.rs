@@ -20,6 +20,13 @@ pub fn run_fanout(args: &[String]) -> Result<()> {
     build_and_run("veil-fanout", "the fan-out benchmark", args)
 }
 
+/// `cargo xtask bench-identity`: certificate signing and pod → certificate
+/// ready against a real API server (`veil-identity-bench`).
+pub fn run_identity(args: &[String]) -> Result<()> {
+    crate::kube::ensure_kube_binaries()?;
+    build_and_run("veil-identity-bench", "the identity benchmark", args)
+}
+
 /// Builds the harness (`binary`, in `perf/`) with the agent and veilctl in
 /// release mode, then runs it with `args` against those release binaries.
 fn build_and_run(binary: &str, what: &str, args: &[String]) -> Result<()> {
@@ -39,6 +46,8 @@ fn build_and_run(binary: &str, what: &str, args: &[String]) -> Result<()> {
                 "veil-agent",
                 "-p",
                 "veilctl",
+                "-p",
+                "veil-controller",
             ]),
     )?;
     step(&format!("Running {what}"));

@@ -43,9 +43,10 @@ pub struct DeployArgs {
     /// control plane uses its embedded bus.
     #[arg(long)]
     pub kafka_brokers: Option<String>,
-    /// Let the controller write `kubernetes.io/tls` Secrets for ECDSACerts that
-    /// ask for one (spec.secretName). Off by default: Veil keeps private keys
-    /// out of the API server, and the controller then has no Secret access.
+    /// Also write each workload certificate and key into a `kubernetes.io/tls`
+    /// Secret (`veil-tls.<sa>.<node>`; the agent writes, the controller's
+    /// finalizer deletes). Off by default: Veil keeps private keys out of the
+    /// API server, and neither component then has any Secret access.
     #[arg(long)]
     pub secret_writing: bool,
     /// Print the rendered manifests instead of applying them.
@@ -113,14 +114,28 @@ impl Values {
                 self.kafka_brokers.clone().unwrap_or_default(),
             ),
             ("agent_events", self.agent_events()),
+            ("agent_tls_secrets", self.agent_tls_secrets()),
         ]
+    }
+
+    /// The agent's Secret-writing setting, one TOML line in `[mesh]`.
+    fn agent_tls_secrets(&self) -> String {
+        if self.secret_writing {
+            "write_tls_secrets = true".into()
+        } else {
+            "# write_tls_secrets = false: keys stay out of the API server \
+             (`cargo xtask deploy --secret-writing` turns it on)"
+                .into()
+        }
     }
 
     /// The agent's event-bus setting, one TOML line (it goes before the
     /// config's first table): the brokers when given, else a comment.
     fn agent_events(&self) -> String {
         match &self.kafka_brokers {
-            None => "# No Kafka brokers given: no event bus.".into(),
+            None => "# No Kafka brokers given: the embedded event bus (a journal under \
+                     /var/lib/veil/events; nothing arrives from other nodes)."
+                .into(),
             Some(brokers) => {
                 let list: Vec<String> = brokers
                     .split(',')

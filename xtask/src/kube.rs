@@ -31,7 +31,8 @@ use crate::shell::{self, step};
 pub const KUBERNETES_VERSION: &str = "v1.34.4";
 /// The etcd release (kubeadm's default for Kubernetes 1.34).
 pub const ETCD_VERSION: &str = "v3.6.5";
-/// The oldest Go that builds both (k8s.io/kubernetes v1.34's go.mod says `go 1.24.0`).
+/// The oldest Go that builds both (k8s.io/kubernetes v1.34's go.mod says `go 1.24.0`),
+/// and pebble (see `setup::ensure_pebble`; its go.mod says the same).
 const MINIMUM_GO: (u32, u32) = (1, 24);
 
 /// Where the two binaries are, and what they say their versions are.
@@ -49,7 +50,8 @@ pub fn kube_cache_dir() -> PathBuf {
     cache_root().join("kube")
 }
 
-fn cache_root() -> PathBuf {
+/// `$VEIL_CACHE_DIR`, defaulting to `/var/cache/veil`.
+pub(crate) fn cache_root() -> PathBuf {
     std::env::var_os("VEIL_CACHE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/veil"))
@@ -71,7 +73,7 @@ pub fn ensure_kube_binaries() -> Result<KubeBinaries> {
                 bin_dir.display()
             )
         })?;
-        let go = Go::find()?;
+        let go = Go::find("kube-apiserver and etcd")?;
         if !apiserver_current {
             build_kube_apiserver(&go, &kube_apiserver)?;
         }
@@ -101,11 +103,12 @@ pub fn run() -> Result<()> {
 }
 
 /// The stamp written next to `binary` once it is built from `version`.
-fn stamp_path(binary: &Path) -> PathBuf {
+pub(crate) fn stamp_path(binary: &Path) -> PathBuf {
     binary.with_extension("version")
 }
 
-fn is_current(binary: &Path, version: &str) -> bool {
+/// Whether `binary` exists and its stamp names `version`.
+pub(crate) fn is_current(binary: &Path, version: &str) -> bool {
     binary.is_file()
         && fs::read_to_string(stamp_path(binary)).is_ok_and(|stamp| stamp.trim() == version)
 }
@@ -123,15 +126,16 @@ fn version_of(binary: &Path, flag: &str) -> Result<String> {
 }
 
 /// The Go toolchain, with every cache pointed under `$VEIL_CACHE_DIR/go`.
-struct Go {
+pub(crate) struct Go {
     program: PathBuf,
     cache: PathBuf,
 }
 
 impl Go {
     /// `go` from PATH, else /usr/local/go/bin/go (where go.dev's tarball goes);
-    /// refuses one older than [`MINIMUM_GO`].
-    fn find() -> Result<Self> {
+    /// refuses one older than [`MINIMUM_GO`]. `what` names what is to be
+    /// built, for the error messages.
+    pub(crate) fn find(what: &str) -> Result<Self> {
         let candidates = [PathBuf::from("go"), PathBuf::from("/usr/local/go/bin/go")];
         let how_to_install = format!(
             "install Go {}.{} or later (https://go.dev/dl/, e.g. unpacked into /usr/local/go); \
@@ -142,15 +146,13 @@ impl Go {
             shell::output(Command::new(&program).args(["env", "GOVERSION"]))
                 .map(|version| (program, version.trim().to_owned()))
         }) else {
-            bail!(
-                "building kube-apiserver and etcd needs Go, which is not installed: {how_to_install}"
-            );
+            bail!("building {what} needs Go, which is not installed: {how_to_install}");
         };
         let (major, minor) = parse_go_version(&version)
             .with_context(|| format!("cannot read the Go version {version:?}"))?;
         if (major, minor) < MINIMUM_GO {
             bail!(
-                "{} is {version}, too old to build Kubernetes {KUBERNETES_VERSION}: {how_to_install}",
+                "{} is {version}, too old to build {what}: {how_to_install}",
                 program.display()
             );
         }
@@ -240,6 +242,33 @@ impl Go {
         )
         .with_context(|| format!("building {package} failed (its errors are above)"))?;
         fs::rename(&partial, output)?;
+        println!("built {} in {:.0?}", output.display(), started.elapsed());
+        Ok(())
+    }
+}
+
+impl Go {
+    /// `go install <package>@<version>` (the module's own go.mod and go.sum
+    /// pin every dependency) into `output`, through a scratch `GOBIN` so a
+    /// failed build never leaves a binary that looks current.
+    pub(crate) fn install(&self, package: &str, version: &str, output: &Path) -> Result<()> {
+        let gobin = output.with_extension("gobin");
+        let _ = fs::remove_dir_all(&gobin);
+        fs::create_dir_all(&gobin).with_context(|| format!("cannot create {}", gobin.display()))?;
+        let started = Instant::now();
+        shell::run(
+            self.command(&gobin)
+                .env("GOBIN", &gobin)
+                .args(["install", "-trimpath", "-ldflags", "-s -w"])
+                .arg(format!("{package}@{version}")),
+        )
+        .with_context(|| {
+            format!("building {package}@{version} failed: is the Go module proxy reachable?")
+        })?;
+        let name = package.rsplit('/').next().unwrap_or(package);
+        fs::rename(gobin.join(name), output)
+            .with_context(|| format!("`go install` made no {name} in {}", gobin.display()))?;
+        let _ = fs::remove_dir_all(&gobin);
         println!("built {} in {:.0?}", output.display(), started.elapsed());
         Ok(())
     }

@@ -64,6 +64,15 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmark workload identity issuance: CSRs signed per second by the
+    /// controller, and pod → certificate ready at 1,000 pods against a real
+    /// kube-apiserver and controller; writes perf/results/<time>-identity.md.
+    BenchIdentity {
+        /// Arguments for the benchmark: --quick, --pods N, --nodes N, --rate N,
+        /// --signatures N (see `cargo xtask bench-identity -- --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Install Veil on this host without Kubernetes: veil-agent and veilctl in
     /// /usr/local/bin, /etc/veil/agent.toml, and the systemd units.
     ///
@@ -127,6 +136,7 @@ fn main() -> ExitCode {
         Command::Demo => demo::run(),
         Command::Bench { args } => bench::run(&args),
         Command::BenchFanout { args } => bench::run_fanout(&args),
+        Command::BenchIdentity { args } => bench::run_identity(&args),
         Command::InstallNode {
             root,
             agent_binary,

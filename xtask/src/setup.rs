@@ -4,12 +4,17 @@
 //! `bpfel-unknown-none`) and a linker built against the same LLVM: Debian's
 //! rustc-web (1.96, LLVM 22) and bpf-linker 0.13 built against llvm-22-dev.
 //! The test beds need iproute2, nsenter and ping; benchmarks iperf3 and stunnel4.
+//! The ACME tests need a pebble with renewal information (ARI), newer than
+//! Debian's: [`ensure_pebble`] builds a pinned one (`cargo xtask test` runs it).
 
-use std::process::Command;
+use std::{path::PathBuf, process::Command};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
-use crate::shell::{self, step};
+use crate::{
+    kube,
+    shell::{self, step},
+};
 
 /// Debian packages the build, tests and demo need.
 const APT_PACKAGES: &[&str] = &[
@@ -31,7 +36,9 @@ const APT_PACKAGES: &[&str] = &[
     // Benchmarks: bulk throughput and the peer proxy Veil is compared with.
     "iperf3",
     "stunnel4",
-    // Identity tests: a real ACME server; mTLS interop: a TLS client that is not rustls.
+    // Identity tests: an ACME server without renewal information (ARI), for
+    // the fallback to 2/3 of the lifetime (the others use `ensure_pebble`'s);
+    // mTLS interop: a TLS client that is not rustls.
     "pebble",
     "openssl",
     // kTLS tests: a VM booting Debian's kernel (this host's has no TLS).
@@ -159,4 +166,37 @@ fn ensure_tansu() -> Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot move tansu to {}: {e}", binary.display()))?;
     let _ = std::fs::remove_dir_all(&download);
     Ok(())
+}
+
+/// The pebble release the ACME tests run against: the first with ACME
+/// Renewal Information (RFC 9773) and its `set-renewal-info` management
+/// endpoint that Debian 12's 2.4.0 lacks.
+pub const PEBBLE_VERSION: &str = "v2.10.1";
+const PEBBLE_PACKAGE: &str = "github.com/letsencrypt/pebble/v2/cmd/pebble";
+
+/// Builds pebble [`PEBBLE_VERSION`] from its Go module into
+/// `$VEIL_CACHE_DIR/pebble/bin/pebble` (`VEIL_CACHE_DIR` defaulting to
+/// `/var/cache/veil`, where `userspace/identity/tests/acme_pebble.rs` looks
+/// too) unless the stamp next to it says it is that version; returns its
+/// path. Seconds the first time, nothing afterwards.
+pub fn ensure_pebble() -> Result<PathBuf> {
+    let binary = kube::cache_root().join("pebble").join("bin").join("pebble");
+    if kube::is_current(&binary, PEBBLE_VERSION) {
+        return Ok(binary);
+    }
+    let bin_dir = binary.parent().context("pebble's path has no directory")?;
+    std::fs::create_dir_all(bin_dir).with_context(|| {
+        format!(
+            "cannot create {}: set VEIL_CACHE_DIR to a writable directory outside the clone \
+             (or run as root to use /var/cache/veil)",
+            bin_dir.display()
+        )
+    })?;
+    step(&format!(
+        "Building pebble {PEBBLE_VERSION} (ACME test server with renewal information) from its Go module"
+    ));
+    let go = kube::Go::find(&format!("pebble {PEBBLE_VERSION}"))?;
+    go.install(PEBBLE_PACKAGE, PEBBLE_VERSION, &binary)?;
+    std::fs::write(kube::stamp_path(&binary), format!("{PEBBLE_VERSION}\n"))?;
+    Ok(binary)
 }

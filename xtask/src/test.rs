@@ -3,7 +3,7 @@
 use anyhow::Result;
 
 use crate::{
-    crds, ebpf, ktls_vm, kube, paths,
+    crds, ebpf, ktls_vm, kube, paths, setup,
     shell::{self, step},
 };
 
@@ -64,6 +64,21 @@ pub fn run(cargo_test_args: &[String]) -> Result<()> {
         Err(error) => println!(
             "note: no kube-apiserver/etcd ({error:#}) — the Kubernetes API tests will print \
              SKIPPED (under CI=true this fails instead)"
+        ),
+    }
+    step("Making sure pebble is built (for the ACME tests)");
+    match setup::ensure_pebble() {
+        Ok(pebble) => {
+            tests.env("VEIL_PEBBLE", &pebble);
+        }
+        Err(error)
+            if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0") =>
+        {
+            return Err(error.context("CI=true needs pebble"));
+        }
+        Err(error) => println!(
+            "note: no pebble ({error:#}) — the ACME tests will print SKIPPED (under CI=true \
+             this fails instead)"
         ),
     }
     step("Running unit and integration tests");

@@ -335,6 +335,13 @@ fn the_agent_config_in_the_config_map_is_accepted_by_the_agent() {
         AgentConfig::parse(&text, Path::new("agent.toml")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.node_name, "node-a.example");
     assert_eq!(config.datapath.underlay_interface, "ens5");
+    assert_eq!(
+        config.event_bus(),
+        Some(veil_agent::config::EventBusChoice::Embedded(
+            "/var/lib/veil/events".into()
+        )),
+        "no brokers given: the embedded bus, on the node's /var/lib/veil"
+    );
     let overlay = config.overlay.unwrap();
     assert_eq!(overlay.vni, 77);
     assert_eq!(
@@ -346,7 +353,7 @@ fn the_agent_config_in_the_config_map_is_accepted_by_the_agent() {
     let mesh = config.mesh.expect("a [mesh] section");
     assert_eq!(mesh.issuer, veil_agent::config::MeshIssuer::Kubernetes);
     assert_eq!(mesh.ca_key, None, "no CA key on the nodes");
-    assert_eq!(config.events, None, "no brokers given, no bus");
+
     assert!(config.admin_listen.ip().is_loopback());
     assert_eq!(config.readiness_listen.port(), 15021);
     assert_eq!(config.metrics_listen.port(), 15020);
@@ -360,7 +367,11 @@ fn the_agent_config_in_the_config_map_is_accepted_by_the_agent() {
     let text = data["agent.toml"].replace("@NODE_NAME@", "node-a");
     let config =
         AgentConfig::parse(&text, Path::new("agent.toml")).unwrap_or_else(|e| panic!("{e}"));
-    let kafka = config.events.expect("an event bus").kafka;
+    let kafka = config
+        .events
+        .expect("an event bus")
+        .kafka
+        .expect("[events.kafka]");
     assert_eq!(kafka.brokers, ["kafka-0:9092", "kafka-1:9092"]);
     assert_eq!(kafka.state_dir, Path::new("/var/lib/veil/events"));
 
@@ -493,14 +504,21 @@ fn custom_values_land_everywhere_and_secret_writing_is_opt_in() {
         "kafka-0.kafka:9092,kafka-1.kafka:9092"
     );
 
-    let secrets = rules_of(&objects, "veil-controller-secret-writing");
-    assert!(grants(&secrets, "secrets", "patch"));
-    assert!(
-        !["get", "list", "watch"]
-            .iter()
-            .any(|v| grants(&secrets, "secrets", v)),
-        "secret writing must not read Secrets: {secrets:?}"
-    );
+    // The agent (which holds the keys) writes; the controller's finalizer deletes.
+    let writing = rules_of(&objects, "veil-agent-secret-writing");
+    assert!(grants(&writing, "secrets", "create") && grants(&writing, "secrets", "patch"));
+    assert!(!grants(&writing, "secrets", "delete"));
+    let cleanup = rules_of(&objects, "veil-controller-secret-cleanup");
+    assert!(grants(&cleanup, "secrets", "delete"));
+    assert!(!grants(&cleanup, "secrets", "patch"));
+    for rules in [&writing, &cleanup] {
+        assert!(
+            !["get", "list", "watch"]
+                .iter()
+                .any(|v| grants(rules, "secrets", v)),
+            "secret writing must not read Secrets: {rules:?}"
+        );
+    }
 }
 
 #[test]

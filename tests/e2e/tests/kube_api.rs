@@ -431,6 +431,46 @@ async fn the_service_accounts_get_exactly_what_the_rbac_manifests_grant() {
         "the controller must not list Secrets without --secret-writing"
     );
 
+    // With --secret-writing: the agent (which holds the keys) may write
+    // Secrets and the controller (whose finalizer cleans up) delete them;
+    // neither may read one.
+    let Some(opted_in) = rendered_deploy_manifests(&["--secret-writing"]) else {
+        return;
+    };
+    apply_all(&admin, &opted_in).await;
+    // The agent's rendered configuration turns it on (and parses).
+    for (manifests, writes) in [(&stream, false), (&opted_in, true)] {
+        let config_map = documents(manifests)
+            .into_iter()
+            .find(|o| o["kind"] == "ConfigMap" && o["data"]["agent.toml"].is_string())
+            .expect("the agent's ConfigMap");
+        let text = config_map["data"]["agent.toml"].as_str().unwrap();
+        let config = veil_agent::config::AgentConfig::parse(text, Path::new("agent.toml")).unwrap();
+        assert_eq!(config.mesh.unwrap().write_tls_secrets, writes, "{text}");
+    }
+    for verb in ["create", "patch"] {
+        assert!(
+            can_i(&agent, verb, "", "secrets", None, Some("shop")).await,
+            "agent {verb}"
+        );
+        assert!(
+            !can_i(&controller, verb, "", "secrets", None, Some("shop")).await,
+            "controller {verb}"
+        );
+    }
+    assert!(can_i(&controller, "delete", "", "secrets", None, Some("shop")).await);
+    assert!(!can_i(&agent, "delete", "", "secrets", None, Some("shop")).await);
+    for verb in ["get", "list", "watch"] {
+        assert!(
+            !can_i(&agent, verb, "", "secrets", None, Some("shop")).await,
+            "agent {verb}"
+        );
+        assert!(
+            !can_i(&controller, verb, "", "secrets", None, Some("shop")).await,
+            "controller {verb}"
+        );
+    }
+
     // A ServiceAccount the manifests do not mention gets nothing.
     let stranger = kube
         .client_as_service_account("veil-system", "default")
@@ -510,7 +550,7 @@ impl Controller {
 
 #[tokio::test]
 async fn the_controller_signs_an_agents_csr_and_refuses_a_foreign_one() {
-    use veil_controller::{lease::LeaseLock, reconcile};
+    use veil_controller::lease::LeaseLock;
     use veil_identity::{SpiffeId, WorkloadKey};
 
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -581,11 +621,8 @@ async fn the_controller_signs_an_agents_csr_and_refuses_a_foreign_one() {
     );
     assert!(status.next_renewal.is_some() && status.serial.is_some());
     assert!(
-        issued
-            .finalizers()
-            .iter()
-            .any(|f| f == reconcile::FINALIZER),
-        "the controller owns cleanup: {:?}",
+        issued.finalizers().is_empty(),
+        "no Secret to clean up, so no finalizer (a write less per certificate): {:?}",
         issued.finalizers()
     );
 
@@ -697,5 +734,143 @@ async fn the_agent_gets_its_workload_certificates_from_the_controller() {
         stored.status.unwrap().serial.as_deref(),
         Some(serial.as_str())
     );
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn a_tls_secret_is_written_only_when_asked_and_goes_with_its_ecdsacert() {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    use veil_agent::mesh::{signer::KubernetesSigner, workloads::WorkloadStore};
+    use veil_identity::SpiffeId;
+
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let Some(kube) = veil_kubebed::start_or_skip("the agent's Secret-writing test").await else {
+        return;
+    };
+    let client = kube.client().await.expect("an admin client");
+    install_ecdsacert_crd(&client).await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap(),
+        )
+        .await
+        .expect("namespace shop");
+    let controller = Controller::start(&client);
+    let root = controller.root_pem.clone();
+
+    // cart's store writes Secrets (opted in); checkout's does not (default).
+    let config = kube.config();
+    let cart: SpiffeId = "spiffe://cluster.local/ns/shop/sa/cart".parse().unwrap();
+    let checkout: SpiffeId = "spiffe://cluster.local/ns/shop/sa/checkout"
+        .parse()
+        .unwrap();
+    let (wanted, other) = (cart.clone(), checkout.clone());
+    let (serial, chain, secret_name) = tokio::task::spawn_blocking(move || {
+        let store = |tls_secrets: bool| {
+            let signer =
+                KubernetesSigner::from_config(config.clone(), "node1", Duration::from_secs(30))
+                    .unwrap();
+            let signer = if tls_secrets {
+                signer.with_tls_secrets(vec![root.clone()])
+            } else {
+                signer
+            };
+            let name = signer.secret_name(&wanted);
+            (
+                WorkloadStore::with_signer(
+                    Box::new(signer),
+                    "cluster.local".into(),
+                    vec![root.clone()],
+                    veil_mtls::TlsSettings::default(),
+                ),
+                name,
+            )
+        };
+        let (writing, secret_name) = store(true);
+        let workload = writing.get(&wanted).expect("cart signed");
+        let (plain, _) = store(false);
+        plain.get(&other).expect("checkout signed");
+        (
+            workload.serial.clone(),
+            workload.credentials.chain.clone(),
+            secret_name,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(secret_name, "veil-tls.cart.node1");
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "shop");
+    let secret = secrets.get(&secret_name).await.expect("cart's Secret");
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    assert_eq!(
+        secret.annotations().get("veil.dev/serial"),
+        Some(&serial),
+        "the Secret holds the certificate in use"
+    );
+    let data = secret.data.clone().unwrap();
+    let field = |name: &str| String::from_utf8(data[name].0.clone()).unwrap();
+    let written_chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(field("tls.crt").as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    assert_eq!(written_chain, chain, "tls.crt is the chain in use");
+    let key = PrivateKeyDer::from_pem_slice(field("tls.key").as_bytes()).expect("a PEM key");
+    rustls::sign::CertifiedKey::from_der(
+        written_chain,
+        key,
+        &rustls::crypto::ring::default_provider(),
+    )
+    .expect("tls.key belongs to tls.crt");
+    assert_eq!(field("ca.crt"), controller.root_pem);
+    // Only the identity that asked has one, and its ECDSACert names it.
+    let ours = secrets
+        .list(&kube::api::ListParams::default().labels("app.kubernetes.io/managed-by=veil-agent"))
+        .await
+        .unwrap();
+    assert_eq!(
+        ours.items.iter().map(|s| s.name_any()).collect::<Vec<_>>(),
+        std::slice::from_ref(&secret_name)
+    );
+    let certs: Api<ECDSACert> = Api::all(client.clone());
+    let object = certs.get("cart.shop.node1").await.unwrap();
+    assert_eq!(
+        object.spec.secret_name.as_deref(),
+        Some(secret_name.as_str())
+    );
+    assert!(
+        object
+            .finalizers()
+            .iter()
+            .any(|f| f == veil_controller::reconcile::FINALIZER),
+        "the controller owns the Secret's cleanup: {:?}",
+        object.finalizers()
+    );
+    assert!(
+        certs
+            .get("checkout.shop.node1")
+            .await
+            .unwrap()
+            .spec
+            .secret_name
+            .is_none()
+    );
+
+    // Deleting the ECDSACert removes the Secret (the controller's finalizer).
+    certs
+        .delete("cart.shop.node1", &Default::default())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    while secrets.get_opt(&secret_name).await.unwrap().is_some() {
+        assert!(
+            started.elapsed() < WAIT,
+            "the Secret outlived its ECDSACert"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("ECDSACert deleted → Secret gone: {:?}", started.elapsed());
     controller.stop().await;
 }

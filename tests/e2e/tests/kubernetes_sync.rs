@@ -441,28 +441,31 @@ async fn the_controller_announces_pods_on_kafka_to_the_nodes_that_do_not_watch_t
     let (ca_cert, ca_key) =
         veil_identity::CertificateAuthority::new_root_pem("cluster.local").unwrap();
     let ca = veil_testbed::MeshCaFiles::write(&topology, &ca_cert, &ca_key).unwrap();
-    let controller_log = topology.workdir().join("controller.log");
-    let mut command = topology
-        .node(1)
-        .command(veil_testbed::binaries::locate("veil-controller").unwrap());
-    command
-        .args(["run", "--holder", "test-controller"])
-        .arg("--ca-cert")
-        .arg(&ca.cert)
-        .arg("--ca-key")
-        .arg(&ca.key)
-        .arg("--kafka-brokers")
-        .arg(broker.address())
-        .arg("--events-state-dir")
-        .arg(topology.workdir().join("controller-events"))
-        .env("KUBECONFIG", &controller_kubeconfig)
-        .stdout(std::fs::File::create(&controller_log).unwrap())
-        .stderr(std::fs::File::create(topology.workdir().join("controller.err")).unwrap());
-    let _controller = veil_testbed::process::ChildGuard::spawn("veil-controller", command).unwrap();
-
     // n1p2 keeps its address from node 1's CIDR but now runs on node 2.
     let moved = PodRef::new(1, 2);
     topology.move_pod(moved, 2).unwrap();
+    let controller_log = topology.workdir().join("controller.log");
+    let start_controller = |log: &Path| {
+        let mut command = topology
+            .node(1)
+            .command(veil_testbed::binaries::locate("veil-controller").unwrap());
+        command
+            .args(["run", "--holder", "test-controller"])
+            .arg("--ca-cert")
+            .arg(&ca.cert)
+            .arg("--ca-key")
+            .arg(&ca.key)
+            .arg("--kafka-brokers")
+            .arg(broker.address())
+            .arg("--events-state-dir")
+            .arg(topology.workdir().join("controller-events"))
+            .env("KUBECONFIG", &controller_kubeconfig)
+            .stdout(std::fs::File::create(log).unwrap())
+            .stderr(std::fs::File::create(log.with_extension("err")).unwrap());
+        veil_testbed::process::ChildGuard::spawn("veil-controller", command).unwrap()
+    };
+    let mut controller = start_controller(&controller_log);
+
     let sections = |node: usize| {
         format!(
             "{}{}{}",
@@ -588,6 +591,33 @@ async fn the_controller_announces_pods_on_kafka_to_the_nodes_that_do_not_watch_t
         route(&agents[0], &format!("{}/32", moved.ip())).is_none()
     });
     eprintln!("pod deleted → other node's route gone: {took:?}");
+
+    // A pod deleted while no controller runs: no watch will ever report it,
+    // so the next controller finds it in veil.pods (read back at start) and
+    // announces it deleted after its first list.
+    run_pod(&client, "late", 2, moved.ip(), Some("enabled")).await;
+    wait_for(
+        "node 1 routes the late pod",
+        Duration::from_secs(20),
+        || route(&agents[0], &format!("{}/32", moved.ip())).is_some(),
+    );
+    controller.stop();
+    delete_pod(&client, "late").await;
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        route(&agents[0], &format!("{}/32", moved.ip())).is_some(),
+        "nobody told node 1 yet"
+    );
+    let restarted_log = topology.workdir().join("controller-2.log");
+    let _controller = start_controller(&restarted_log);
+    let took = wait_for(
+        "the /32 of the pod deleted while no controller ran removed on node 1",
+        Duration::from_secs(60),
+        || route(&agents[0], &format!("{}/32", moved.ip())).is_none(),
+    );
+    eprintln!("controller restarted → deletion announced and applied: {took:?}");
+    let log = std::fs::read_to_string(&restarted_log).unwrap_or_default();
+    assert!(log.contains("pod events read back from the topic"), "{log}");
     drop(agents);
 }
 

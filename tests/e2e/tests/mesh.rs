@@ -945,7 +945,7 @@ fn handshake_with(topology: &Topology, config: rustls::ClientConfig) -> Result<(
 }
 
 #[test]
-fn a_certificate_revoked_on_the_bus_is_refused_everywhere_and_its_owner_rekeys() {
+fn certificates_and_identities_revoked_on_the_bus_are_refused_everywhere_and_their_owners_rekey() {
     if !require_root("revocation test") {
         return;
     }
@@ -973,16 +973,21 @@ fn a_certificate_revoked_on_the_bus_is_refused_everywhere_and_its_owner_rekeys()
 
     // Revoked with the controller's command, published on node 1.
     let controller = veil_testbed::binaries::locate("veil-controller").unwrap();
-    let revoke = |serial: &str, identity: &str| {
-        let output = bed
-            .topology
-            .node(1)
-            .command(&controller)
-            .args(["revoke", "--serial", serial, "--identity", identity])
+    let revoke = |serial: Option<&str>, identity: &str| {
+        let mut command = bed.topology.node(1).command(&controller);
+        command.args(["revoke", "--identity", identity]);
+        if let Some(serial) = serial {
+            command.args(["--serial", serial]);
+        }
+        let output = command
             .arg("--kafka-brokers")
             .arg(broker.address())
             .arg("--events-state-dir")
-            .arg(bed.topology.workdir().join(format!("revoke-{serial}")))
+            .arg(
+                bed.topology
+                    .workdir()
+                    .join(format!("revoke-{}", serial.unwrap_or("all"))),
+            )
             .output()
             .unwrap();
         assert!(
@@ -990,10 +995,11 @@ fn a_certificate_revoked_on_the_bus_is_refused_everywhere_and_its_owner_rekeys()
             "{}",
             String::from_utf8_lossy(&output.stderr)
         );
+        String::from_utf8_lossy(&output.stdout).into_owned()
     };
     let started = std::time::Instant::now();
-    revoke(&client_serial, &cart);
-    revoke(&checkout_serial, &checkout);
+    revoke(Some(&client_serial), &cart);
+    revoke(Some(&checkout_serial), &checkout);
 
     // Node 2 refuses the revoked client certificate, and re-keys its own.
     // Both within 30 s of publishing.
@@ -1042,6 +1048,57 @@ fn a_certificate_revoked_on_the_bus_is_refused_everywhere_and_its_owner_rekeys()
     );
     // Meshed traffic goes on with the new certificate.
     traffic::tcp_echo(&bed.topology, CART, CHECKOUT, 7300, 64 * 1024).unwrap();
+
+    // A compromised identity: every certificate of cart issued until now is
+    // revoked — one the test holds (never seen by any agent) and node 1's own.
+    let (held, _) = client_config_and_serial(&ca, false, &ca, "cart");
+    handshake_with(&bed.topology, held.clone()).expect("accepted before the identity is revoked");
+    let cart_serial = serial_on(&bed, 1, &cart).expect("node 1 holds cart's certificate");
+    let started = std::time::Instant::now();
+    let printed = revoke(None, &cart);
+    assert!(
+        printed.contains(&format!(
+            "revoked every certificate of {cart} issued before"
+        )),
+        "{printed}"
+    );
+    try_wait_for("cart's certificates refused", left(), || {
+        handshake_with(&bed.topology, held.clone()).is_err()
+    })
+    .unwrap_or_else(|error| panic!("{error}\n{}", bed.dump()));
+    try_wait_for("cart re-keyed on node 1", left(), || {
+        serial_on(&bed, 1, &cart).is_some_and(|s| s != cart_serial)
+    })
+    .unwrap_or_else(|error| panic!("{error}\n{}", bed.dump()));
+    eprintln!(
+        "identity revoke published → refused on node 2 and re-keyed on node 1: {:?}",
+        started.elapsed()
+    );
+    // Certificates signed after the instant are accepted: one the test
+    // makes now, and node 1's new one, which carries meshed traffic.
+    let (after, _) = client_config_and_serial(&ca, false, &ca, "cart");
+    handshake_with(&bed.topology, after).expect("a certificate issued after the instant");
+    traffic::tcp_echo(&bed.topology, CART, CHECKOUT, 7301, 64 * 1024).unwrap();
+    for agent in &bed.agents {
+        wait_for(
+            &format!("the identity revocation on node {}", agent.node()),
+            Duration::from_secs(10),
+            || {
+                agent
+                    .status()
+                    .unwrap()
+                    .event_bus
+                    .unwrap()
+                    .revoked_identities
+                    == 1
+            },
+        );
+    }
+    let status = bed.agents[1].veilctl(&["status"]).unwrap();
+    assert!(
+        status.contains("1 revoked identity (certificates issued before refused)"),
+        "{status}"
+    );
 }
 
 #[test]

@@ -264,8 +264,9 @@ impl Agent {
     }
 }
 
-/// The agent config for `node`: underlay `ul0`, one veth per pod, and the
-/// overlay on VNI `overlay_vni` when given (pod veths then come from the inventory).
+/// The agent config for `node`: its own state directory in the test bed's
+/// work directory, underlay `ul0`, one veth per pod, and the overlay on VNI
+/// `overlay_vni` when given (pod veths then come from the inventory).
 pub fn config_for(topology: &Topology, node: usize, overlay_vni: Option<u32>) -> String {
     let pods = topology
         .pod_veths(node)
@@ -273,8 +274,12 @@ pub fn config_for(topology: &Topology, node: usize, overlay_vni: Option<u32>) ->
         .map(|veth| format!("{veth:?}"))
         .collect::<Vec<_>>()
         .join(", ");
-    let mut config =
-        format!("node_name = \"node{node}\"\n\n[datapath]\nunderlay_interface = \"ul0\"\n");
+    // Each agent its own state (the embedded event journal): several run on
+    // one host here.
+    let mut config = format!(
+        "node_name = \"node{node}\"\nstate_dir = \"{}\"\n\n[datapath]\nunderlay_interface = \"ul0\"\n",
+        topology.workdir().join(format!("state-n{node}")).display()
+    );
     match overlay_vni {
         None => config.push_str(&format!("pod_interfaces = [{pods}]\n")),
         Some(vni) => config.push_str(&format!(

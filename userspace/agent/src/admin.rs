@@ -133,9 +133,11 @@ async fn status(
                 state: events
                     .bus_state()
                     .map_or_else(|| "starting".into(), |s| s.to_string()),
+                kind: events.kind.get().copied().unwrap_or_default().to_string(),
                 announced_pods: events.announced_pods(),
                 clock_behind_ms: events.clock_behind_ms(),
-                revoked_serials: events.revocations.len(),
+                revoked_serials: events.revocations.serial_count(),
+                revoked_identities: events.revocations.identity_count(),
             }),
     }))
 }

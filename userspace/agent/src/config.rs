@@ -56,6 +56,10 @@ pub struct AgentConfig {
     /// Readiness (`/healthz/ready`), for kubelet probes and `veilctl`.
     #[serde(default = "default_readiness_listen")]
     pub readiness_listen: SocketAddr,
+    /// What the agent keeps across restarts: the embedded event journal and
+    /// the event caches (`<state_dir>/events`).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
     pub datapath: DatapathConfig,
     /// The VXLAN overlay; without this section the agent only counts packets.
     #[serde(default)]
@@ -64,12 +68,163 @@ pub struct AgentConfig {
     /// says which pods are meshed and who they are).
     #[serde(default)]
     pub mesh: Option<MeshSection>,
-    /// The control-plane event bus; without it the inventory file is the only source.
+    /// The control-plane event bus: a Kafka-protocol broker with
+    /// `[events.kafka]`, else (with `[overlay]`) the embedded bus, a journal
+    /// under `<state_dir>/events`.
     #[serde(default)]
     pub events: Option<EventsSection>,
     /// Kubernetes as a source: this node's pods and every Node object.
     #[serde(default)]
     pub kubernetes: Option<KubernetesSection>,
+    /// Server-name certificates (ingress, external services) from an ACME CA.
+    #[serde(default)]
+    pub acme: Option<AcmeSection>,
+}
+
+/// Certificates for server names from an ACME CA, obtained and renewed by
+/// the agent (`acme_sync`). Never for mesh identities: those come from the
+/// mesh CA.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeSection {
+    /// The CA's directory URL (https).
+    pub directory_url: toml::Spanned<String>,
+    /// PEM root for the CA's own HTTPS (private CAs); the system roots otherwise.
+    #[serde(default)]
+    pub server_root: Option<PathBuf>,
+    /// Account contacts (`mailto:…`).
+    #[serde(default)]
+    pub contact: Vec<toml::Spanned<String>>,
+    /// `<store>/<name>/tls.key` (0600) and `tls.crt`, and the ACME account.
+    #[serde(default = "default_acme_store")]
+    pub store: PathBuf,
+    /// Serve HTTP-01 here (the CA connects to port 80 of each name) …
+    #[serde(default)]
+    pub http01_listen: Option<SocketAddr>,
+    /// … or publish DNS-01 TXT records with `<hook> present|cleanup <record> [<value>]`.
+    #[serde(default)]
+    pub dns01_hook: Option<PathBuf>,
+    #[serde(default, rename = "certificate")]
+    pub certificates: Vec<AcmeCertificateSection>,
+}
+
+/// One `[[acme.certificate]]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeCertificateSection {
+    /// Its directory under `store`.
+    pub name: toml::Spanned<String>,
+    pub dns_names: Vec<toml::Spanned<String>>,
+}
+
+fn default_acme_store() -> PathBuf {
+    PathBuf::from("/var/lib/veil/acme")
+}
+
+impl AcmeSection {
+    /// Checks what serde cannot; `text` is the file, for line numbers.
+    fn validate(&self, text: &str) -> Result<(), String> {
+        let line = |value: &toml::Spanned<String>| {
+            let end = value.span().start.min(text.len());
+            1 + text.as_bytes()[..end]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count()
+        };
+        let url = &self.directory_url;
+        if !url.get_ref().starts_with("https://") {
+            return Err(format!(
+                "line {}: acme.directory_url = {:?} is not an https:// URL (ACME runs over HTTPS)",
+                line(url),
+                url.get_ref()
+            ));
+        }
+        if let Some(contact) = self
+            .contact
+            .iter()
+            .find(|c| !c.get_ref().starts_with("mailto:"))
+        {
+            return Err(format!(
+                "line {}: acme.contact {:?} is not a mailto: URI",
+                line(contact),
+                contact.get_ref()
+            ));
+        }
+        if self.http01_listen.is_some() == self.dns01_hook.is_some() {
+            return Err(
+                "[acme] needs exactly one challenge: http01_listen (HTTP-01, e.g. \
+                        \"0.0.0.0:80\") or dns01_hook (DNS-01, a command)"
+                    .into(),
+            );
+        }
+        if self.certificates.is_empty() {
+            return Err(
+                "[acme] lists no certificate: add [[acme.certificate]] with name and \
+                        dns_names"
+                    .into(),
+            );
+        }
+        let mut names = HashSet::new();
+        for certificate in &self.certificates {
+            let name = &certificate.name;
+            if !veil_identity::acme::store::valid_name(name.get_ref()) {
+                return Err(format!(
+                    "line {}: acme.certificate name {:?} cannot be a directory name: use 1 to 64 \
+                     letters, digits, '-', '_' or '.'",
+                    line(name),
+                    name.get_ref()
+                ));
+            }
+            if !names.insert(name.get_ref()) {
+                return Err(format!(
+                    "line {}: acme.certificate name {:?} is used twice",
+                    line(name),
+                    name.get_ref()
+                ));
+            }
+            if certificate.dns_names.is_empty() {
+                return Err(format!(
+                    "line {}: acme.certificate {:?} has no dns_names",
+                    line(name),
+                    name.get_ref()
+                ));
+            }
+            for dns_name in &certificate.dns_names {
+                let value = dns_name.get_ref();
+                if !is_dns_name(value) {
+                    return Err(format!(
+                        "line {}: {value:?} in acme.certificate {:?} is not a DNS name",
+                        line(dns_name),
+                        name.get_ref()
+                    ));
+                }
+                if value.starts_with("*.") && self.dns01_hook.is_none() {
+                    return Err(format!(
+                        "line {}: {value:?} is a wildcard: ACME validates wildcards with DNS-01 \
+                         only; set dns01_hook instead of http01_listen",
+                        line(dns_name)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Lowercase LDH labels (1-63 characters, no leading or trailing '-'),
+/// dot-separated, 253 characters at most; a leading `*.` for wildcards.
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_prefix("*.").unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
 }
 
 /// Where the agent learns its pods and the cluster's nodes from the API
@@ -95,8 +250,22 @@ fn default_true() -> bool {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventsSection {
-    /// A Kafka-protocol broker (brokers, topics, consumer group, outbox).
-    pub kafka: veil_events::kafka::KafkaSettings,
+    /// A Kafka-protocol broker (brokers, topics, consumer group, outbox);
+    /// without it, the embedded bus.
+    #[serde(default)]
+    pub kafka: Option<veil_events::kafka::KafkaSettings>,
+}
+
+/// Which event bus the agent runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventBusChoice<'a> {
+    Kafka(&'a veil_events::kafka::KafkaSettings),
+    /// No broker configured: the in-process bus, journal in this directory.
+    Embedded(PathBuf),
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/veil")
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -124,6 +293,14 @@ pub struct MeshSection {
     /// Port of the inbound mTLS listener that peer agents dial.
     #[serde(default = "default_inbound_port")]
     pub inbound_port: u16,
+    /// Also write each workload certificate and its key into a
+    /// `kubernetes.io/tls` Secret (`veil-tls.<sa>.<node>` in the workload's
+    /// namespace), for workloads that read certificates from files. Off by
+    /// default: it puts private keys into the API server. Needs
+    /// `issuer = "kubernetes"` and the RBAC of
+    /// `deploy/kubernetes/optional/secret-writing.yaml`.
+    #[serde(default)]
+    pub write_tls_secrets: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -208,6 +385,17 @@ fn default_readiness_listen() -> SocketAddr {
 }
 
 impl AgentConfig {
+    /// The event bus to run: Kafka when `[events.kafka]` names brokers,
+    /// else the embedded bus for an agent with an overlay (the bus feeds
+    /// the overlay's inventory), else none.
+    pub fn event_bus(&self) -> Option<EventBusChoice<'_>> {
+        self.overlay.as_ref()?;
+        Some(match self.events.as_ref().and_then(|e| e.kafka.as_ref()) {
+            Some(kafka) => EventBusChoice::Kafka(kafka),
+            None => EventBusChoice::Embedded(self.state_dir.join("events")),
+        })
+    }
+
     /// Reads and validates the config file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -227,6 +415,12 @@ impl AgentConfig {
             path: path.to_owned(),
             reason,
         })?;
+        if let Some(acme) = &config.acme {
+            acme.validate(text).map_err(|reason| ConfigError::Invalid {
+                path: path.to_owned(),
+                reason,
+            })?;
+        }
         Ok(config)
     }
 
@@ -281,10 +475,9 @@ impl AgentConfig {
                         .into(),
                 );
             }
-            events
-                .kafka
-                .validate()
-                .map_err(|e| format!("events.kafka: {e}"))?;
+            if let Some(kafka) = &events.kafka {
+                kafka.validate().map_err(|e| format!("events.kafka: {e}"))?;
+            }
         }
         if let Some(mesh) = &self.mesh {
             if self.overlay.is_none() {
@@ -313,6 +506,13 @@ impl AgentConfig {
                 return Err("mesh.ca_key is missing: with issuer = \"local-ca\" the agent signs \
                             its workloads' CSRs and needs the CA key (or set issuer = \"kubernetes\")"
                     .into());
+            }
+            if mesh.write_tls_secrets && mesh.issuer != MeshIssuer::Kubernetes {
+                return Err(
+                    "mesh.write_tls_secrets = true needs issuer = \"kubernetes\": the \
+                            Secrets go to the API server the controller signs through"
+                        .into(),
+                );
             }
             if mesh.trust_domain.is_empty() || mesh.trust_domain.contains(['/', ' ']) {
                 return Err(format!(
@@ -401,6 +601,23 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(error.contains("not a duration"), "{error}");
+        // Secrets only where the controller signs (off unless asked for).
+        assert!(
+            !parse(&format!("{base}{overlay}{mesh}"))
+                .unwrap()
+                .mesh
+                .unwrap()
+                .write_tls_secrets
+        );
+        let error = parse(&format!("{base}{overlay}{mesh}write_tls_secrets = true\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("needs issuer = \"kubernetes\""), "{error}");
+        let config = parse(&format!(
+            "{base}{overlay}{kubernetes}write_tls_secrets = true\n"
+        ))
+        .unwrap();
+        assert!(config.mesh.unwrap().write_tls_secrets);
     }
 
     #[test]
@@ -438,6 +655,58 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("unknown field"), "{error}");
+    }
+
+    #[test]
+    fn acme_section_is_checked_with_line_numbers() {
+        let base = "node_name = \"n1\"\n[datapath]\nunderlay_interface = \"ul0\"\n";
+        let acme = "[acme]\ndirectory_url = \"https://ca.example/dir\"\n\
+                    contact = [\"mailto:ops@example.com\"]\nhttp01_listen = \"0.0.0.0:80\"\n";
+        let certificate = "[[acme.certificate]]\nname = \"shop-ingress\"\n\
+                           dns_names = [\"shop.example.com\", \"www.shop.example.com\"]\n";
+        let config = parse(&format!("{base}{acme}{certificate}")).unwrap();
+        let section = config.acme.unwrap();
+        assert_eq!(section.store, PathBuf::from("/var/lib/veil/acme"));
+        assert_eq!(section.certificates[0].name.get_ref(), "shop-ingress");
+        assert_eq!(section.certificates[0].dns_names.len(), 2);
+        assert!(parse(base).unwrap().acme.is_none(), "optional");
+
+        let error = |text: String| parse(&text).unwrap_err().to_string();
+        let e = error(format!("{base}{acme}"));
+        assert!(e.contains("lists no certificate"), "{e}");
+        let e = error(format!(
+            "{base}{acme}dns01_hook = \"/bin/hook\"\n{certificate}"
+        ));
+        assert!(e.contains("exactly one challenge"), "{e}");
+        let e = error(format!(
+            "{base}{}{certificate}",
+            acme.replace("https://ca", "http://ca")
+        ));
+        assert!(e.contains("line 5: acme.directory_url"), "{e}");
+        let e = error(format!(
+            "{base}{}{certificate}",
+            acme.replace("mailto:", "")
+        ));
+        assert!(e.contains("line 6") && e.contains("mailto"), "{e}");
+        let e = error(format!(
+            "{base}{acme}{}",
+            certificate.replace("shop.example.com\"", "shop example\"")
+        ));
+        assert!(e.contains("line 10") && e.contains("not a DNS name"), "{e}");
+        let e = error(format!(
+            "{base}{acme}{}",
+            certificate.replace("shop-ingress", "../etc")
+        ));
+        assert!(e.contains("line 9") && e.contains("directory name"), "{e}");
+        let e = error(format!("{base}{acme}{certificate}{certificate}"));
+        assert!(e.contains("line 12") && e.contains("used twice"), "{e}");
+        let e = error(format!(
+            "{base}{acme}{}",
+            certificate.replace("\"shop.example.com\"", "\"*.example.com\"")
+        ));
+        assert!(e.contains("wildcard"), "{e}");
+        let e = error(format!("{base}{acme}{certificate}profile = \"x\"\n"));
+        assert!(e.contains("unknown field"), "{e}");
     }
 
     #[test]

@@ -27,10 +27,13 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use veil_events::{
     apply::Applier,
-    bus::{BusState, EventBus, apply_batch_with},
-    kafka::{KafkaBus, KafkaSettings},
+    bus::{BusState, EventBus, EventConsumer, apply_batch_with},
+    journal::EmbeddedBus,
+    kafka::KafkaBus,
     schema::{Envelope, Event, Topic},
 };
+
+use crate::config::EventBusChoice;
 
 use crate::inventory::{Inventory, MacAddress, PodMesh, PodSpec};
 
@@ -102,6 +105,8 @@ pub struct EventState {
     /// By event key (namespace/pod).
     pods: RwLock<BTreeMap<String, AnnouncedPod>>,
     bus: RwLock<Option<BusState>>,
+    /// `kafka` or `embedded`, once started.
+    pub kind: std::sync::OnceLock<&'static str>,
     pub metrics: EventMetrics,
     /// Certificates revoked (`veil.certificates`).
     pub revocations: crate::revocations::Revocations,
@@ -229,6 +234,23 @@ impl EventState {
                 drop(pods);
                 self.revocations.revoke(serial, identity);
             }
+            Event::IdentityRevoked {
+                identity,
+                revoked_before,
+            } => {
+                drop(pods);
+                match humantime::parse_rfc3339(revoked_before) {
+                    Ok(instant) => {
+                        let before = instant
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs());
+                        self.revocations.revoke_identity(identity, before);
+                    }
+                    Err(error) => {
+                        warn!(key = %envelope.key, %error, revoked_before, "identity-revoked event with a bad instant; ignored")
+                    }
+                }
+            }
             // Scheduled pods have no address yet; other topics are not ours.
             _ => {}
         }
@@ -261,6 +283,13 @@ impl EventState {
 }
 
 /// The revocation cache next to the pods cache.
+fn create_state_dir(path: &Path) -> Result<(), EventsError> {
+    std::fs::create_dir_all(path).map_err(|source| EventsError::StateDir {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 fn revocations_path(pods_cache: &Path) -> PathBuf {
     pods_cache.with_file_name("revoked-serials.json")
 }
@@ -282,29 +311,81 @@ fn write_synced(path: &Path, text: &str) -> std::io::Result<()> {
     }
 }
 
-/// The running bus; dropping it flushes what is unsent to its outbox file.
+/// Publishing through whichever bus runs.
+trait Publisher: Send + Sync {
+    fn publish(&self, envelope: &Envelope) -> Result<(), String>;
+}
+
+impl<B> Publisher for B
+where
+    B: EventBus + Send + Sync,
+    B::Error: std::fmt::Display,
+{
+    fn publish(&self, envelope: &Envelope) -> Result<(), String> {
+        EventBus::publish(self, envelope).map_err(|e| e.to_string())
+    }
+}
+
+/// The running bus; dropping it flushes what is unsent (Kafka: to its
+/// outbox file) and ends the consumer thread.
 pub struct Events {
     pub state: Arc<EventState>,
-    bus: Arc<KafkaBus>,
+    bus: Arc<dyn Publisher>,
 }
 
 impl Events {
-    /// Connects (without waiting for the broker), loads the cache and starts
-    /// the consumer thread.
-    pub fn start(settings: &KafkaSettings, node_name: &str) -> Result<Self, EventsError> {
-        std::fs::create_dir_all(&settings.state_dir).map_err(|source| EventsError::StateDir {
-            path: settings.state_dir.clone(),
-            source,
-        })?;
-        let bus =
-            Arc::new(KafkaBus::connect(settings).map_err(|e| EventsError::Bus(e.to_string()))?);
+    /// Starts the chosen bus (Kafka: without waiting for the broker), loads
+    /// the cache and starts the consumer thread.
+    pub fn start(choice: &EventBusChoice<'_>, node_name: &str) -> Result<Self, EventsError> {
+        match choice {
+            EventBusChoice::Kafka(settings) => {
+                create_state_dir(&settings.state_dir)?;
+                let bus =
+                    KafkaBus::connect(settings).map_err(|e| EventsError::Bus(e.to_string()))?;
+                let events = Self::start_on(
+                    bus,
+                    "kafka",
+                    &settings.state_dir,
+                    &settings.group_for(node_name),
+                )?;
+                info!(brokers = ?settings.brokers, "event bus started (Kafka)");
+                Ok(events)
+            }
+            EventBusChoice::Embedded(dir) => {
+                create_state_dir(dir)?;
+                let bus = EmbeddedBus::open(&dir.join("journal"))
+                    .map_err(|e| EventsError::Bus(e.to_string()))?;
+                let events = Self::start_on(bus, "embedded", dir, "veil-agent")?;
+                info!(
+                    journal = %dir.join("journal").display(),
+                    "no Kafka brokers configured: embedded event bus started (a local journal; \
+                     other nodes' pods come only from the inventory or the API server)"
+                );
+                Ok(events)
+            }
+        }
+    }
+
+    fn start_on<B>(
+        bus: B,
+        kind: &'static str,
+        state_dir: &Path,
+        group: &str,
+    ) -> Result<Self, EventsError>
+    where
+        B: EventBus + Send + Sync + 'static,
+        B::Error: std::fmt::Display,
+        B::Consumer: Send + 'static,
+        <B::Consumer as EventConsumer>::Error: std::fmt::Display,
+    {
+        let bus = Arc::new(bus);
         let state = Arc::new(EventState::default());
-        let cache = settings.state_dir.join("announced-pods.json");
+        let _ = state.kind.set(kind);
+        let cache = state_dir.join("announced-pods.json");
         state.load_cache(&cache);
         state.revocations.load(&revocations_path(&cache));
-        let group = settings.group_for(node_name);
         let mut consumer = bus
-            .subscribe(&group, &[Topic::Pods, Topic::Certificates])
+            .subscribe(group, &[Topic::Pods, Topic::Certificates])
             .map_err(|e| EventsError::Bus(e.to_string()))?;
         let (thread_state, weak_bus) = (Arc::clone(&state), Arc::downgrade(&bus));
         std::thread::Builder::new()
@@ -375,7 +456,6 @@ impl Events {
                 }
             })
             .map_err(|e| EventsError::Bus(e.to_string()))?;
-        info!(group, brokers = ?settings.brokers, "event bus started");
         Ok(Self { state, bus })
     }
 

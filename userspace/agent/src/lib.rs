@@ -6,6 +6,7 @@
 //! serves a localhost admin API that `veilctl` reads. Later slices add the
 //! mTLS proxy and the control plane; each lives in its own module here.
 
+pub mod acme_sync;
 pub mod admin;
 pub mod config;
 pub mod datapath;
@@ -44,6 +45,8 @@ pub enum AgentError {
     Events(#[from] events_sync::EventsError),
     #[error(transparent)]
     Kubernetes(#[from] kubernetes::KubernetesError),
+    #[error(transparent)]
+    Acme(#[from] acme_sync::AcmeSyncError),
 }
 
 /// Runs the agent until `shutdown` completes, then detaches everything.
@@ -52,11 +55,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
     let datapath = Arc::new(Mutex::new(Datapath::start(&config.datapath)?));
-    let events = match &config.events {
-        Some(section) => Some(events_sync::Events::start(
-            &section.kafka,
-            &config.node_name,
-        )?),
+    let events = match config.event_bus() {
+        Some(choice) => Some(events_sync::Events::start(&choice, &config.node_name)?),
         None => None,
     };
     let kubernetes = match &config.kubernetes {
@@ -84,6 +84,18 @@ pub async fn run(
         }
         None => None,
     };
+    // Server-name certificates from an ACME CA; runs on its own thread and
+    // runtime, built off the async workers.
+    let _acme = match config.acme.clone() {
+        Some(section) => Some(
+            tokio::task::spawn_blocking(move || acme_sync::Acme::start(&section))
+                .await
+                .map_err(|e| {
+                    acme_sync::AcmeSyncError::Thread(std::io::Error::other(e.to_string()))
+                })??,
+        ),
+        None => None,
+    };
     let overlay = config.overlay.as_ref().map(|section| {
         Arc::new(OverlaySync {
             settings: OverlaySettings {
@@ -95,6 +107,7 @@ pub async fn run(
             inventory: section.inventory.clone(),
             report: Mutex::default(),
             latest: Default::default(),
+            inventory_changes: Default::default(),
             events: events.as_ref().map(|e| Arc::clone(&e.state)),
             kubernetes: kubernetes.as_ref().map(|k| Arc::clone(&k.state)),
         })
@@ -132,9 +145,7 @@ pub async fn run(
         events
             .state
             .revocations
-            .on_revocation(Box::new(move |serial, identity| {
-                mesh::revoke(&state, serial, identity)
-            }));
+            .on_revocation(Box::new(move |revoked| mesh::revoke(&state, revoked)));
     }
     let listener = admin::bind(config.admin_listen).await?;
     let metrics = telemetry::bind("metrics", config.metrics_listen).await?;

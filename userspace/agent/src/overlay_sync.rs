@@ -25,6 +25,31 @@ use crate::{
 /// How often the inventory is re-read.
 pub const SYNC_PERIOD: Duration = Duration::from_millis(500);
 
+/// A generation counter that threads wait on for the next change.
+#[derive(Debug, Default)]
+pub struct Changes {
+    generation: Mutex<u64>,
+    changed: std::sync::Condvar,
+}
+
+impl Changes {
+    pub fn bump(&self) {
+        *self.generation.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits until the generation differs from `seen`, at most `timeout`;
+    /// returns the generation now.
+    pub fn wait_past(&self, seen: u64, timeout: Duration) -> u64 {
+        let generation = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        let (generation, _) = self
+            .changed
+            .wait_timeout_while(generation, timeout, |now| *now == seen)
+            .unwrap_or_else(|p| p.into_inner());
+        *generation
+    }
+}
+
 /// What the last sync found, for the admin API.
 #[derive(Clone, Debug, Default)]
 pub struct SyncReport {
@@ -39,6 +64,8 @@ pub struct OverlaySync {
     pub report: Mutex<SyncReport>,
     /// The last inventory accepted, for the mesh (who is meshed, and as whom).
     pub latest: std::sync::RwLock<Option<Arc<Inventory>>>,
+    /// Bumped each time `latest` is replaced, for threads that act on it.
+    pub inventory_changes: Changes,
     /// Pods of other nodes learnt from the event bus, when there is one.
     pub events: Option<Arc<crate::events_sync::EventState>>,
     /// This node's pods and the cluster's nodes from the API server, when watched.
@@ -75,6 +102,7 @@ impl OverlaySync {
         let plan = match result {
             Ok((plan, inventory)) => {
                 *self.latest.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(inventory));
+                self.inventory_changes.bump();
                 plan
             }
             Err(error) => {
@@ -112,11 +140,20 @@ impl OverlaySync {
         }
     }
 
-    /// Syncs forever, every [`SYNC_PERIOD`].
+    /// Syncs forever, every [`SYNC_PERIOD`] and at once when the API server
+    /// taught something new.
     pub async fn run(self: Arc<Self>, datapath: Arc<Mutex<Datapath>>) {
         let mut ticker = tokio::time::interval(SYNC_PERIOD);
         loop {
-            ticker.tick().await;
+            match &self.kubernetes {
+                Some(kubernetes) => tokio::select! {
+                    _ = ticker.tick() => {}
+                    () = kubernetes.changed.notified() => {}
+                },
+                None => {
+                    ticker.tick().await;
+                }
+            }
             let sync = Arc::clone(&self);
             let datapath = Arc::clone(&datapath);
             // Map syscalls block; keep them off the async workers.

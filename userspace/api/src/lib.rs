@@ -77,6 +77,9 @@ pub struct EventBusStatus {
     /// `connected`, or `degraded: event bus: <reason>` (the agent keeps
     /// working from its cache; events it publishes wait in the outbox).
     pub state: String,
+    /// `kafka`, or `embedded` (no broker configured: a local journal).
+    #[serde(default)]
+    pub kind: String,
     /// Pods of other nodes learnt from the bus.
     pub announced_pods: usize,
     /// How far events from other nodes seemed to arrive *before* they were
@@ -88,6 +91,10 @@ pub struct EventBusStatus {
     /// Certificate serials revoked on the bus (refused by this node).
     #[serde(default)]
     pub revoked_serials: usize,
+    /// Identities revoked on the bus (their certificates issued before the
+    /// revocation are refused).
+    #[serde(default)]
+    pub revoked_identities: usize,
 }
 
 /// The mesh on this node: its workloads' certificates and what its

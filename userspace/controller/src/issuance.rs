@@ -16,8 +16,9 @@ pub const DEFAULT_DURATION: Duration = Duration::from_secs(24 * 3600);
 pub const MIN_DURATION: Duration = Duration::from_secs(10 * 60);
 /// Longest lifetime accepted for a workload certificate.
 pub const MAX_DURATION: Duration = Duration::from_secs(90 * 24 * 3600);
-/// Validity starts this long before now, for clock skew between nodes.
-const CLOCK_SKEW: Duration = Duration::from_secs(60);
+/// Validity starts this long before now, for clock skew between nodes —
+/// the CA's own backdating, which identity revocation counts on.
+const CLOCK_SKEW: Duration = veil_identity::revocation::ISSUE_BACKDATE;
 
 /// What to do with an `ECDSACert`.
 #[derive(Debug, PartialEq)]

@@ -35,10 +35,12 @@ enum Command {
 #[derive(Args)]
 struct RevokeArgs {
     /// The certificate's serial (hex, as `veilctl certs` and
-    /// `kubectl get ecdsacerts` show it).
+    /// `kubectl get ecdsacerts` show it). Without it, every certificate of
+    /// `--identity` issued until now is revoked (a compromised workload):
+    /// its holders re-key at once.
     #[arg(long)]
-    serial: String,
-    /// The SPIFFE ID it was issued to.
+    serial: Option<String>,
+    /// The SPIFFE ID the certificate was issued to.
     #[arg(long)]
     identity: String,
     /// Kafka bootstrap brokers (`host:port`, comma-separated).
@@ -117,7 +119,7 @@ async fn run(command: Command) -> Result<()> {
     match command {
         Command::Revoke(args) => tokio::task::spawn_blocking(move || {
             revoke(
-                &args.serial,
+                args.serial.as_deref(),
                 &args.identity,
                 args.kafka_brokers,
                 args.events_state_dir,
@@ -212,36 +214,70 @@ async fn serve(
 /// How long `revoke` waits for the broker to take the event.
 const REVOKE_DELIVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-fn revoke(serial: &str, identity: &str, brokers: Vec<String>, state_dir: PathBuf) -> Result<()> {
+fn revoke(
+    serial: Option<&str>,
+    identity: &str,
+    brokers: Vec<String>,
+    state_dir: PathBuf,
+) -> Result<()> {
     use veil_events::{
         bus::EventBus,
         kafka::{KafkaBus, KafkaSettings},
         schema::{Envelope, Event, Topic},
     };
-    let serial = serial.trim().to_ascii_lowercase();
-    anyhow::ensure!(
-        !serial.is_empty() && serial.chars().all(|c| c.is_ascii_hexdigit()),
-        "--serial {serial:?} is not a hexadecimal certificate serial"
-    );
     identity
         .parse::<veil_identity::SpiffeId>()
         .with_context(|| format!("--identity {identity:?} is not a SPIFFE ID"))?;
+    let (event, done) = match serial {
+        Some(serial) => {
+            let serial = serial.trim().to_ascii_lowercase();
+            anyhow::ensure!(
+                !serial.is_empty() && serial.chars().all(|c| c.is_ascii_hexdigit()),
+                "--serial {serial:?} is not a hexadecimal certificate serial"
+            );
+            // One key per serial: a revocation is never undone, so any
+            // sequence works.
+            let event = Envelope::new(
+                Topic::Certificates,
+                format!("revoked/{serial}"),
+                1,
+                Event::CertificateRevoked {
+                    identity: identity.to_string(),
+                    serial: serial.clone(),
+                },
+            );
+            (event, format!("revoked {serial} ({identity})"))
+        }
+        None => {
+            let before =
+                veil_identity::revocation::revocation_instant(std::time::SystemTime::now());
+            let instant = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(before),
+            )
+            .to_string();
+            // One key per identity, sequenced by the instant: a later
+            // revocation of the same identity supersedes an earlier one.
+            let event = Envelope::new(
+                Topic::Certificates,
+                format!("revoked-identity/{identity}"),
+                before,
+                Event::IdentityRevoked {
+                    identity: identity.to_string(),
+                    revoked_before: instant.clone(),
+                },
+            );
+            (
+                event,
+                format!("revoked every certificate of {identity} issued before {instant}"),
+            )
+        }
+    };
     let settings = KafkaSettings {
         brokers,
         state_dir,
         ..Default::default()
     };
     let bus = KafkaBus::connect(&settings).context("cannot start the Kafka event bus")?;
-    // One key per serial: a revocation is never undone, so any sequence works.
-    let event = Envelope::new(
-        Topic::Certificates,
-        format!("revoked/{serial}"),
-        1,
-        Event::CertificateRevoked {
-            identity: identity.to_string(),
-            serial: serial.clone(),
-        },
-    );
     bus.publish(&event)
         .context("cannot publish the revocation")?;
     anyhow::ensure!(
@@ -250,8 +286,8 @@ fn revoke(serial: &str, identity: &str, brokers: Vec<String>, state_dir: PathBuf
          {} and not yet delivered — check the brokers and run the command again",
         settings.state_dir.display()
     );
-    info!(serial, identity, "revocation published");
-    println!("revoked {serial} ({identity})");
+    info!(?serial, identity, "revocation published");
+    println!("{done}");
     Ok(())
 }
 

@@ -9,6 +9,11 @@
 //! however often it is delivered. Only changes an agent cares about are
 //! published: a status update that changes neither node, address nor
 //! identity publishes nothing.
+//!
+//! A controller starting (a restart, a new leader) first reads `veil.pods`
+//! back — compacted, it holds the last event of every pod — so a pod deleted
+//! while no controller ran, which no watch will ever report, is announced
+//! deleted after the first list, and unchanged pods are not announced again.
 
 use std::collections::HashMap;
 
@@ -25,11 +30,23 @@ use veil_events::schema::{Envelope, Event, Topic};
 /// Where derived events go (the Kafka bus, or a test's recorder).
 pub trait Publish: Send + Sync {
     fn publish(&self, envelope: &Envelope) -> Result<(), String>;
+    /// What the pods topic holds already (the latest event of each pod).
+    fn recorded_pods(&self) -> Result<Vec<Envelope>, String> {
+        Ok(Vec::new())
+    }
 }
+
+/// How long a starting controller reads `veil.pods` back.
+const REPLAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Publish for veil_events::kafka::KafkaBus {
     fn publish(&self, envelope: &Envelope) -> Result<(), String> {
         veil_events::bus::EventBus::publish(self, envelope).map_err(|e| e.to_string())
+    }
+
+    fn recorded_pods(&self) -> Result<Vec<Envelope>, String> {
+        self.replay(Topic::Pods, REPLAY_TIMEOUT)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -87,7 +104,7 @@ pub struct Publisher {
     /// Key → (last sequence, last event).
     published: HashMap<String, (u64, Event)>,
     /// Keys seen since the current re-list began.
-    relisting: Option<Vec<String>>,
+    relisting: Option<std::collections::HashSet<String>>,
     pub sent: u64,
 }
 
@@ -120,14 +137,33 @@ impl Publisher {
         }
     }
 
+    /// Takes what the topic already records (read back at start) as
+    /// published: later changes sequence after it, and pods it shows alive
+    /// that the first list does not have are announced deleted.
+    pub fn seed(&mut self, recorded: Vec<Envelope>) {
+        for envelope in recorded {
+            if envelope.topic != Topic::Pods {
+                continue;
+            }
+            let newer = self
+                .published
+                .get(&envelope.key)
+                .is_none_or(|(seq, _)| envelope.seq > *seq);
+            if newer {
+                self.published
+                    .insert(envelope.key, (envelope.seq, envelope.event));
+            }
+        }
+    }
+
     /// Applies one watch event.
     pub fn observe(&mut self, bus: &dyn Publish, event: watcher::Event<Pod>) {
         match event {
-            watcher::Event::Init => self.relisting = Some(Vec::new()),
+            watcher::Event::Init => self.relisting = Some(Default::default()),
             watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) => {
                 let key = pods::key(&pod);
                 if let Some(seen) = &mut self.relisting {
-                    seen.push(key.clone());
+                    seen.insert(key.clone());
                 }
                 if let Some(event) = event_for(&pod, &self.trust_domain) {
                     self.send(bus, key, pods::resource_version(&pod.metadata), event);
@@ -156,7 +192,7 @@ impl Publisher {
                     .published
                     .iter()
                     .filter(|(key, (_, event))| {
-                        !seen.contains(key) && !matches!(event, Event::PodDeleted { .. })
+                        !seen.contains(key.as_str()) && !matches!(event, Event::PodDeleted { .. })
                     })
                     .map(|(key, (seq, _))| (key.clone(), *seq))
                     .collect();
@@ -177,6 +213,20 @@ impl Publisher {
 /// backoff on its own, so in practice until the controller stops).
 pub async fn run(client: Client, bus: &dyn Publish, trust_domain: &str) {
     let mut publisher = Publisher::new(trust_domain);
+    match bus.recorded_pods() {
+        Ok(recorded) => {
+            info!(
+                events = recorded.len(),
+                "pod events read back from the topic"
+            );
+            publisher.seed(recorded);
+        }
+        Err(error) => warn!(
+            %error,
+            "cannot read the pods topic back: pods deleted while no controller ran stay \
+             announced until they are re-created and deleted"
+        ),
+    }
     let mut events = std::pin::pin!(
         watcher(Api::<Pod>::all(client), watcher::Config::default()).default_backoff()
     );
@@ -278,6 +328,38 @@ mod tests {
         };
         assert_eq!(identity, "spiffe://cluster.local/ns/shop/sa/cart");
         assert_eq!(ip, "198.19.2.9");
+    }
+
+    #[test]
+    fn a_starting_controller_announces_pods_deleted_while_none_ran_and_nothing_else() {
+        // The topic, read back: a alive (as now), b alive (deleted since),
+        // c already deleted.
+        let bus = Recorder::default();
+        let first = Publisher::new("cluster.local");
+        let mut earlier = first;
+        for p in [
+            pod("a", 5, Some("n"), Some("198.19.1.1")),
+            pod("b", 6, Some("n"), Some("198.19.1.2")),
+            pod("c", 7, Some("n"), Some("198.19.1.3")),
+        ] {
+            earlier.observe(&bus, watcher::Event::Apply(p));
+        }
+        earlier.observe(&bus, watcher::Event::Delete(pod("c", 8, Some("n"), None)));
+        let recorded = bus.take();
+
+        let mut publisher = Publisher::new("cluster.local");
+        publisher.seed(recorded);
+        publisher.observe(&bus, watcher::Event::Init);
+        publisher.observe(
+            &bus,
+            watcher::Event::InitApply(pod("a", 5, Some("n"), Some("198.19.1.1"))),
+        );
+        publisher.observe(&bus, watcher::Event::InitDone);
+        let sent = bus.take();
+        assert_eq!(sent.len(), 1, "only b: {sent:?}");
+        assert_eq!(sent[0].key, "shop/b");
+        assert!(matches!(sent[0].event, Event::PodDeleted { .. }));
+        assert!(sent[0].seq > 6, "after what agents applied");
     }
 
     #[test]

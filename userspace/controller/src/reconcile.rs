@@ -5,7 +5,9 @@
 //! status is written only when it says something new (conditions keep their
 //! transition times), so the controller's own writes do not loop. A
 //! finalizer removes the optional `kubernetes.io/tls` Secret when the object
-//! goes.
+//! goes — only on objects that name one: the others have nothing to clean
+//! up, and skipping the finalizer saves a write (and a reconcile) per
+//! certificate, which is what limits issuance bursts on the API server.
 
 use std::{
     sync::Arc,
@@ -63,6 +65,12 @@ pub async fn run(context: Context, shutdown: impl Future<Output = ()> + Send + S
 
 async fn reconcile(cert: Arc<ECDSACert>, context: Arc<Context>) -> Result<Action, ReconcileError> {
     let api: Api<ECDSACert> = Api::all(context.client.clone());
+    if !needs_finalizer(&cert) {
+        if cert.metadata.deletion_timestamp.is_some() {
+            return Ok(Action::await_change());
+        }
+        return apply(&api, &cert, &context).await;
+    }
     finalizer(&api, FINALIZER, cert, |event| async {
         match event {
             Event::Apply(cert) => apply(&api, &cert, &context).await,
@@ -71,6 +79,12 @@ async fn reconcile(cert: Arc<ECDSACert>, context: Arc<Context>) -> Result<Action
     })
     .await
     .map_err(|error| ReconcileError::Finalizer(error.to_string()))
+}
+
+/// Whether deleting `cert` needs cleanup: it names a Secret, or carries our
+/// finalizer already (which then must be taken off through the finalizer).
+fn needs_finalizer(cert: &ECDSACert) -> bool {
+    cert.spec.secret_name.is_some() || cert.finalizers().iter().any(|f| f == FINALIZER)
 }
 
 fn error_policy(cert: Arc<ECDSACert>, error: &ReconcileError, _: Arc<Context>) -> Action {

@@ -56,8 +56,10 @@ pub struct ECDSACertSpec {
     /// Renew this long before expiry; default: after 2/3 of the lifetime.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renew_before: Option<String>,
-    /// Also write a `kubernetes.io/tls` Secret of this name. Off by default:
-    /// it puts the private key in the API server, which Veil otherwise avoids.
+    /// The `kubernetes.io/tls` Secret (in the identity's namespace) that the
+    /// node agent also writes the certificate and key into — only with its
+    /// `write_tls_secrets` on, since that puts the private key in the API
+    /// server, which Veil otherwise avoids. Deleted with this object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
 }

@@ -8,6 +8,11 @@
 //! decode is delivered as an error with its offset, counted and skipped: it
 //! never stops the consumer.
 //!
+//! Flow records are telemetry, many and never consumed by agents: their
+//! journal is not synced per record and is kept to two files of
+//! [`FLOW_JOURNAL_LIMIT`] (`flows.jsonl` and the previous `flows.jsonl.1`),
+//! the way the Kafka topic's retention bounds it.
+//!
 //! [`EmbeddedBus`] implements [`EventBus`] like the Kafka bus does, so the
 //! agent uses either without knowing which.
 
@@ -51,7 +56,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
 pub struct EmbeddedBus {
     dir: PathBuf,
     malformed: Arc<AtomicU64>,
+    /// Held while the flow journal is checked and rotated.
+    rotation: Arc<std::sync::Mutex<()>>,
 }
+
+/// Size past which the flow journal is rotated.
+pub const FLOW_JOURNAL_LIMIT: u64 = 64 * 1024 * 1024;
 
 /// One event read from the journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +84,7 @@ impl EmbeddedBus {
         Ok(Self {
             dir: dir.to_owned(),
             malformed: Arc::default(),
+            rotation: Arc::default(),
         })
     }
 
@@ -81,9 +92,23 @@ impl EmbeddedBus {
         self.dir.join(format!("{}.jsonl", topic.name()))
     }
 
-    /// Appends `envelope` to its topic and returns its offset once on disk.
+    /// Appends `envelope` to its topic and returns its offset once on disk
+    /// (flow records: once written, and the journal rotated past its limit).
     pub fn publish(&self, envelope: &Envelope) -> Result<u64, JournalError> {
+        self.publish_limited(envelope, FLOW_JOURNAL_LIMIT)
+    }
+
+    fn publish_limited(&self, envelope: &Envelope, flow_limit: u64) -> Result<u64, JournalError> {
         let path = self.journal(envelope.topic);
+        let telemetry = envelope.topic == Topic::Flows;
+        if telemetry {
+            let _rotating = self.rotation.lock().unwrap_or_else(|p| p.into_inner());
+            let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+            if size >= flow_limit {
+                let previous = path.with_extension("jsonl.1");
+                std::fs::rename(&path, &previous).map_err(io(&path))?;
+            }
+        }
         let mut file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -94,7 +119,9 @@ impl EmbeddedBus {
         let mut line = envelope.encode();
         line.push('\n');
         file.write_all(line.as_bytes()).map_err(io(&path))?;
-        file.sync_data().map_err(io(&path))?;
+        if !telemetry {
+            file.sync_data().map_err(io(&path))?;
+        }
         Ok(offset)
     }
 
@@ -139,6 +166,11 @@ impl Consumer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(io(&self.journal)(e)),
         };
+        // A journal shorter than our position was rotated: start over.
+        let length = file.metadata().map_err(io(&self.journal))?.len();
+        if self.position > length {
+            self.position = 0;
+        }
         file.seek(SeekFrom::Start(self.position))
             .map_err(io(&self.journal))?;
         let mut reader = BufReader::new(file);
@@ -382,6 +414,54 @@ mod tests {
             }
         }
         assert_eq!(applied, [1, 2, 3]);
+    }
+
+    #[test]
+    fn the_flow_journal_is_rotated_past_its_limit_and_others_never_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EmbeddedBus::open(dir.path()).unwrap();
+        let flow = |seq| {
+            Envelope::new(
+                Topic::Flows,
+                "node1",
+                seq,
+                crate::schema::Event::Flow {
+                    source: "shop/a".into(),
+                    destination: "shop/b".into(),
+                    bytes: 1,
+                    mode: "userspace".into(),
+                    result: "ok".into(),
+                },
+            )
+        };
+        let mut consumer = bus.consumer("g", Topic::Flows).unwrap();
+        for seq in 1..=40 {
+            bus.publish_limited(&flow(seq), 1024).unwrap();
+            bus.publish_limited(&policy(seq), 1024).unwrap();
+        }
+        let current = std::fs::metadata(dir.path().join("flows.jsonl"))
+            .unwrap()
+            .len();
+        let previous = std::fs::metadata(dir.path().join("flows.jsonl.1"))
+            .unwrap()
+            .len();
+        assert!(
+            current < 1024 + 256 && previous >= 1024,
+            "{current} {previous}"
+        );
+        assert!(!dir.path().join("policy.jsonl.1").exists());
+        assert_eq!(
+            bus.consumer("g", Topic::Policy)
+                .unwrap()
+                .poll(100)
+                .unwrap()
+                .len(),
+            40
+        );
+        // A consumer past the end of a rotated journal starts over.
+        consumer.position = u64::MAX;
+        let read = consumer.poll(1000).unwrap();
+        assert!(!read.is_empty() && read.iter().all(|d| d.event.is_ok()));
     }
 
     #[test]

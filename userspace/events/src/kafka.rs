@@ -255,6 +255,14 @@ pub enum KafkaBusError {
     Outbox(#[from] OutboxError),
     #[error("kafka: starting the sender thread: {0}")]
     Thread(std::io::Error),
+    #[error(
+        "kafka: reading {topic} back: {reached} of its partitions read to the end within {timeout:?}"
+    )]
+    ReplayTimeout {
+        topic: String,
+        reached: String,
+        timeout: Duration,
+    },
 }
 
 fn client(what: &'static str) -> impl FnOnce(KafkaError) -> KafkaBusError {
@@ -506,6 +514,91 @@ impl KafkaBus {
     /// Deliveries that failed and were put back to retry since start.
     pub fn failed_deliveries(&self) -> u64 {
         self.shared.failed.load(Ordering::Relaxed)
+    }
+
+    /// Reads `topic` from its beginning to its end as of now (each
+    /// partition's high watermark) without joining a consumer group or
+    /// committing anything: on a compacted topic, the latest event of every
+    /// key — the state the topic records. Malformed messages are logged,
+    /// counted and skipped, as in a consumer.
+    pub fn replay(&self, topic: Topic, timeout: Duration) -> Result<Vec<Envelope>, KafkaBusError> {
+        let deadline = Instant::now() + timeout;
+        let name = self.settings.topics.name(topic).to_string();
+        let consumer: BaseConsumer<QuietContext> = self
+            .settings
+            .client_config()
+            // librdkafka wants a group even for assigned partitions; nothing
+            // is ever committed under it.
+            .set("group.id", "veil-replay")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .create_with_context(QuietContext)
+            .map_err(client("replay consumer"))?;
+        let metadata = consumer
+            .fetch_metadata(Some(&name), timeout)
+            .map_err(client("replay metadata"))?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == name)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        let mut ends = std::collections::HashMap::new();
+        let mut assignment = TopicPartitionList::new();
+        for partition in partitions {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (low, high) = consumer
+                .fetch_watermarks(&name, partition, left)
+                .map_err(client("replay watermarks"))?;
+            if high > low {
+                ends.insert(partition, high);
+                assignment
+                    .add_partition_offset(&name, partition, Offset::Beginning)
+                    .map_err(client("replay assignment"))?;
+            }
+        }
+        let total = ends.len();
+        if total > 0 {
+            consumer
+                .assign(&assignment)
+                .map_err(client("replay assign"))?;
+        }
+        let mut events = Vec::new();
+        let mut malformed = 0;
+        while !ends.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(KafkaBusError::ReplayTimeout {
+                    topic: name,
+                    reached: format!("{} of {total}", total - ends.len()),
+                    timeout,
+                });
+            }
+            match consumer.poll(left.min(Duration::from_millis(200))) {
+                Some(Ok(message)) => {
+                    let partition = message.partition();
+                    if ends
+                        .get(&partition)
+                        .is_some_and(|&end| message.offset() + 1 >= end)
+                    {
+                        ends.remove(&partition);
+                    }
+                    if let Some(delivery) = KafkaConsumer::delivery(
+                        &self.settings.topics,
+                        &self.shared,
+                        &mut malformed,
+                        &message,
+                    ) && let Ok(envelope) = delivery.event
+                    {
+                        events.push(envelope);
+                    }
+                }
+                Some(Err(error)) => tracing::warn!(%error, topic = %name, "replay"),
+                None => {}
+            }
+        }
+        Ok(events)
     }
 
     /// Waits up to `timeout` until the broker has acknowledged everything

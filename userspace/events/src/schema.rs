@@ -70,6 +70,13 @@ pub enum Event {
         identity: String,
         serial: String,
     },
+    /// Every certificate of `identity` issued before `revoked_before` (RFC
+    /// 3339, whole seconds) is refused; its holders re-key. An agent that
+    /// does not know this type counts it as unknown and skips it.
+    IdentityRevoked {
+        identity: String,
+        revoked_before: String,
+    },
     PolicyChanged {
         name: String,
         version: u64,

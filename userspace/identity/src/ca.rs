@@ -21,8 +21,9 @@ pub const DEFAULT_LEAF_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Lifetime of the root and of each intermediate.
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const INTERMEDIATE_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
-/// Leaves start a minute in the past, for clocks that lag a little.
-const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(60);
+/// Leaves start a minute in the past, for clocks that lag a little (so a
+/// leaf's issue time is its notBefore plus this).
+pub const ISSUE_BACKDATE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -176,7 +177,7 @@ impl CertificateAuthority {
         self.sign_valid(
             csr_pem,
             identity,
-            now - CLOCK_SKEW_ALLOWANCE,
+            now - ISSUE_BACKDATE,
             now + self.leaf_lifetime,
         )
     }
@@ -279,7 +280,7 @@ fn new_authority(
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     params.use_authority_key_identifier_extension = parent.is_some();
     let now = SystemTime::now();
-    params.not_before = OffsetDateTime::from(now - CLOCK_SKEW_ALLOWANCE);
+    params.not_before = OffsetDateTime::from(now - ISSUE_BACKDATE);
     params.not_after = OffsetDateTime::from(now + lifetime);
     let cert = match parent {
         None => params.self_signed(&key),

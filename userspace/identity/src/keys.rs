@@ -61,6 +61,12 @@ impl WorkloadKey {
         self.pkcs8_der.clone()
     }
 
+    /// The key as PKCS#8 PEM (zeroized when dropped), for the opt-in
+    /// `kubernetes.io/tls` Secret and [`Self::save`] only.
+    pub fn pkcs8_pem(&self) -> Result<Zeroizing<String>, KeyError> {
+        Ok(Zeroizing::new(self.key_pair()?.serialize_pem()))
+    }
+
     /// The public key (SubjectPublicKeyInfo, DER) — safe to share.
     pub fn public_key_der(&self) -> Result<Vec<u8>, KeyError> {
         Ok(rcgen::PublicKeyData::subject_public_key_info(
@@ -91,25 +97,11 @@ impl WorkloadKey {
 
     /// Writes the key as PKCS#8 PEM, mode 0600, replacing any file atomically.
     pub fn save(&self, path: &Path) -> Result<(), KeyError> {
-        let io = |source| KeyError::Io {
+        let pem = Zeroizing::new(self.key_pair()?.serialize_pem());
+        write_atomically(path, pem.as_bytes(), 0o600).map_err(|source| KeyError::Io {
             path: path.display().to_string(),
             source,
-        };
-        let pem = Zeroizing::new(self.key_pair()?.serialize_pem());
-        let partial = path.with_extension("partial");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&partial)
-            .map_err(io)?;
-        // The mode is applied only when the file is created: enforce it.
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(io)?;
-        file.write_all(pem.as_bytes()).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&partial, path).map_err(io)
+        })
     }
 
     /// Reads a key written by [`Self::save`]; refuses files others can read.
@@ -146,6 +138,43 @@ impl WorkloadKey {
             pkcs8_der: Zeroizing::new(key.serialize_der()),
         })
     }
+}
+
+/// Writes `bytes` to `path` through a sibling `<name>.partial` file that is
+/// created with `mode` (so a private file is never readable by anyone else,
+/// not even for a moment), synced, then renamed over `path`: readers see the
+/// old content or the new, never a mix.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let Some(name) = path.file_name() else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a file path",
+        ));
+    };
+    let mut partial_name = name.to_os_string();
+    partial_name.push(".partial");
+    let partial = path.with_file_name(partial_name);
+    // A partial file left by a crash may have any mode: never write into it.
+    match std::fs::remove_file(&partial) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&partial)?;
+    // The umask may have cleared bits of `mode` (never added any): set it exactly.
+    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&partial, path)?;
+    // Make the rename itself durable.
+    if let Some(directory) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(directory)?.sync_all()?;
+    }
+    Ok(())
 }
 
 impl fmt::Debug for WorkloadKey {

@@ -2,11 +2,11 @@
 //! window, the SPIFFE ID the caller expects, and revocation — each failure
 //! named, so logs and counters say why a peer was refused.
 
-use std::{collections::HashSet, time::SystemTime};
+use std::time::SystemTime;
 
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName, pem::Pem};
 
-use crate::spiffe::SpiffeId;
+use crate::{revocation::RevocationList, spiffe::SpiffeId};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
@@ -22,6 +22,15 @@ pub enum Rejection {
     UnknownCa,
     #[error("certificate serial {serial} is revoked")]
     Revoked { serial: String },
+    #[error(
+        "certificate of {identity} was issued at {issued_at} (unix seconds), before the identity \
+         was revoked at {revoked_before}: its holder must re-key"
+    )]
+    IdentityRevoked {
+        identity: String,
+        issued_at: i64,
+        revoked_before: i64,
+    },
 }
 
 /// Which identity a peer must present.
@@ -39,7 +48,7 @@ pub fn verify_workload(
     trust_bundle: &[String],
     expected: &SpiffeId,
     now: SystemTime,
-    revoked_serials: &HashSet<String>,
+    revoked: &RevocationList,
 ) -> Result<(), Rejection> {
     let chain = parse_all(chain_pem)?;
     let chain: Vec<&[u8]> = chain.iter().map(|pem| pem.contents.as_slice()).collect();
@@ -52,14 +61,7 @@ pub fn verify_workload(
         .flatten()
         .map(|pem| pem.contents.as_slice())
         .collect();
-    verify_chain_der(
-        &chain,
-        &roots,
-        &Expected::Identity(expected),
-        now,
-        revoked_serials,
-    )
-    .map(drop)
+    verify_chain_der(&chain, &roots, &Expected::Identity(expected), now, revoked).map(drop)
 }
 
 /// Verifies a chain of DER certificates (leaf first, then its intermediate)
@@ -69,7 +71,7 @@ pub fn verify_chain_der(
     roots: &[&[u8]],
     expected: &Expected<'_>,
     now: SystemTime,
-    revoked_serials: &HashSet<String>,
+    revoked: &RevocationList,
 ) -> Result<SpiffeId, Rejection> {
     let [leaf_der, presented @ ..] = chain else {
         return Err(Rejection::Malformed(
@@ -86,10 +88,6 @@ pub fn verify_chain_der(
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
 
-    let serial = leaf.raw_serial_as_string().replace(':', "");
-    if revoked_serials.contains(&serial) {
-        return Err(Rejection::Revoked { serial });
-    }
     let validity = leaf.validity();
     if now < validity.not_before.timestamp() {
         return Err(Rejection::NotYetValid {
@@ -145,6 +143,11 @@ pub fn verify_chain_der(
             expected: expected.to_string(),
         });
     }
+    let serial = leaf
+        .raw_serial_as_string()
+        .replace(':', "")
+        .to_ascii_lowercase();
+    revoked.check(&serial, &peer, leaf.validity().not_before.timestamp())?;
     // Peers may repeat the leaf or send extra certificates (openssl's
     // -cert_chain does): the intermediate is whichever CA signed the leaf.
     let intermediate = presented
@@ -229,7 +232,13 @@ mod tests {
         id: &SpiffeId,
         now: SystemTime,
     ) -> Result<(), Rejection> {
-        verify_workload(chain, ca.trust_bundle(), id, now, &HashSet::new())
+        verify_workload(
+            chain,
+            ca.trust_bundle(),
+            id,
+            now,
+            &RevocationList::default(),
+        )
     }
 
     #[test]
@@ -277,7 +286,8 @@ mod tests {
             verify(&issued.chain_pem, &stranger, &id, SystemTime::now()),
             Err(Rejection::UnknownCa)
         );
-        let revoked = HashSet::from([issued.serial.clone()]);
+        let mut revoked = RevocationList::default();
+        revoked.revoke_serial(&issued.serial);
         assert_eq!(
             verify_workload(
                 &issued.chain_pem,
@@ -333,7 +343,7 @@ mod tests {
             &[root.pem()],
             &id,
             SystemTime::now(),
-            &HashSet::new(),
+            &RevocationList::default(),
         )
         .unwrap();
     }
@@ -387,7 +397,7 @@ mod tests {
             &[roots[0].contents.as_slice()],
             &Expected::TrustDomain("td"),
             SystemTime::now(),
-            &HashSet::new(),
+            &RevocationList::default(),
         )
         .unwrap();
         assert_eq!(peer, id);

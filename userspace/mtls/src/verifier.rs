@@ -7,7 +7,6 @@
 //! signatures to rustls's own verification with the configured algorithms.
 
 use std::{
-    collections::HashSet,
     sync::{Arc, RwLock},
     time::{Duration, SystemTime},
 };
@@ -20,7 +19,7 @@ use rustls::{
     server::danger::{ClientCertVerified, ClientCertVerifier},
 };
 use veil_identity::{
-    SpiffeId,
+    RevocationList, SpiffeId,
     verify::{Expected, Rejection, verify_chain_der},
 };
 
@@ -38,7 +37,7 @@ pub enum ExpectedPeer {
 #[derive(Debug, Default)]
 pub struct TrustState {
     pub roots: RwLock<Vec<CertificateDer<'static>>>,
-    pub revoked_serials: RwLock<HashSet<String>>,
+    pub revoked: RwLock<RevocationList>,
 }
 
 /// Verifies a peer agent's workload certificate.
@@ -73,7 +72,7 @@ impl PeerVerifier {
             .collect();
         let roots = self.trust.roots.read().map_err(|_| poisoned())?;
         let roots: Vec<&[u8]> = roots.iter().map(|c| c.as_ref()).collect();
-        let revoked = self.trust.revoked_serials.read().map_err(|_| poisoned())?;
+        let revoked = self.trust.revoked.read().map_err(|_| poisoned())?;
         let expected = match &self.expected {
             ExpectedPeer::Identity(id) => Expected::Identity(id),
             ExpectedPeer::TrustDomain(domain) => Expected::TrustDomain(domain),
@@ -93,7 +92,7 @@ fn rejected(rejection: Rejection) -> Error {
     let certificate_error = match rejection {
         Rejection::Expired { .. } => CertificateError::Expired,
         Rejection::NotYetValid { .. } => CertificateError::NotValidYet,
-        Rejection::Revoked { .. } => CertificateError::Revoked,
+        Rejection::Revoked { .. } | Rejection::IdentityRevoked { .. } => CertificateError::Revoked,
         Rejection::UnknownCa => CertificateError::UnknownIssuer,
         other => CertificateError::Other(OtherError(Arc::new(other))),
     };

@@ -208,12 +208,23 @@ fn the_server_refuses_unknown_ca_expired_revoked_and_missing_client_certificates
     // A revoked certificate.
     let fresh = mesh.ca.sign(&key.csr_pem(&id).unwrap(), &id).unwrap();
     mesh.trust
-        .revoked_serials
+        .revoked
         .write()
         .unwrap()
-        .insert(fresh.serial.clone());
+        .revoke_serial(&fresh.serial);
     let revoked_creds = WorkloadCredentials::new(&fresh, &key).unwrap();
     let (_, server_result) = connect(server_config(), client_config(&revoked_creds), preface());
+    let error = server_result.unwrap_err();
+    assert!(error.contains("Revoked"), "{error}");
+
+    // Its whole identity revoked: a certificate issued before is refused.
+    let earlier = mesh.ca.sign(&key.csr_pem(&id).unwrap(), &id).unwrap();
+    mesh.trust.revoked.write().unwrap().revoke_identity(
+        &id.to_string(),
+        veil_identity::revocation::revocation_instant(std::time::SystemTime::now()),
+    );
+    let earlier_creds = WorkloadCredentials::new(&earlier, &key).unwrap();
+    let (_, server_result) = connect(server_config(), client_config(&earlier_creds), preface());
     let error = server_result.unwrap_err();
     assert!(error.contains("Revoked"), "{error}");
 

@@ -387,9 +387,11 @@ mod tests {
         s.programs[0].detached = Some("interface ul0 was recreated (index 2 → 9)".into());
         s.event_bus = Some(veil_api::EventBusStatus {
             state: "connected".into(),
+            kind: "kafka".into(),
             announced_pods: 0,
             clock_behind_ms: Some(4200),
             revoked_serials: 0,
+            revoked_identities: 0,
         });
         let found = findings(&s);
         let problem = |needle: &str| {

@@ -64,14 +64,32 @@ pub fn status(status: &AgentStatus) -> String {
         text.push_str(&overlay_section(overlay));
     }
     if let Some(bus) = &status.event_bus {
-        text.push_str(&format!(
-            "\nEvent bus · {} · {} pod(s) of other nodes learnt from it",
-            bus.state, bus.announced_pods
-        ));
+        if bus.kind == "embedded" {
+            text.push_str(&format!(
+                "\nEvent bus (embedded journal, no broker) · {}",
+                bus.state
+            ));
+        } else {
+            text.push_str(&format!(
+                "\nEvent bus · {} · {} pod(s) of other nodes learnt from it",
+                bus.state, bus.announced_pods
+            ));
+        }
         if bus.revoked_serials > 0 {
             text.push_str(&format!(
                 " · {} revoked certificate(s) refused",
                 bus.revoked_serials
+            ));
+        }
+        if bus.revoked_identities > 0 {
+            text.push_str(&format!(
+                " · {} revoked identit{} (certificates issued before refused)",
+                bus.revoked_identities,
+                if bus.revoked_identities == 1 {
+                    "y"
+                } else {
+                    "ies"
+                }
             ));
         }
         text.push('\n');

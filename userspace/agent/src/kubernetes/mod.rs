@@ -93,6 +93,9 @@ pub struct KubeState {
     policies: RwLock<BTreeMap<String, PolicyEntry>>,
     /// Why something is left out, by object (`node/x`, `pod/ns/name`, `api`).
     problems: RwLock<BTreeMap<String, String>>,
+    /// Told after each change, so the overlay sync runs at once instead of
+    /// at its next tick (a new pod's certificate waits for that sync).
+    pub changed: tokio::sync::Notify,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -436,6 +439,7 @@ async fn watch(
                 Some(Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_))) => {
                     state.set_problem("api nodes".into(), None);
                     state.replace_nodes(&node_store.state());
+                    state.changed.notify_one();
                 }
                 Some(Ok(_)) => {}
                 Some(Err(error)) => state.set_problem("api nodes".into(), Some(format!("watch failed, retrying: {error}"))),
@@ -444,8 +448,9 @@ async fn watch(
             event = pods.next() => match event {
                 Some(Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_))) => {
                     state.set_problem("api pods".into(), None);
-                    let (state, store, node) = (Arc::clone(&state), pod_store.clone(), node.clone());
-                    let _ = tokio::task::spawn_blocking(move || state.replace_pods(&store.state(), &node)).await;
+                    let (changed, store, node) = (Arc::clone(&state), pod_store.clone(), node.clone());
+                    let _ = tokio::task::spawn_blocking(move || changed.replace_pods(&store.state(), &node)).await;
+                    state.changed.notify_one();
                 }
                 Some(Ok(_)) => {}
                 Some(Err(error)) => state.set_problem("api pods".into(), Some(format!("watch failed, retrying: {error}"))),
@@ -455,6 +460,7 @@ async fn watch(
                 Some(Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_))) => {
                     state.set_problem("api mtlspolicies".into(), None);
                     state.replace_policies(&policy_store.state());
+                    state.changed.notify_one();
                 }
                 Some(Ok(_)) => {}
                 Some(Err(error)) => state.set_problem(

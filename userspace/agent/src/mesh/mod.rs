@@ -33,7 +33,7 @@ use std::{
 use rustls::{ServerConfig, pki_types::CertificateDer, pki_types::pem::PemObject};
 use tracing::{debug, info, warn};
 use veil_common::overlay::OUTBOUND_PROXY_PORT;
-use veil_identity::CertificateAuthority;
+use veil_identity::{CertificateAuthority, SpiffeId};
 use veil_mtls::{
     Preface, TlsSettings,
     session::{Mode, Session},
@@ -48,6 +48,7 @@ use self::{
 use crate::{
     config::{MeshIssuer, MeshSection},
     overlay_sync::OverlaySync,
+    revocations::Revoked,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -204,13 +205,18 @@ fn kubernetes_store(
 ) -> Result<WorkloadStore, MeshError> {
     let root = read_file("CA certificate", &section.ca_cert)?;
     let node = node_name.to_string();
+    let tls_secrets = section.write_tls_secrets.then(|| vec![root.clone()]);
     // The signer runs its own runtime; build it off the async workers.
     let signer = std::thread::spawn(move || {
-        signer::KubernetesSigner::from_kubeconfig(
+        let signer = signer::KubernetesSigner::from_kubeconfig(
             kubeconfig.as_deref(),
             &node,
             KUBERNETES_SIGNING_TIMEOUT,
-        )
+        )?;
+        Ok(match tls_secrets {
+            Some(bundle) => signer.with_tls_secrets(bundle),
+            None => signer,
+        })
     })
     .join()
     .map_err(|_| MeshError::Ca("the Kubernetes signer panicked while starting".into()))?
@@ -223,32 +229,48 @@ fn kubernetes_store(
     ))
 }
 
-/// Applies a revocation: the serial is refused by every verifier from now
-/// on, and when it is one of this node's own certificates, its key is
-/// dropped and a new certificate issued (on its own thread: signing may
-/// wait for the controller).
-pub fn revoke(state: &Arc<MeshState>, serial: &str, identity: &str) {
-    state
+/// Applies a revocation: verifiers refuse it from now on, and when it
+/// covers one of this node's own certificates, that key is dropped and a
+/// new certificate issued (on its own thread: signing may wait for the
+/// controller, and after an identity revocation for its instant to pass).
+pub fn revoke(state: &Arc<MeshState>, revoked: &Revoked) {
+    let mut list = state
         .trust
-        .revoked_serials
+        .revoked
         .write()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(serial.to_string());
-    if let Some(identity) = state.directory.store.forget_serial(serial) {
-        warn!(%identity, serial, "our own certificate was revoked; re-keying");
-        let state = Arc::clone(state);
-        let spawned = std::thread::Builder::new()
-            .name("mesh-rekey".into())
-            .spawn(move || {
-                if let Err(error) = state.directory.store.get(&identity) {
-                    warn!(%identity, %error, "re-issuing after revocation failed; retried in the background");
-                }
-            });
-        if let Err(error) = spawned {
-            warn!(%error, "cannot start re-keying; the background renewal will do it");
+        .unwrap_or_else(|p| p.into_inner());
+    let ours = match revoked {
+        Revoked::Serial { serial, identity } => {
+            list.revoke_serial(serial);
+            drop(list);
+            let ours = state.directory.store.forget_serial(serial);
+            if ours.is_none() {
+                debug!(serial, identity, "revoked serial is not one of ours");
+            }
+            ours
         }
-    } else {
-        tracing::debug!(serial, identity, "revoked serial is not one of ours");
+        Revoked::Identity { identity, before } => {
+            list.revoke_identity(identity, *before);
+            drop(list);
+            let instant = std::time::UNIX_EPOCH + std::time::Duration::from_secs(*before);
+            identity
+                .parse::<SpiffeId>()
+                .ok()
+                .filter(|id| state.directory.store.forget_issued_before(id, instant))
+        }
+    };
+    let Some(identity) = ours else { return };
+    warn!(%identity, ?revoked, "our own certificate was revoked; re-keying");
+    let state = Arc::clone(state);
+    let spawned = std::thread::Builder::new()
+        .name("mesh-rekey".into())
+        .spawn(move || {
+            if let Err(error) = state.directory.store.get(&identity) {
+                warn!(%identity, %error, "re-issuing after revocation failed; retried in the background");
+            }
+        });
+    if let Err(error) = spawned {
+        warn!(%error, "cannot start re-keying; the background renewal will do it");
     }
 }
 
@@ -285,16 +307,21 @@ fn load_ca(section: &MeshSection) -> Result<CertificateAuthority, MeshError> {
 }
 
 /// How often the node's workload certificates are checked (issued for new
-/// workloads, renewed at 2/3 of their lifetime).
-const CERTIFICATE_CHECK_PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
+/// workloads, renewed at 2/3 of their lifetime): a check of certificates
+/// already held costs a lock and a comparison each.
+const CERTIFICATE_CHECK_PERIOD: std::time::Duration = std::time::Duration::from_millis(250);
+/// Certificates issued at once (each may wait a round trip to the controller).
+const ISSUE_PARALLELISM: usize = 32;
 
 /// Issues certificates for new local workloads and renews them ahead of
 /// expiry, so connections never wait for a signature and a failing renewal
 /// is retried (and visible in `veilctl certs`) while the old one still works.
 fn keep_certificates_fresh(state: &MeshState) {
+    let mut seen = 0;
     loop {
         let directory = &state.directory;
         if let Ok(inventory) = directory.inventory() {
+            let mut identities = std::collections::BTreeSet::new();
             for pod in inventory
                 .pods
                 .iter()
@@ -303,14 +330,16 @@ fn keep_certificates_fresh(state: &MeshState) {
                 let Some((mesh, _)) = inventory.meshed(pod) else {
                     continue;
                 };
-                let result = directory
-                    .store
-                    .identity_of(mesh)
-                    .map_err(|e| e.to_string())
-                    .and_then(|id| directory.store.get(&id).map_err(|e| e.to_string()));
-                if let Err(error) = result {
-                    warn!(pod = %pod.name, %error, "cannot issue the workload certificate");
+                match directory.store.identity_of(mesh) {
+                    Ok(identity) => {
+                        identities.insert(identity);
+                    }
+                    Err(error) => warn!(pod = %pod.name, %error, "no workload identity"),
                 }
+            }
+            let identities: Vec<SpiffeId> = identities.into_iter().collect();
+            for (identity, error) in directory.store.ensure_all(&identities, ISSUE_PARALLELISM) {
+                warn!(%identity, %error, "cannot issue the workload certificate");
             }
         }
         for workload in directory.store.all() {
@@ -326,7 +355,12 @@ fn keep_certificates_fresh(state: &MeshState) {
                 })
                 .set(i64::try_from(expiry).unwrap_or(i64::MAX));
         }
-        std::thread::sleep(CERTIFICATE_CHECK_PERIOD);
+        // At once when the inventory changes (a new pod), else periodically.
+        seen = state
+            .directory
+            .overlay
+            .inventory_changes
+            .wait_past(seen, CERTIFICATE_CHECK_PERIOD);
     }
 }
 

@@ -5,22 +5,35 @@
 //! - [`KubernetesSigner`]: the agent writes the CSR into an `ECDSACert`
 //!   (`<sa>.<ns>.<node>`, cluster-scoped) with server-side apply and waits
 //!   for `veil-controller` to put the chain into its status — the key never
-//!   leaves the node, and no node holds the CA key.
+//!   leaves the node, and no node holds the CA key. Only when asked
+//!   (`[mesh] write_tls_secrets`) does it also write the certificate and key
+//!   into a `kubernetes.io/tls` Secret, for workloads that read files.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
+use k8s_openapi::{ByteString, api::core::v1::Secret};
 use kube::{
     Api, Client,
-    api::{Patch, PatchParams},
+    api::{ObjectMeta, Patch, PatchParams},
 };
-use veil_crd::{ECDSACert, ECDSACertSpec, csr_sha256};
-use veil_identity::{CertificateAuthority, IssuedCertificate, SpiffeId};
+use veil_crd::{ECDSACert, ECDSACertSpec, ECDSACertStatus, csr_sha256};
+use veil_identity::{CertificateAuthority, IssuedCertificate, SpiffeId, WorkloadKey};
 
 /// Signs a CSR for an identity.
 pub trait Signer: Send + Sync {
     fn sign(&self, identity: &SpiffeId, csr_pem: &str) -> Result<IssuedCertificate, String>;
     /// Who signs, for `veilctl certs`.
     fn describe(&self) -> String;
+    /// Told of each certificate once it is in use, with its key: where the
+    /// user asked for a `kubernetes.io/tls` Secret, it is written here.
+    fn issued(
+        &self,
+        _identity: &SpiffeId,
+        _issued: &IssuedCertificate,
+        _key: &WorkloadKey,
+    ) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 pub struct LocalCaSigner(pub CertificateAuthority);
@@ -44,6 +57,10 @@ pub struct KubernetesSigner {
     node: String,
     /// How long to wait for the controller.
     timeout: Duration,
+    /// Write each certificate and key into a `kubernetes.io/tls` Secret.
+    tls_secrets: bool,
+    /// The mesh roots (PEM), for the Secret's `ca.crt`.
+    trust_bundle: Vec<String>,
 }
 
 fn signer_runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -73,6 +90,8 @@ impl KubernetesSigner {
             runtime,
             node: node.into(),
             timeout,
+            tls_secrets: false,
+            trust_bundle: Vec::new(),
         })
     }
 
@@ -98,7 +117,22 @@ impl KubernetesSigner {
             runtime,
             node: node.into(),
             timeout,
+            tls_secrets: false,
+            trust_bundle: Vec::new(),
         })
+    }
+
+    /// Also write a `kubernetes.io/tls` Secret per certificate (`tls.crt`,
+    /// `tls.key`, `ca.crt` = `trust_bundle`) in the workload's namespace.
+    pub fn with_tls_secrets(mut self, trust_bundle: Vec<String>) -> Self {
+        self.tls_secrets = true;
+        self.trust_bundle = trust_bundle;
+        self
+    }
+
+    /// The Secret written for `identity` on this node, when asked for.
+    pub fn secret_name(&self, identity: &SpiffeId) -> String {
+        format!("veil-tls.{}.{}", identity.service_account(), self.node).to_lowercase()
     }
 
     /// The `ECDSACert` name for `identity` on this node (a DNS subdomain).
@@ -120,10 +154,10 @@ impl KubernetesSigner {
         let api: Api<ECDSACert> = Api::all(self.client.clone());
         let name = self.object_name(identity);
         let digest = csr_sha256(csr_pem);
-        let request = ECDSACert::new(
-            &name,
-            ECDSACertSpec::workload(identity.to_string(), Some(csr_pem.into())),
-        );
+        let mut spec = ECDSACertSpec::workload(identity.to_string(), Some(csr_pem.into()));
+        // Named in the request so the controller's finalizer removes it.
+        spec.secret_name = self.tls_secrets.then(|| self.secret_name(identity));
+        let request = ECDSACert::new(&name, spec);
         api.patch(
             &name,
             &PatchParams::apply(MANAGER).force(),
@@ -131,45 +165,121 @@ impl KubernetesSigner {
         )
         .await
         .map_err(|e| format!("cannot write ECDSACert {name}: {e}"))?;
-        let started = Instant::now();
-        loop {
-            let current = api
-                .get(&name)
-                .await
-                .map_err(|e| format!("cannot read ECDSACert {name}: {e}"))?;
-            if let Some(status) = current.status
-                && status.csr_sha256.as_deref() == Some(digest.as_str())
-            {
-                let condition = |type_: &str| status.conditions.iter().find(|c| c.type_ == type_);
-                if let Some(failed) = condition("Failed").filter(|c| c.status == "True") {
-                    return Err(format!(
-                        "the controller refused ECDSACert {name}: {}: {}",
-                        failed.reason, failed.message
-                    ));
-                }
-                if let (Some(chain), Some(serial), Some(not_before), Some(not_after)) = (
-                    status.certificate_chain.clone(),
-                    status.serial.clone(),
-                    status.not_before.as_deref().and_then(parse_time),
-                    status.not_after.as_deref().and_then(parse_time),
-                ) {
-                    return Ok(IssuedCertificate {
-                        identity: identity.clone(),
-                        chain_pem: chain,
-                        serial,
-                        not_before,
-                        not_after,
-                    });
-                }
+        // Watch the one object (no polling) until the controller answers
+        // this CSR: a chain, or a refusal.
+        let answer = |status: &ECDSACertStatus| -> Option<Result<IssuedCertificate, String>> {
+            if status.csr_sha256.as_deref() != Some(digest.as_str()) {
+                return None;
             }
-            if started.elapsed() > self.timeout {
-                return Err(format!(
-                    "ECDSACert {name} not signed within {:?}: is veil-controller running?",
-                    self.timeout
-                ));
+            let condition = |type_: &str| status.conditions.iter().find(|c| c.type_ == type_);
+            if let Some(failed) = condition("Failed").filter(|c| c.status == "True") {
+                return Some(Err(format!(
+                    "the controller refused ECDSACert {name}: {}: {}",
+                    failed.reason, failed.message
+                )));
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            let (Some(chain), Some(serial), Some(not_before), Some(not_after)) = (
+                status.certificate_chain.clone(),
+                status.serial.clone(),
+                status.not_before.as_deref().and_then(parse_time),
+                status.not_after.as_deref().and_then(parse_time),
+            ) else {
+                return None;
+            };
+            Some(Ok(IssuedCertificate {
+                identity: identity.clone(),
+                chain_pem: chain,
+                serial,
+                not_before,
+                not_after,
+            }))
+        };
+        let answered = |cert: Option<&ECDSACert>| {
+            cert.and_then(|c| c.status.as_ref())
+                .is_some_and(|status| answer(status).is_some())
+        };
+        let current = tokio::time::timeout(
+            self.timeout,
+            kube::runtime::wait::await_condition(api, &name, answered),
+        )
+        .await
+        .map_err(|_| {
+            format!(
+                "ECDSACert {name} not signed within {:?}: is veil-controller running?",
+                self.timeout
+            )
+        })?
+        .map_err(|e| format!("cannot watch ECDSACert {name}: {e}"))?
+        .ok_or_else(|| format!("ECDSACert {name} was deleted before it was signed"))?;
+        current
+            .status
+            .as_ref()
+            .and_then(answer)
+            .unwrap_or_else(|| Err(format!("ECDSACert {name} has no answer for this CSR")))
+    }
+
+    /// Writes (server-side apply) the Secret with `issued`'s chain and key.
+    async fn write_secret(
+        &self,
+        identity: &SpiffeId,
+        issued: &IssuedCertificate,
+        key: &WorkloadKey,
+    ) -> Result<(), String> {
+        let name = self.secret_name(identity);
+        let namespace = identity.namespace();
+        let key_pem = key.pkcs8_pem().map_err(|e| e.to_string())?;
+        let data = [
+            ("tls.crt", issued.chain_pem.as_bytes().to_vec()),
+            ("tls.key", key_pem.as_bytes().to_vec()),
+            ("ca.crt", self.trust_bundle.concat().into_bytes()),
+        ]
+        .into_iter()
+        .map(|(field, bytes)| (field.to_string(), ByteString(bytes)))
+        .collect();
+        let mut secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(namespace.to_string()),
+                labels: Some(
+                    [
+                        ("app.kubernetes.io/managed-by", "veil-agent"),
+                        ("veil.dev/node", self.node.as_str()),
+                    ]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ),
+                annotations: Some(
+                    [
+                        ("veil.dev/identity", identity.to_string()),
+                        ("veil.dev/serial", issued.serial.clone()),
+                        ("veil.dev/ecdsacert", self.object_name(identity)),
+                    ]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+                ),
+                ..ObjectMeta::default()
+            },
+            type_: Some("kubernetes.io/tls".into()),
+            data: Some(data),
+            ..Secret::default()
+        };
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let written = secrets
+            .patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
+            .await;
+        // The copies of the key in the request are wiped, as the key is.
+        for value in secret.data.iter_mut().flat_map(|data| data.values_mut()) {
+            zeroize::Zeroize::zeroize(&mut value.0);
         }
+        written.map_err(|e| format!("cannot write Secret {namespace}/{name}: {e}"))?;
+        tracing::info!(secret = %name, namespace, serial = %issued.serial, "kubernetes.io/tls Secret written");
+        Ok(())
     }
 }
 
@@ -184,5 +294,18 @@ impl Signer for KubernetesSigner {
 
     fn describe(&self) -> String {
         "veil-controller (ECDSACert)".into()
+    }
+
+    fn issued(
+        &self,
+        identity: &SpiffeId,
+        issued: &IssuedCertificate,
+        key: &WorkloadKey,
+    ) -> Result<(), String> {
+        if !self.tls_secrets {
+            return Ok(());
+        }
+        self.runtime
+            .block_on(self.write_secret(identity, issued, key))
     }
 }

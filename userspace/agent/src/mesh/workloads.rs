@@ -11,13 +11,14 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use rustls::sign::CertifiedKey;
 use tracing::{info, warn};
 use veil_identity::{
-    CertificateAuthority, SpiffeId, WorkloadKey, renewal::RenewalPolicy, spiffe::SpiffeIdError,
+    CertificateAuthority, SpiffeId, WorkloadKey, renewal::RenewalPolicy,
+    revocation::ISSUE_BACKDATE, spiffe::SpiffeIdError,
 };
 use veil_mtls::{TlsSettings, WorkloadCredentials, settings::SettingsError};
 
@@ -47,6 +48,9 @@ pub struct Workload {
     /// The same, in the form a server certificate resolver returns.
     pub certified: Arc<CertifiedKey>,
     pub serial: String,
+    /// When the CA signed it (notBefore plus the CA's backdating), whole
+    /// seconds: what an identity revocation is compared with.
+    pub issued_at: SystemTime,
     pub not_after: SystemTime,
     pub renew_at: SystemTime,
 }
@@ -72,7 +76,19 @@ pub struct WorkloadStore {
     errors: Mutex<HashMap<SpiffeId, String>>,
     /// Told of every certificate issued: the new one, and the serial it replaces.
     on_issue: std::sync::OnceLock<IssueHook>,
+    /// Identities revoked on the bus: certificates issued before the instant
+    /// are not used, and new ones are signed only after it.
+    revoked_before: Mutex<HashMap<SpiffeId, SystemTime>>,
+    /// One gate per identity: one issue at a time for it, others in parallel.
+    issuing: Mutex<HashMap<SpiffeId, Arc<Mutex<()>>>>,
 }
+
+/// How long after an identity's revocation instant its new certificate is
+/// signed: covers a signer whose clock is a little behind the revoker's.
+const REISSUE_MARGIN: Duration = Duration::from_secs(1);
+/// The longest an issue waits for a revocation instant (an instant far in
+/// the future is a clock problem, not something to sleep through).
+const REISSUE_WAIT_LIMIT: Duration = Duration::from_secs(5);
 
 /// Called after a certificate is issued: `(new, previous serial)`.
 pub type IssueHook = Box<dyn Fn(&Workload, Option<&str>) + Send + Sync>;
@@ -106,6 +122,8 @@ impl WorkloadStore {
             entries: Mutex::default(),
             errors: Mutex::default(),
             on_issue: std::sync::OnceLock::new(),
+            revoked_before: Mutex::default(),
+            issuing: Mutex::default(),
         }
     }
 
@@ -150,17 +168,39 @@ impl WorkloadStore {
         )?)
     }
 
+    /// The certificate of `identity` if it needs no renewal now.
+    fn usable(&self, identity: &SpiffeId) -> Option<Arc<Workload>> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .get(identity)
+            .filter(|current| SystemTime::now() < current.renew_at && !self.is_revoked(current))
+            .cloned()
+    }
+
     /// The current certificate of `identity`, issued or renewed if needed.
+    /// Issues for different identities run at once (a signature through the
+    /// controller takes a round trip); callers asking for the same identity
+    /// wait for the one issue.
     pub fn get(&self, identity: &SpiffeId) -> Result<Arc<Workload>, WorkloadError> {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(current) = entries.get(identity)
-            && SystemTime::now() < current.renew_at
-        {
-            return Ok(Arc::clone(current));
+        if let Some(current) = self.usable(identity) {
+            return Ok(current);
         }
-        let previous = entries.get(identity).map(|w| w.serial.clone());
+        let gate = {
+            let mut gates = self.issuing.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(gates.entry(identity.clone()).or_default())
+        };
+        let _issuing = gate.lock().unwrap_or_else(|p| p.into_inner());
+        // Issued by whoever held the gate before us?
+        if let Some(current) = self.usable(identity) {
+            return Ok(current);
+        }
+        let previous = {
+            let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            entries.get(identity).map(|w| w.serial.clone())
+        };
         let renewed = previous.is_some();
         let issued = self.issue(identity);
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
         let workload = match issued {
             Ok(workload) => {
@@ -172,6 +212,7 @@ impl WorkloadStore {
                 // Keep serving with the still-valid certificate, if any.
                 if let Some(current) = entries.get(identity)
                     && SystemTime::now() < current.not_after
+                    && !self.is_revoked(current)
                 {
                     warn!(identity = %identity, %error, "certificate renewal failed; the current one stays in use");
                     return Ok(Arc::clone(current));
@@ -195,6 +236,54 @@ impl WorkloadStore {
         Ok(workload)
     }
 
+    /// Makes sure each of `identities` has a usable certificate, issuing up
+    /// to `parallelism` at once; returns the failures.
+    pub fn ensure_all(
+        &self,
+        identities: &[SpiffeId],
+        parallelism: usize,
+    ) -> Vec<(SpiffeId, WorkloadError)> {
+        let failures = Mutex::new(Vec::new());
+        self.ensure_all_with(identities, parallelism, |identity, result| {
+            if let Err(error) = result {
+                failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((identity.clone(), error));
+            }
+        });
+        failures.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// [`Self::ensure_all`], telling `done` of each identity that needed a
+    /// certificate as soon as its issue ends.
+    pub fn ensure_all_with(
+        &self,
+        identities: &[SpiffeId],
+        parallelism: usize,
+        done: impl Fn(&SpiffeId, Result<Arc<Workload>, WorkloadError>) + Sync,
+    ) {
+        let wanted: Vec<&SpiffeId> = identities
+            .iter()
+            .filter(|identity| self.usable(identity).is_none())
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..parallelism.clamp(1, wanted.len()) {
+                scope.spawn(|| {
+                    while let Some(identity) =
+                        wanted.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                    {
+                        done(identity, self.get(identity));
+                    }
+                });
+            }
+        });
+    }
+
     /// Drops the certificate (and key) with `serial`, if this store holds
     /// it; the next [`Self::get`] issues a new one with a new key.
     pub fn forget_serial(&self, serial: &str) -> Option<SpiffeId> {
@@ -205,6 +294,42 @@ impl WorkloadStore {
             .map(|(identity, _)| identity.clone())?;
         entries.remove(&identity);
         Some(identity)
+    }
+
+    /// Records that `identity`'s certificates issued before `before` are
+    /// revoked, and drops the one this store holds if it is such; `true`
+    /// when one was dropped (the next [`Self::get`] issues a new key, signed
+    /// after the instant).
+    pub fn forget_issued_before(&self, identity: &SpiffeId, before: SystemTime) -> bool {
+        {
+            let mut revoked = self
+                .revoked_before
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let instant = revoked.entry(identity.clone()).or_insert(before);
+            *instant = (*instant).max(before);
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let stale = entries
+            .get(identity)
+            .is_some_and(|current| self.is_revoked(current));
+        if stale {
+            entries.remove(identity);
+        }
+        stale
+    }
+
+    fn revoked_instant(&self, identity: &SpiffeId) -> Option<SystemTime> {
+        let revoked = self
+            .revoked_before
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        revoked.get(identity).copied()
+    }
+
+    fn is_revoked(&self, workload: &Workload) -> bool {
+        self.revoked_instant(&workload.identity)
+            .is_some_and(|before| workload.issued_at < before)
     }
 
     /// Every certificate held now (for status).
@@ -218,6 +343,17 @@ impl WorkloadStore {
             identity: identity.to_string(),
             message,
         };
+        if let Some(before) = self.revoked_instant(identity) {
+            let wait = (before + REISSUE_MARGIN)
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            if wait > REISSUE_WAIT_LIMIT {
+                warn!(identity = %identity, ?wait, "the identity's revocation instant is far ahead of this clock; issuing now (check the clocks)");
+            } else if !wait.is_zero() {
+                info!(identity = %identity, ?wait, "waiting for the identity's revocation instant before re-issuing");
+                std::thread::sleep(wait);
+            }
+        }
         let issued_at = SystemTime::now();
         let key = WorkloadKey::generate().map_err(|e| key_error(e.to_string()))?;
         let csr = key
@@ -238,11 +374,17 @@ impl WorkloadStore {
         let certified = credentials
             .certified_key(&self.settings)
             .map_err(unusable)?;
+        if let Err(error) = self.signer.issued(identity, &issued, &key) {
+            // The mesh keeps working with the certificate; only the copy the
+            // user asked for is missing (retried at the next issue).
+            warn!(identity = %identity, %error, "certificate issued, but its Secret was not written");
+        }
         Ok(Workload {
             identity: identity.clone(),
             credentials,
             certified,
             serial: issued.serial,
+            issued_at: issued.not_before + ISSUE_BACKDATE,
             not_after: issued.not_after,
             // From the moment of issue, not from `not_before`: that is set
             // back for clock skew, which would make short lifetimes renew at once.
@@ -282,9 +424,46 @@ mod tests {
         assert!(first.renew_at < first.not_after);
         assert_eq!(store.all().len(), 1);
         let debug = format!("{first:?}");
+        assert!(!debug.contains("BEGIN"), "{debug}");
         assert!(
             debug.contains("cart") && !debug.contains("PRIVATE"),
             "{debug}"
         );
+    }
+
+    #[test]
+    fn an_identity_revoked_after_issue_gets_a_new_certificate_signed_after_the_instant() {
+        let store = store();
+        let id = SpiffeId::new("cluster.local", "shop", "cart").unwrap();
+        let other = SpiffeId::new("cluster.local", "shop", "checkout").unwrap();
+        let first = store.get(&id).unwrap();
+        let untouched = store.get(&other).unwrap();
+        let instant = std::time::UNIX_EPOCH
+            + Duration::from_secs(veil_identity::revocation::revocation_instant(
+                SystemTime::now(),
+            ));
+        assert!(store.forget_issued_before(&id, instant));
+        assert!(!store.forget_issued_before(&id, instant), "already gone");
+        let second = store.get(&id).unwrap();
+        assert_ne!(first.serial, second.serial);
+        assert!(second.issued_at >= instant, "signed after the instant");
+        assert!(SystemTime::now() >= instant + REISSUE_MARGIN);
+        assert!(Arc::ptr_eq(&untouched, &store.get(&other).unwrap()));
+    }
+
+    #[test]
+    fn ensure_all_issues_each_missing_identity_once() {
+        let store = store();
+        let ids: Vec<SpiffeId> = (0..20)
+            .map(|i| SpiffeId::new("cluster.local", "shop", &format!("sa-{i}")).unwrap())
+            .collect();
+        let held = store.get(&ids[0]).unwrap();
+        assert!(store.ensure_all(&ids, 4).is_empty());
+        assert_eq!(store.all().len(), 20);
+        assert!(
+            Arc::ptr_eq(&held, &store.get(&ids[0]).unwrap()),
+            "not re-issued"
+        );
+        assert!(store.ensure_all(&ids, 4).is_empty(), "nothing left to do");
     }
 }
