@@ -15,7 +15,8 @@
 //! simulated node runs the agent's issuance code — a pod watch on its node
 //! (field selector `spec.nodeName`) feeding the agent's `WorkloadStore` with
 //! its `KubernetesSigner` (key made on the node, CSR written into an
-//! `ECDSACert`, one watch until the controller's chain arrives), batches
+//! `ECDSACert`, the chain picked up by the node's one watch on its
+//! `ECDSACert`s), batches
 //! issued as the agent's certificate keeper does (`ensure_all`, 32 at once) —
 //! without the datapath (these pods have no veth). Latency per pod: its
 //! create call starting → its certificate in the node's store.
@@ -650,8 +651,8 @@ pub fn markdown(results: &IdentityResults) -> String {
          ## Pod scheduled → certificate ready\n\n\
          A real kube-apiserver and etcd, the `veil-controller` binary, and simulated nodes running \
          the agent's issuance code (pod watch on the node, `WorkloadStore` + `KubernetesSigner`: \
-         key on the node, CSR in an `ECDSACert`, a watch until the chain arrives; 32 issues at \
-         once per node) without the datapath. One service account per pod: one certificate per \
+         key on the node, CSR in an `ECDSACert`, the chain picked up by the node's one watch on \
+         its `ECDSACert`s; 32 issues at once per node) without the datapath. One service account per pod: one certificate per \
          pod. Latency = the pod's create call → its certificate in the node's store. Everything \
          shares this machine's cores.\n\n\
          | scenario | pods | nodes | created at | p50 | p90 | p99 | max | certificates/s | CPU: controller / API server / etcd / nodes (% of a core) | machine busy |\n\

@@ -716,6 +716,11 @@ async fn the_agent_gets_its_workload_certificates_from_the_controller() {
         stored.spec.identity.as_deref(),
         Some(identity.to_string().as_str())
     );
+    assert_eq!(
+        stored.labels().get("veil.dev/node").map(String::as_str),
+        Some("node1"),
+        "labelled for the node's one watch on its ECDSACerts"
+    );
     assert!(
         stored
             .spec

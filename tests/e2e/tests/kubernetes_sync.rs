@@ -610,11 +610,19 @@ async fn the_controller_announces_pods_on_kafka_to_the_nodes_that_do_not_watch_t
     );
     let restarted_log = topology.workdir().join("controller-2.log");
     let _controller = start_controller(&restarted_log);
-    let took = wait_for(
+    let took = veil_testbed::try_wait_for(
         "the /32 of the pod deleted while no controller ran removed on node 1",
         Duration::from_secs(60),
         || route(&agents[0], &format!("{}/32", moved.ip())).is_none(),
-    );
+    )
+    .unwrap_or_else(|error| {
+        panic!(
+            "{error}\nrestarted controller's log:\n{}\n{}\nnode 1's agent log:\n{}",
+            std::fs::read_to_string(&restarted_log).unwrap_or_default(),
+            std::fs::read_to_string(restarted_log.with_extension("err")).unwrap_or_default(),
+            agents[0].log()
+        )
+    });
     eprintln!("controller restarted → deletion announced and applied: {took:?}");
     let log = std::fs::read_to_string(&restarted_log).unwrap_or_default();
     assert!(log.contains("pod events read back from the topic"), "{log}");

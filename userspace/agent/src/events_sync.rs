@@ -107,6 +107,9 @@ pub struct EventState {
     bus: RwLock<Option<BusState>>,
     /// `kafka` or `embedded`, once started.
     pub kind: std::sync::OnceLock<&'static str>,
+    /// Told after each batch that changed something, so the overlay sync
+    /// runs at once instead of at its next tick.
+    pub changed: tokio::sync::Notify,
     pub metrics: EventMetrics,
     /// Certificates revoked (`veil.certificates`).
     pub revocations: crate::revocations::Revocations,
@@ -441,6 +444,7 @@ impl Events {
                     );
                     match result {
                         Ok(report) if report.applied > 0 => {
+                            thread_state.changed.notify_one();
                             info!(
                                 applied = report.applied,
                                 pods = thread_state.announced_pods(),

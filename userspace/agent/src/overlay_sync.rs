@@ -141,18 +141,26 @@ impl OverlaySync {
     }
 
     /// Syncs forever, every [`SYNC_PERIOD`] and at once when the API server
-    /// taught something new.
+    /// or the event bus taught something new.
     pub async fn run(self: Arc<Self>, datapath: Arc<Mutex<Datapath>>) {
         let mut ticker = tokio::time::interval(SYNC_PERIOD);
         loop {
-            match &self.kubernetes {
-                Some(kubernetes) => tokio::select! {
-                    _ = ticker.tick() => {}
-                    () = kubernetes.changed.notified() => {}
-                },
-                None => {
-                    ticker.tick().await;
+            let kubernetes_changed = async {
+                match &self.kubernetes {
+                    Some(kubernetes) => kubernetes.changed.notified().await,
+                    None => std::future::pending().await,
                 }
+            };
+            let events_changed = async {
+                match &self.events {
+                    Some(events) => events.changed.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = kubernetes_changed => {}
+                () = events_changed => {}
             }
             let sync = Arc::clone(&self);
             let datapath = Arc::clone(&datapath);

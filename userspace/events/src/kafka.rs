@@ -52,6 +52,9 @@ use crate::{
     schema::{DecodeError, Envelope, Topic, decode},
 };
 
+/// How long [`KafkaBus::replay`] waits for more after the watermarks.
+pub const REPLAY_QUIET: Duration = Duration::from_millis(500);
+
 /// Kafka topic names per event role.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -516,11 +519,13 @@ impl KafkaBus {
         self.shared.failed.load(Ordering::Relaxed)
     }
 
-    /// Reads `topic` from its beginning to its end as of now (each
-    /// partition's high watermark) without joining a consumer group or
-    /// committing anything: on a compacted topic, the latest event of every
-    /// key — the state the topic records. Malformed messages are logged,
-    /// counted and skipped, as in a consumer.
+    /// Reads `topic` from its beginning to its end as of now without
+    /// joining a consumer group or committing anything: on a compacted
+    /// topic, the latest event of every key — the state the topic records.
+    /// The end is each partition's high watermark and then nothing new for
+    /// [`REPLAY_QUIET`] (tansu 0.6 reports a high watermark that counts
+    /// record batches, not records, so the watermark alone ends too early).
+    /// Malformed messages are logged, counted and skipped, as in a consumer.
     pub fn replay(&self, topic: Topic, timeout: Duration) -> Result<Vec<Envelope>, KafkaBusError> {
         let deadline = Instant::now() + timeout;
         let name = self.settings.topics.name(topic).to_string();
@@ -533,6 +538,7 @@ impl KafkaBus {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", "50")
             .create_with_context(QuietContext)
             .map_err(client("replay consumer"))?;
         let metadata = consumer
@@ -553,20 +559,24 @@ impl KafkaBus {
                 .map_err(client("replay watermarks"))?;
             if high > low {
                 ends.insert(partition, high);
-                assignment
-                    .add_partition_offset(&name, partition, Offset::Beginning)
-                    .map_err(client("replay assignment"))?;
             }
+            // Every partition: a watermark is only a lower bound here.
+            assignment
+                .add_partition_offset(&name, partition, Offset::Beginning)
+                .map_err(client("replay assignment"))?;
         }
         let total = ends.len();
-        if total > 0 {
-            consumer
-                .assign(&assignment)
-                .map_err(client("replay assign"))?;
+        if assignment.count() == 0 {
+            return Ok(Vec::new());
         }
+        consumer
+            .assign(&assignment)
+            .map_err(client("replay assign"))?;
         let mut events = Vec::new();
         let mut malformed = 0;
-        while !ends.is_empty() {
+        // Until every partition reached its watermark, then until quiet.
+        let mut quiet_since: Option<Instant> = None;
+        while quiet_since.is_none_or(|since| since.elapsed() < REPLAY_QUIET) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(KafkaBusError::ReplayTimeout {
@@ -575,8 +585,11 @@ impl KafkaBus {
                     timeout,
                 });
             }
-            match consumer.poll(left.min(Duration::from_millis(200))) {
+            match consumer.poll(left.min(Duration::from_millis(100))) {
                 Some(Ok(message)) => {
+                    if ends.is_empty() {
+                        quiet_since = Some(Instant::now());
+                    }
                     let partition = message.partition();
                     if ends
                         .get(&partition)
@@ -596,6 +609,9 @@ impl KafkaBus {
                 }
                 Some(Err(error)) => tracing::warn!(%error, topic = %name, "replay"),
                 None => {}
+            }
+            if ends.is_empty() && quiet_since.is_none() {
+                quiet_since = Some(Instant::now());
             }
         }
         Ok(events)

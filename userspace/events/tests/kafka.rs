@@ -588,3 +588,56 @@ fn an_agent_restarted_during_an_outage_sends_what_it_had_queued() {
     );
     assert_eq!(applied_keys(&seen), expected_keys(&accepted));
 }
+
+#[test]
+fn replay_reads_a_topic_to_its_current_end_without_a_group() {
+    init_tracing();
+    let Some(broker) = Broker::start("Kafka bus: replay", Storage::Memory) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let bus = KafkaBus::connect(&settings(&broker, dir.path())).unwrap();
+    connected(&bus);
+    // Pod events for 30 pods, two versions each, spread over the partitions.
+    let mut published = Vec::new();
+    for version in 1..=2u64 {
+        for pod in 0..30 {
+            let envelope = Envelope::new(
+                Topic::Pods,
+                format!("shop/pod-{pod}"),
+                version,
+                Event::PodScheduled {
+                    namespace: "shop".into(),
+                    pod: format!("pod-{pod}"),
+                    node: format!("node{version}"),
+                    identity: String::new(),
+                },
+            );
+            bus.publish(&envelope).unwrap();
+            published.push(envelope);
+        }
+    }
+    assert!(bus.flush(Duration::from_secs(30)), "the broker took them");
+    let replayed = bus.replay(Topic::Pods, Duration::from_secs(30)).unwrap();
+    let mut latest: BTreeMap<String, u64> = BTreeMap::new();
+    for envelope in &replayed {
+        let seq = latest.entry(envelope.key.clone()).or_default();
+        *seq = (*seq).max(envelope.seq);
+    }
+    assert_eq!(latest.len(), 30, "every key: {latest:?}");
+    assert!(latest.values().all(|&seq| seq == 2), "{latest:?}");
+    assert_eq!(replayed.len(), published.len(), "nothing compacted here");
+    // No group joined or committed: a second replay sees the same.
+    assert_eq!(
+        bus.replay(Topic::Pods, Duration::from_secs(30))
+            .unwrap()
+            .len(),
+        replayed.len()
+    );
+    // A topic with nothing in it replays as nothing, at once.
+    assert!(
+        bus.replay(Topic::Policy, Duration::from_secs(30))
+            .unwrap()
+            .is_empty()
+    );
+}

@@ -9,6 +9,7 @@
 //! kernel has TLS, else stays in rustls; the choice is per connection and
 //! visible in the metrics' `mode` label.
 
+pub mod answers;
 pub mod directory;
 pub mod flows;
 pub mod inbound;

@@ -19,6 +19,8 @@ use kube::{
 use veil_crd::{ECDSACert, ECDSACertSpec, ECDSACertStatus, csr_sha256};
 use veil_identity::{CertificateAuthority, IssuedCertificate, SpiffeId, WorkloadKey};
 
+use super::answers;
+
 /// Signs a CSR for an identity.
 pub trait Signer: Send + Sync {
     fn sign(&self, identity: &SpiffeId, csr_pem: &str) -> Result<IssuedCertificate, String>;
@@ -61,6 +63,9 @@ pub struct KubernetesSigner {
     tls_secrets: bool,
     /// The mesh roots (PEM), for the Secret's `ca.crt`.
     trust_bundle: Vec<String>,
+    /// This node's `ECDSACert`s from one watch (`None` when the node's name
+    /// cannot be a label value: then a watch per request).
+    answers: Option<answers::Answers>,
 }
 
 fn signer_runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -73,6 +78,25 @@ fn signer_runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 impl KubernetesSigner {
+    fn new(
+        client: Client,
+        runtime: tokio::runtime::Runtime,
+        node: &str,
+        timeout: Duration,
+    ) -> Self {
+        let answers = answers::usable_as_label(node)
+            .then(|| answers::Answers::start(runtime.handle(), client.clone(), node));
+        Self {
+            client,
+            runtime,
+            node: node.into(),
+            timeout,
+            tls_secrets: false,
+            trust_bundle: Vec::new(),
+            answers,
+        }
+    }
+
     /// A signer talking to the API server `config` names. The client is made
     /// on the signer's own runtime, where its connection tasks then live.
     /// Call from a plain thread, not an async task.
@@ -85,14 +109,7 @@ impl KubernetesSigner {
         let client = runtime
             .block_on(async { Client::try_from(config) })
             .map_err(|e| format!("cannot make a Kubernetes client: {e}"))?;
-        Ok(Self {
-            client,
-            runtime,
-            node: node.into(),
-            timeout,
-            tls_secrets: false,
-            trust_bundle: Vec::new(),
-        })
+        Ok(Self::new(client, runtime, node, timeout))
     }
 
     /// A signer with the client from `kubeconfig`, else the environment
@@ -112,14 +129,7 @@ impl KubernetesSigner {
                 Client::try_from(config).map_err(|e| e.to_string())
             })
             .map_err(|e| format!("cannot reach the Kubernetes API: {e}"))?;
-        Ok(Self {
-            client,
-            runtime,
-            node: node.into(),
-            timeout,
-            tls_secrets: false,
-            trust_bundle: Vec::new(),
-        })
+        Ok(Self::new(client, runtime, node, timeout))
     }
 
     /// Also write a `kubernetes.io/tls` Secret per certificate (`tls.crt`,
@@ -157,7 +167,14 @@ impl KubernetesSigner {
         let mut spec = ECDSACertSpec::workload(identity.to_string(), Some(csr_pem.into()));
         // Named in the request so the controller's finalizer removes it.
         spec.secret_name = self.tls_secrets.then(|| self.secret_name(identity));
-        let request = ECDSACert::new(&name, spec);
+        let mut request = ECDSACert::new(&name, spec);
+        if self.answers.is_some() {
+            request.metadata.labels = Some(
+                [(answers::NODE_LABEL.to_string(), self.node.clone())]
+                    .into_iter()
+                    .collect(),
+            );
+        }
         api.patch(
             &name,
             &PatchParams::apply(MANAGER).force(),
@@ -165,8 +182,8 @@ impl KubernetesSigner {
         )
         .await
         .map_err(|e| format!("cannot write ECDSACert {name}: {e}"))?;
-        // Watch the one object (no polling) until the controller answers
-        // this CSR: a chain, or a refusal.
+        // Wait (no polling) until the controller answers this CSR: a chain,
+        // or a refusal.
         let answer = |status: &ECDSACertStatus| -> Option<Result<IssuedCertificate, String>> {
             if status.csr_sha256.as_deref() != Some(digest.as_str()) {
                 return None;
@@ -194,6 +211,21 @@ impl KubernetesSigner {
                 not_after,
             }))
         };
+        let not_signed = || {
+            format!(
+                "ECDSACert {name} not signed within {:?}: is veil-controller running?",
+                self.timeout
+            )
+        };
+        if let Some(answers) = &self.answers {
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            return answers
+                .wait_for(&name, deadline, |cert| {
+                    cert.status.as_ref().and_then(answer)
+                })
+                .await
+                .unwrap_or_else(|| Err(not_signed()));
+        }
         let answered = |cert: Option<&ECDSACert>| {
             cert.and_then(|c| c.status.as_ref())
                 .is_some_and(|status| answer(status).is_some())
@@ -203,12 +235,7 @@ impl KubernetesSigner {
             kube::runtime::wait::await_condition(api, &name, answered),
         )
         .await
-        .map_err(|_| {
-            format!(
-                "ECDSACert {name} not signed within {:?}: is veil-controller running?",
-                self.timeout
-            )
-        })?
+        .map_err(|_| not_signed())?
         .map_err(|e| format!("cannot watch ECDSACert {name}: {e}"))?
         .ok_or_else(|| format!("ECDSACert {name} was deleted before it was signed"))?;
         current
