@@ -65,7 +65,11 @@ impl Servers {
         {
             let stop = Arc::clone(&stop);
             threads.push(std::thread::spawn(move || {
-                accept_loop(&one_shot, &stop, answer_once)
+                // One thread per connection: parallel clients must not queue
+                // behind one another's first byte.
+                accept_loop(&one_shot, &stop, |stream| {
+                    std::thread::spawn(move || answer_once(stream));
+                })
             }));
         }
         {

@@ -110,6 +110,20 @@ pub const METRICS: &[MetricSpec] = &[
         higher_is_better: true,
     },
     MetricSpec {
+        id: "connections.parallel-rate",
+        workload: Workload::Connections,
+        title: "New connections per second, 8 clients at once",
+        unit: "conn/s",
+        higher_is_better: true,
+    },
+    MetricSpec {
+        id: "connections.per-proxy-core",
+        workload: Workload::Connections,
+        title: "New connections per second per core the proxies use (8 clients)",
+        unit: "conn/s/core",
+        higher_is_better: true,
+    },
+    MetricSpec {
         id: "proxy-memory.kib-per-1000",
         workload: Workload::ProxyMemory,
         title: "Proxy memory per 1,000 open connections",

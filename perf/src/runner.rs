@@ -202,6 +202,23 @@ fn measure(bed: &Bed, options: &BenchOptions, step: &Step, samples: &mut Samples
             let rate = workloads::connection_rate(ns, endpoints.one_shot, options.short_duration)
                 .map_err(failed)?;
             samples.record("connections.rate", configuration, rate);
+            let (started, proxy_before) = (std::time::Instant::now(), proxy_cpu());
+            let rate = workloads::parallel_connection_rate(
+                ns,
+                endpoints.one_shot,
+                options.short_duration,
+                PARALLEL_CLIENTS,
+            )
+            .map_err(failed)?;
+            let proxy_cores = (proxy_cpu() - proxy_before) / started.elapsed().as_secs_f64();
+            samples.record("connections.parallel-rate", configuration, rate);
+            if configuration.has_proxy() && proxy_cores > 0.0 {
+                samples.record(
+                    "connections.per-proxy-core",
+                    configuration,
+                    rate / proxy_cores,
+                );
+            }
         }
         Workload::ProxyMemory => {
             let before = proxy_rss();
@@ -256,6 +273,9 @@ fn write(options: &BenchOptions, results: BenchResults) -> Result<RunOutput> {
         results,
     })
 }
+
+/// Clients at once in the parallel connection-rate measurement.
+const PARALLEL_CLIENTS: usize = 8;
 
 /// Holding 1,000 connections costs two descriptors each in this process.
 fn raise_open_file_limit() {

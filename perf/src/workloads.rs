@@ -103,6 +103,53 @@ pub fn connection_rate(ns: &NetNs, target: SocketAddr, duration: Duration) -> Re
     .map_err(|e| e.to_string())?
 }
 
+/// New connections per second from `clients` clients at once, each doing
+/// what [`connection_rate`] does, for `duration`: the rate the proxies
+/// sustain when they are the bottleneck (the per-core figure divides it by
+/// the proxies' CPU).
+pub fn parallel_connection_rate(
+    ns: &NetNs,
+    target: SocketAddr,
+    duration: Duration,
+    clients: usize,
+) -> Result<f64, String> {
+    ns.run(move || -> Result<f64, String> {
+        let started = Instant::now();
+        let deadline = started + duration;
+        let per_client = MAX_CONNECTIONS / clients.max(1) as u64;
+        let results: Vec<Result<u64, String>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..clients)
+                .map(|_| {
+                    scope.spawn(move || -> Result<u64, String> {
+                        let mut completed = 0u64;
+                        let mut byte = [0u8; 1];
+                        while completed < per_client && Instant::now() < deadline {
+                            let mut stream =
+                                connect(target).map_err(|e| format!("connect {target}: {e}"))?;
+                            stream.write_all(&[1]).map_err(|e| format!("send: {e}"))?;
+                            stream
+                                .read_exact(&mut byte)
+                                .map_err(|e| format!("receive: {e}"))?;
+                            completed += 1;
+                        }
+                        Ok(completed)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or_else(|_| Err("a client panicked".into())))
+                .collect()
+        });
+        let mut completed = 0;
+        for result in results {
+            completed += result?;
+        }
+        Ok(completed as f64 / started.elapsed().as_secs_f64())
+    })
+    .map_err(|e| e.to_string())?
+}
+
 /// Opens `count` connections to `target` and returns them, open.
 pub fn open_connections(
     ns: &NetNs,
