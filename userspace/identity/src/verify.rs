@@ -73,6 +73,29 @@ pub fn verify_chain_der(
     now: SystemTime,
     revoked: &RevocationList,
 ) -> Result<SpiffeId, Rejection> {
+    verify_chain_der_with(chain, roots, expected, now, revoked, None)
+}
+
+/// [`verify_chain_der`], remembering verified signatures in `cache`.
+pub fn verify_chain_der_cached(
+    chain: &[&[u8]],
+    roots: &[&[u8]],
+    expected: &Expected<'_>,
+    now: SystemTime,
+    revoked: &RevocationList,
+    cache: &ChainCache,
+) -> Result<SpiffeId, Rejection> {
+    verify_chain_der_with(chain, roots, expected, now, revoked, Some(cache))
+}
+
+fn verify_chain_der_with(
+    chain: &[&[u8]],
+    roots: &[&[u8]],
+    expected: &Expected<'_>,
+    now: SystemTime,
+    revoked: &RevocationList,
+    cache: Option<&ChainCache>,
+) -> Result<SpiffeId, Rejection> {
     let [leaf_der, presented @ ..] = chain else {
         return Err(Rejection::Malformed(
             "expected a leaf and its intermediate".into(),
@@ -150,26 +173,83 @@ pub fn verify_chain_der(
     revoked.check(&serial, &peer, leaf.validity().not_before.timestamp())?;
     // Peers may repeat the leaf or send extra certificates (openssl's
     // -cert_chain does): the intermediate is whichever CA signed the leaf.
-    let intermediate = presented
-        .iter()
-        .filter_map(|der| certificate(der).ok())
-        .find(|candidate| {
-            candidate.is_ca()
-                && now <= candidate.validity().not_after.timestamp()
-                && leaf.verify_signature(Some(candidate.public_key())).is_ok()
-        })
-        .ok_or(Rejection::UnknownCa)?;
-    let chained = roots.iter().any(|root_der| {
-        certificate(root_der).is_ok_and(|root| {
-            intermediate
-                .verify_signature(Some(root.public_key()))
-                .is_ok()
-        })
-    });
-    if !chained {
-        return Err(Rejection::UnknownCa);
+    // Signatures are checked once per (leaf, intermediate, roots): validity,
+    // identity and revocation above are checked every time.
+    let roots_digest = cache.map(|_| digest_of(roots.iter().copied()));
+    for candidate_der in presented {
+        let Ok(candidate) = certificate(candidate_der) else {
+            continue;
+        };
+        if !candidate.is_ca() || now > candidate.validity().not_after.timestamp() {
+            continue;
+        }
+        let key = roots_digest.map(|roots| digest_of([*leaf_der, *candidate_der, &roots[..]]));
+        if let (Some(cache), Some(key)) = (cache, key)
+            && cache.contains(&key)
+        {
+            return Ok(peer);
+        }
+        if leaf.verify_signature(Some(candidate.public_key())).is_err() {
+            continue;
+        }
+        let chained = roots.iter().any(|root_der| {
+            certificate(root_der)
+                .is_ok_and(|root| candidate.verify_signature(Some(root.public_key())).is_ok())
+        });
+        if !chained {
+            return Err(Rejection::UnknownCa);
+        }
+        if let (Some(cache), Some(key)) = (cache, key) {
+            cache.insert(key);
+        }
+        return Ok(peer);
     }
-    Ok(peer)
+    Err(Rejection::UnknownCa)
+}
+
+/// Chains whose signatures were verified: (leaf, intermediate, roots)
+/// digests. A handshake from a known workload then costs no signature
+/// check of its chain; expiry, identity and revocation are checked anew.
+#[derive(Debug, Default)]
+pub struct ChainCache(std::sync::Mutex<std::collections::HashSet<[u8; 32]>>);
+
+/// Verified chains remembered at most (then forgotten all at once).
+const CHAIN_CACHE_LIMIT: usize = 4096;
+
+impl ChainCache {
+    fn contains(&self, key: &[u8; 32]) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(key)
+    }
+
+    fn insert(&self, key: [u8; 32]) {
+        let mut known = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() >= CHAIN_CACHE_LIMIT {
+            known.clear();
+        }
+        known.insert(key);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// SHA-256 over length-prefixed parts (so part boundaries count).
+fn digest_of<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> [u8; 32] {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    hasher.finalize().into()
 }
 
 /// The SPIFFE ID in an already verified leaf certificate (DER).
@@ -300,6 +380,75 @@ mod tests {
                 serial: issued.serial.clone()
             })
         );
+    }
+
+    #[test]
+    fn a_cached_chain_skips_signatures_but_never_expiry_identity_or_revocation() {
+        let (ca, key, id) = setup();
+        let issued = ca.sign(&key.csr_pem(&id).unwrap(), &id).unwrap();
+        let pems = parse_all(&issued.chain_pem).unwrap();
+        let chain: Vec<&[u8]> = pems.iter().map(|p| p.contents.as_slice()).collect();
+        let root_pems: Vec<Pem> = ca
+            .trust_bundle()
+            .iter()
+            .flat_map(|pem| parse_all(pem).unwrap())
+            .collect();
+        let roots: Vec<&[u8]> = root_pems.iter().map(|p| p.contents.as_slice()).collect();
+        let cache = ChainCache::default();
+        let none = RevocationList::default();
+        let now = SystemTime::now();
+        let check = |expected: &SpiffeId, at: SystemTime, revoked: &RevocationList| {
+            verify_chain_der_cached(
+                &chain,
+                &roots,
+                &Expected::Identity(expected),
+                at,
+                revoked,
+                &cache,
+            )
+        };
+        assert_eq!(check(&id, now, &none), Ok(id.clone()));
+        assert_eq!(cache.len(), 1, "remembered");
+        assert_eq!(check(&id, now, &none), Ok(id.clone()), "from the cache");
+        let other = SpiffeId::new("td", "shop", "checkout").unwrap();
+        assert!(matches!(
+            check(&other, now, &none),
+            Err(Rejection::WrongIdentity { .. })
+        ));
+        let mut revoked = RevocationList::default();
+        revoked.revoke_serial(&issued.serial);
+        assert!(matches!(
+            check(&id, now, &revoked),
+            Err(Rejection::Revoked { .. })
+        ));
+        let later = now + std::time::Duration::from_secs(400 * 24 * 3600);
+        assert!(matches!(
+            check(&id, later, &none),
+            Err(Rejection::Expired { .. })
+        ));
+        // Other roots: not what was verified, so checked (and refused).
+        let stranger = CertificateAuthority::generate("td", DEFAULT_LEAF_LIFETIME).unwrap();
+        let stranger_roots: Vec<Pem> = stranger
+            .trust_bundle()
+            .iter()
+            .flat_map(|pem| parse_all(pem).unwrap())
+            .collect();
+        let stranger_roots: Vec<&[u8]> = stranger_roots
+            .iter()
+            .map(|p| p.contents.as_slice())
+            .collect();
+        assert_eq!(
+            verify_chain_der_cached(
+                &chain,
+                &stranger_roots,
+                &Expected::Identity(&id),
+                now,
+                &none,
+                &cache
+            ),
+            Err(Rejection::UnknownCa)
+        );
+        assert_eq!(cache.len(), 1);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use rustls::{
 };
 use veil_identity::{
     RevocationList, SpiffeId,
-    verify::{Expected, Rejection, verify_chain_der},
+    verify::{ChainCache, Expected, Rejection, verify_chain_der_cached},
 };
 
 /// Whom a verifier accepts.
@@ -38,6 +38,8 @@ pub enum ExpectedPeer {
 pub struct TrustState {
     pub roots: RwLock<Vec<CertificateDer<'static>>>,
     pub revoked: RwLock<RevocationList>,
+    /// Chains whose signatures were already verified against these roots.
+    pub verified_chains: ChainCache,
 }
 
 /// Verifies a peer agent's workload certificate.
@@ -78,7 +80,15 @@ impl PeerVerifier {
             ExpectedPeer::TrustDomain(domain) => Expected::TrustDomain(domain),
         };
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
-        verify_chain_der(&chain, &roots, &expected, now, &revoked).map_err(rejected)
+        verify_chain_der_cached(
+            &chain,
+            &roots,
+            &expected,
+            now,
+            &revoked,
+            &self.trust.verified_chains,
+        )
+        .map_err(rejected)
     }
 }
 

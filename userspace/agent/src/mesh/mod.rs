@@ -10,6 +10,7 @@
 //! visible in the metrics' `mode` label.
 
 pub mod answers;
+pub mod client_configs;
 pub mod directory;
 pub mod flows;
 pub mod inbound;
@@ -88,6 +89,8 @@ pub struct MeshState {
     pub inbound_port: u16,
     pub metrics: MeshMetrics,
     pub flows: flows::FlowLog,
+    /// Outbound rustls configurations, per source certificate and destination.
+    pub client_configs: client_configs::ClientConfigs,
 }
 
 /// The running mesh; dropping it removes its policy routing.
@@ -136,6 +139,7 @@ impl Mesh {
             inbound_port: section.inbound_port,
             metrics: MeshMetrics::default(),
             flows: flows::FlowLog::default(),
+            client_configs: client_configs::ClientConfigs::default(),
         });
 
         routing::install()?;

@@ -15,7 +15,7 @@ use std::{
 
 use rustls::{ClientConnection, pki_types::ServerName};
 use tracing::{debug, warn};
-use veil_mtls::{Preface, handshake, session::Session, verifier::ExpectedPeer};
+use veil_mtls::{Preface, handshake, session::Session};
 
 use super::{
     MeshState,
@@ -83,11 +83,12 @@ fn open_session(mesh: &MeshState, pod: &TcpStream) -> Result<(Session, Preface),
         .get(&source_pod.identity)
         .map_err(|e| Refusal::Certificate(e.to_string()))?;
     let config = mesh
-        .settings
-        .client_config(
-            &workload.credentials,
-            Arc::clone(&mesh.trust),
-            ExpectedPeer::Identity(destination_pod.identity.clone()),
+        .client_configs
+        .get(
+            &mesh.settings,
+            &mesh.trust,
+            &workload,
+            &destination_pod.identity,
         )
         .map_err(|e| Refusal::Certificate(e.to_string()))?;
     let peer = SocketAddr::from((destination_pod.node_underlay_ip, mesh.inbound_port));
@@ -100,8 +101,8 @@ fn open_session(mesh: &MeshState, pod: &TcpStream) -> Result<(Session, Preface),
     let _ = tcp.set_nodelay(true);
     let server_name = ServerName::try_from(sni_for(*destination.ip()))
         .map_err(|e| Refusal::Certificate(format!("invalid server name: {e}")))?;
-    let connection = ClientConnection::new(Arc::new(config), server_name)
-        .map_err(|e| Refusal::Handshake(e.into()))?;
+    let connection =
+        ClientConnection::new(config, server_name).map_err(|e| Refusal::Handshake(e.into()))?;
     let preface = Preface {
         original_destination: destination,
         source: client,
