@@ -34,6 +34,8 @@ pub struct AdminState {
     pub overlay: Option<Arc<OverlaySync>>,
     pub mesh: Option<Arc<crate::mesh::MeshState>>,
     pub events: Option<Arc<crate::events_sync::EventState>>,
+    /// The ACME renewer's state, with `[acme]`.
+    pub acme: Option<Arc<veil_identity::acme::RenewerState>>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -91,6 +93,26 @@ pub async fn serve(
         .map_err(AdminError::Serve)
 }
 
+/// One ACME certificate as the admin API shows it.
+fn acme_status(
+    certificate: &veil_identity::acme::CertificateStatus,
+) -> veil_api::AcmeCertificateStatus {
+    let unix = |time: std::time::SystemTime| {
+        time.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    veil_api::AcmeCertificateStatus {
+        name: certificate.name.clone(),
+        dns_names: certificate.dns_names.clone(),
+        serial: certificate.serial.clone(),
+        not_after_unix: certificate.not_after.map(unix),
+        next_renewal_unix: certificate.next_renewal.map(unix),
+        renewal_source: certificate.source.map(|s| s.as_str().to_string()),
+        last_error: certificate.last_error.clone(),
+        failures: certificate.failures,
+    }
+}
+
 async fn status(
     State(state): State<Arc<AdminState>>,
 ) -> Result<Json<AgentStatus>, (StatusCode, String)> {
@@ -117,7 +139,13 @@ async fn status(
         }
         status
     });
+    let acme = state
+        .acme
+        .as_ref()
+        .map(|acme| acme.snapshot().iter().map(acme_status).collect())
+        .unwrap_or_default();
     Ok(Json(AgentStatus {
+        acme,
         version: env!("CARGO_PKG_VERSION").into(),
         node: state.node_name.clone(),
         programs: datapath.programs_checked(links.as_ref()),

@@ -86,7 +86,7 @@ pub async fn run(
     };
     // Server-name certificates from an ACME CA; runs on its own thread and
     // runtime, built off the async workers.
-    let _acme = match config.acme.clone() {
+    let acme = match config.acme.clone() {
         Some(section) => Some(
             tokio::task::spawn_blocking(move || acme_sync::Acme::start(&section))
                 .await
@@ -163,6 +163,7 @@ pub async fn run(
         overlay,
         mesh: mesh.as_ref().map(|m| Arc::clone(&m.state)),
         events: events.as_ref().map(|e| Arc::clone(&e.state)),
+        acme: acme.as_ref().map(|a| Arc::clone(&a.state)),
     });
     telemetry::spawn(metrics, readiness, Arc::clone(&state));
     admin::serve(listener, Arc::clone(&state), shutdown).await?;

@@ -69,6 +69,25 @@ pub struct AgentStatus {
     /// The control-plane event bus, when the agent has one.
     #[serde(default)]
     pub event_bus: Option<EventBusStatus>,
+    /// Server-name certificates from an ACME CA (`[acme]`), by name.
+    #[serde(default)]
+    pub acme: Vec<AcmeCertificateStatus>,
+}
+
+/// One ACME certificate the agent keeps renewed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcmeCertificateStatus {
+    pub name: String,
+    pub dns_names: Vec<String>,
+    /// The certificate in service, if any.
+    pub serial: Option<String>,
+    pub not_after_unix: Option<u64>,
+    pub next_renewal_unix: Option<u64>,
+    /// What the renewal time was decided from: `ari` or `lifetime`.
+    pub renewal_source: Option<String>,
+    /// The last failure, until the next success.
+    pub last_error: Option<String>,
+    pub failures: u32,
 }
 
 /// The event bus as the agent sees it.
@@ -314,6 +333,16 @@ mod tests {
             kernel_tls: false,
             mesh: None,
             event_bus: None,
+            acme: vec![AcmeCertificateStatus {
+                name: "shop-ingress".into(),
+                dns_names: vec!["shop.example.com".into()],
+                serial: Some("0a".into()),
+                not_after_unix: Some(1_800_000_000),
+                next_renewal_unix: Some(1_790_000_000),
+                renewal_source: Some("ari".into()),
+                last_error: None,
+                failures: 0,
+            }],
         };
         let json = serde_json::to_string(&status).unwrap();
         assert!(json.contains("\"hook\":\"tc-ingress\""), "{json}");

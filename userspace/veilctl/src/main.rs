@@ -121,11 +121,25 @@ fn main() -> ExitCode {
             })
         }),
         Command::Certs => client.status().map(|status| {
-            with_mesh(&status, |mesh| {
-                emit(output, &mesh.workloads, || {
-                    mesh::certs(&status.node, mesh, SystemTime::now())
-                })
-            })
+            let now = SystemTime::now();
+            // ACME certificates (server names) follow the workload ones in
+            // the table; in JSON they are in `veilctl status -o json`.
+            let acme = (!status.acme.is_empty()).then(|| mesh::acme_certs(&status.acme, now));
+            match (&status.mesh, acme) {
+                (None, Some(acme)) if output == Output::Table => {
+                    print!("{acme}");
+                    ExitCode::SUCCESS
+                }
+                _ => with_mesh(&status, |mesh| {
+                    emit(output, &mesh.workloads, || {
+                        let mut text = mesh::certs(&status.node, mesh, now);
+                        if !status.acme.is_empty() {
+                            text.push_str(&mesh::acme_certs(&status.acme, now));
+                        }
+                        text
+                    })
+                }),
+            }
         }),
         Command::Flows => client
             .flows()

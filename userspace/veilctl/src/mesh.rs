@@ -112,6 +112,46 @@ pub fn certs(node: &str, mesh: &MeshStatus, now: SystemTime) -> String {
     format!("Node {node} · trust domain {}\n{rows}\n", mesh.trust_domain)
 }
 
+/// The server-name certificates from ACME, for `veilctl certs`.
+pub fn acme_certs(certificates: &[veil_api::AcmeCertificateStatus], now: SystemTime) -> String {
+    let mut rows = table(&[
+        "NAME",
+        "DNS NAMES",
+        "SERIAL",
+        "NOT AFTER",
+        "NEXT RENEWAL",
+        "DECIDED BY",
+        "STATE",
+    ]);
+    for certificate in certificates {
+        let state = match (&certificate.serial, &certificate.last_error) {
+            (_, Some(error)) => format!("failing ({}×): {error}", certificate.failures),
+            (Some(_), None) => "ok".to_string(),
+            (None, None) => "ordering".to_string(),
+        };
+        rows.add_row([
+            certificate.name.clone(),
+            certificate.dns_names.join(", "),
+            certificate.serial.clone().unwrap_or_else(|| "-".into()),
+            certificate.not_after_unix.map_or_else(
+                || "-".into(),
+                |unix| format!("{} ({})", at(unix), relative(unix, now)),
+            ),
+            certificate
+                .next_renewal_unix
+                .map_or_else(|| "-".into(), |unix| relative(unix, now)),
+            match certificate.renewal_source.as_deref() {
+                Some("ari") => "CA (ARI)".to_string(),
+                Some("lifetime") => "2/3 of the lifetime".to_string(),
+                Some(other) => other.to_string(),
+                None => "-".to_string(),
+            },
+            state,
+        ]);
+    }
+    format!("Server-name certificates (ACME)\n{rows}\n")
+}
+
 /// The mesh section of `veilctl status`.
 pub fn status_section(mesh: &MeshStatus, now: SystemTime) -> String {
     let valid = mesh
@@ -211,6 +251,46 @@ mod tests {
 
     fn now() -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(NOW)
+    }
+
+    #[test]
+    fn acme_certificates_show_serial_expiry_renewal_source_and_failures() {
+        let certificate = |name: &str, serial: Option<&str>, error: Option<&str>| {
+            veil_api::AcmeCertificateStatus {
+                name: name.into(),
+                dns_names: vec![format!("{name}.example.com")],
+                serial: serial.map(Into::into),
+                not_after_unix: serial.map(|_| NOW + 60 * 86_400),
+                next_renewal_unix: serial.map(|_| NOW + 30 * 86_400),
+                renewal_source: serial.map(|_| "ari".into()),
+                last_error: error.map(Into::into),
+                failures: u32::from(error.is_some()) * 3,
+            }
+        };
+        let text = acme_certs(
+            &[
+                certificate("shop", Some("0a1b"), None),
+                certificate("api", None, Some("ACME CA unreachable")),
+            ],
+            now(),
+        );
+        assert!(
+            text.starts_with("Server-name certificates (ACME)"),
+            "{text}"
+        );
+        let shop = text
+            .lines()
+            .find(|l| l.contains("shop.example.com"))
+            .unwrap();
+        assert!(
+            shop.contains("0a1b") && shop.contains("CA (ARI)") && shop.contains("ok"),
+            "{shop}"
+        );
+        let api = text
+            .lines()
+            .find(|l| l.contains("api.example.com"))
+            .unwrap();
+        assert!(api.contains("failing (3×): ACME CA unreachable"), "{api}");
     }
 
     fn mesh() -> MeshStatus {

@@ -190,6 +190,7 @@ pub(crate) mod tests {
             kernel_tls: true,
             mesh: None,
             event_bus: None,
+            acme: Vec::new(),
         }
     }
 
