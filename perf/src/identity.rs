@@ -703,16 +703,13 @@ pub fn markdown(results: &IdentityResults) -> String {
 }
 
 fn write(dir: &Path, results: &IdentityResults) -> Result<PathBuf, IdentityBenchError> {
-    std::fs::create_dir_all(dir)?;
-    let stamp = results.started.replace([':', '-'], "");
-    let base = dir.join(format!("{stamp}-identity"));
-    std::fs::write(
-        base.with_extension("json"),
-        serde_json::to_string_pretty(results).map_err(std::io::Error::other)?,
-    )?;
-    let report = base.with_extension("md");
-    std::fs::write(&report, markdown(results))?;
-    Ok(report)
+    Ok(crate::output::write_report(
+        dir,
+        &results.started,
+        "identity",
+        results,
+        &markdown(results),
+    )?)
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ pub mod identity;
 pub mod iperf;
 pub mod machine;
 pub mod options;
+mod output;
 pub mod plan;
 pub mod plots;
 pub mod report;
