@@ -126,6 +126,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(reason) = paths::foreign_binary() {
+        eprintln!("error: {reason}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Setup => setup::ensure_toolchain(),
         Command::BuildEbpf => ebpf::build().map(|object| println!("{}", object.display())),

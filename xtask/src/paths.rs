@@ -10,6 +10,33 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// When `cargo xtask` runs an xtask binary built from another checkout
+/// (two checkouts sharing one `CARGO_TARGET_DIR`: cargo does not copy a
+/// fresh binary over one the other checkout built), the reason to refuse:
+/// that binary would work on the other checkout.
+pub fn foreign_binary() -> Option<String> {
+    // Only `cargo run -p xtask` (and xtask's own tests) say which package
+    // they run for; other processes may pass their own manifest on.
+    if std::env::var_os("CARGO_PKG_NAME").is_none_or(|name| name != "xtask") {
+        return None;
+    }
+    let running_for = std::env::var_os("CARGO_MANIFEST_DIR")?;
+    let built_for = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let (running_for, built_for) = (
+        std::fs::canonicalize(&running_for).unwrap_or_else(|_| running_for.into()),
+        std::fs::canonicalize(&built_for).unwrap_or(built_for),
+    );
+    (running_for != built_for).then(|| {
+        format!(
+            "this xtask binary was built from {} but runs for {} (the two share a cargo \
+             target directory); run `touch {}/src/main.rs` and the command again",
+            built_for.display(),
+            running_for.display(),
+            running_for.display()
+        )
+    })
+}
+
 /// Cargo's target directory: `CARGO_TARGET_DIR` when set (CI keeps it outside
 /// the clone so runs share it), else `target/` in the repository.
 pub fn target_dir() -> PathBuf {
