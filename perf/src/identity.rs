@@ -366,7 +366,7 @@ async fn pods_to_ready(
             Err(error) => {
                 return Err(IdentityBenchError::Incomplete(format!(
                     "{error}\ncontroller log (tail):\n{}\napiserver log (tail):\n{}",
-                    log_tail(&cluster.controller_log),
+                    veil_kubebed::log_tail(&cluster.controller_log),
                     cluster.kube.apiserver_log_tail()
                 )));
             }
@@ -387,12 +387,6 @@ fn pids_named(name: &str) -> Vec<u32> {
                 .is_ok_and(|comm| comm.trim() == name)
         })
         .collect()
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 /// When each pod's create started, by identity (one pod per identity).

@@ -429,7 +429,7 @@ fn strict_pods_refuse_plaintext_and_agents_refuse_bad_peers() {
     assert!(check.contains("inbound denied"), "{check}");
 
     // Peers that are not what they claim, straight at node 2's :15008.
-    let peer = SocketAddr::from(([198, 18, 0, 2], 15008));
+    let peer = NODE2_INBOUND;
     let other_ca = CertificateAuthority::generate(TRUST_DOMAIN, DEFAULT_LEAF_LIFETIME).unwrap();
     let cert = std::fs::read_to_string(&bed.ca_cert).unwrap();
     let key = std::fs::read_to_string(&bed.ca_key).unwrap();
@@ -620,6 +620,28 @@ fn checkout_server_name() -> ServerName<'static> {
     ServerName::try_from(sni_for(CHECKOUT.ip())).unwrap()
 }
 
+/// Node 2's inbound listener, as node 1 dials it.
+const NODE2_INBOUND: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 0, 2)),
+    15008,
+);
+
+/// An mTLS session to the agent at `peer` as a client of checkout with
+/// `config`, handshake and `preface` done (call inside a namespace).
+fn dial_checkout(
+    peer: SocketAddr,
+    config: rustls::ClientConfig,
+    preface: &Preface,
+) -> Result<(rustls::Connection, TcpStream), String> {
+    let mut tcp =
+        TcpStream::connect_timeout(&peer, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let connection = ClientConnection::new(Arc::new(config), checkout_server_name()).unwrap();
+    let connection = handshake::client(connection, &mut tcp, preface).map_err(|e| e.to_string())?;
+    Ok((connection, tcp))
+}
+
 /// A TLS client in node 1's namespace presenting `service_account`'s
 /// certificate from `ca`, claiming `claimed_source` in the preface; true
 /// when the server accepted the session and relayed an echo.
@@ -640,14 +662,7 @@ fn rogue_client(
     topology
         .node(1)
         .run(move || -> Result<(), String> {
-            let mut tcp = TcpStream::connect_timeout(&peer, Duration::from_secs(2))
-                .map_err(|e| e.to_string())?;
-            tcp.set_read_timeout(Some(Duration::from_secs(5)))
-                .map_err(|e| e.to_string())?;
-            let connection =
-                ClientConnection::new(Arc::new(config), checkout_server_name()).unwrap();
-            let mut connection =
-                handshake::client(connection, &mut tcp, &preface).map_err(|e| e.to_string())?;
+            let (mut connection, mut tcp) = dial_checkout(peer, config, &preface)?;
             // Accepted sessions carry bytes; refused ones end without any.
             connection.writer().write_all(b"ping").unwrap();
             while connection.wants_write() {
@@ -700,11 +715,7 @@ fn presented_serial(topology: &Topology, ca: &CertificateAuthority) -> String {
     topology
         .node(1)
         .run(move || {
-            let peer = SocketAddr::from(([198, 18, 0, 2], 15008));
-            let mut tcp = TcpStream::connect_timeout(&peer, Duration::from_secs(2)).unwrap();
-            let connection =
-                ClientConnection::new(Arc::new(config), checkout_server_name()).unwrap();
-            let connection = handshake::client(connection, &mut tcp, &preface).unwrap();
+            let (connection, _tcp) = dial_checkout(NODE2_INBOUND, config, &preface).unwrap();
             let leaf = connection.peer_certificates().unwrap()[0].clone();
             let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
             parsed
@@ -915,15 +926,7 @@ fn handshake_with(topology: &Topology, config: rustls::ClientConfig) -> Result<(
     topology
         .node(1)
         .run(move || -> Result<(), String> {
-            let peer = SocketAddr::from(([198, 18, 0, 2], 15008));
-            let mut tcp = TcpStream::connect_timeout(&peer, Duration::from_secs(2))
-                .map_err(|e| e.to_string())?;
-            tcp.set_read_timeout(Some(Duration::from_secs(5)))
-                .map_err(|e| e.to_string())?;
-            let connection =
-                ClientConnection::new(Arc::new(config), checkout_server_name()).unwrap();
-            let mut connection =
-                handshake::client(connection, &mut tcp, &preface).map_err(|e| e.to_string())?;
+            let (mut connection, mut tcp) = dial_checkout(NODE2_INBOUND, config, &preface)?;
             // In TLS 1.3 the server judges the client's certificate after the
             // client is done: a refusal arrives as an alert, an acceptance
             // as anything else (here the end of the stream, since nothing

@@ -44,6 +44,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub use binaries::{BUILD_COMMAND, KubeBinaries, require_kube_binaries};
 pub use certs::ADMIN_USER;
 use process::GroupChild;
+pub use process::log_tail;
 
 /// How long etcd and then kube-apiserver each get to become ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);

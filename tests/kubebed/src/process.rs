@@ -112,7 +112,7 @@ impl Drop for GroupChild {
 }
 
 /// The last 40 lines of `log` (or why it cannot be read).
-pub(crate) fn log_tail(log: &Path) -> String {
+pub fn log_tail(log: &Path) -> String {
     match std::fs::read_to_string(log) {
         Ok(text) => {
             let lines: Vec<&str> = text.lines().collect();

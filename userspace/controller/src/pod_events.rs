@@ -330,13 +330,23 @@ mod tests {
         assert_eq!(ip, "198.19.2.9");
     }
 
+    /// A re-list of the watch that finds pod a alone; what it published.
+    fn relist_finding_only_a(publisher: &mut Publisher, bus: &Recorder) -> Vec<Envelope> {
+        publisher.observe(bus, watcher::Event::Init);
+        publisher.observe(
+            bus,
+            watcher::Event::InitApply(pod("a", 5, Some("n"), Some("198.19.1.1"))),
+        );
+        publisher.observe(bus, watcher::Event::InitDone);
+        bus.take()
+    }
+
     #[test]
     fn a_starting_controller_announces_pods_deleted_while_none_ran_and_nothing_else() {
         // The topic, read back: a alive (as now), b alive (deleted since),
         // c already deleted.
         let bus = Recorder::default();
-        let first = Publisher::new("cluster.local");
-        let mut earlier = first;
+        let mut earlier = Publisher::new("cluster.local");
         for p in [
             pod("a", 5, Some("n"), Some("198.19.1.1")),
             pod("b", 6, Some("n"), Some("198.19.1.2")),
@@ -349,13 +359,7 @@ mod tests {
 
         let mut publisher = Publisher::new("cluster.local");
         publisher.seed(recorded);
-        publisher.observe(&bus, watcher::Event::Init);
-        publisher.observe(
-            &bus,
-            watcher::Event::InitApply(pod("a", 5, Some("n"), Some("198.19.1.1"))),
-        );
-        publisher.observe(&bus, watcher::Event::InitDone);
-        let sent = bus.take();
+        let sent = relist_finding_only_a(&mut publisher, &bus);
         assert_eq!(sent.len(), 1, "only b: {sent:?}");
         assert_eq!(sent[0].key, "shop/b");
         assert!(matches!(sent[0].event, Event::PodDeleted { .. }));
@@ -374,13 +378,7 @@ mod tests {
             watcher::Event::Apply(pod("b", 6, Some("n"), Some("198.19.1.2"))),
         );
         bus.take();
-        publisher.observe(&bus, watcher::Event::Init);
-        publisher.observe(
-            &bus,
-            watcher::Event::InitApply(pod("a", 5, Some("n"), Some("198.19.1.1"))),
-        );
-        publisher.observe(&bus, watcher::Event::InitDone);
-        let sent = bus.take();
+        let sent = relist_finding_only_a(&mut publisher, &bus);
         assert_eq!(sent.len(), 1, "{sent:?}");
         assert_eq!(sent[0].key, "shop/b");
         assert!(matches!(sent[0].event, Event::PodDeleted { .. }));
