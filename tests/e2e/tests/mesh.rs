@@ -599,8 +599,21 @@ fn client_config_and_serial(
         ca.sign(&csr, &id).unwrap()
     };
     let credentials = WorkloadCredentials::new(&issued, &key).unwrap();
-    let state = Arc::new(TrustState::default());
-    *state.roots.write().unwrap() = trust
+    let checkout = SpiffeId::new(TRUST_DOMAIN, "shop", "checkout").unwrap();
+    let config = TlsSettings::default()
+        .client_config(
+            &credentials,
+            Arc::new(trust_of(trust)),
+            ExpectedPeer::Identity(checkout),
+        )
+        .unwrap();
+    (config, issued.serial)
+}
+
+/// A verifier's trust state with `ca`'s roots and nothing revoked.
+fn trust_of(ca: &CertificateAuthority) -> TrustState {
+    let state = TrustState::default();
+    *state.roots.write().unwrap() = ca
         .trust_bundle()
         .iter()
         .map(|pem| {
@@ -608,11 +621,7 @@ fn client_config_and_serial(
             rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
         })
         .collect();
-    let checkout = SpiffeId::new(TRUST_DOMAIN, "shop", "checkout").unwrap();
-    let config = TlsSettings::default()
-        .client_config(&credentials, state, ExpectedPeer::Identity(checkout))
-        .unwrap();
-    (config, issued.serial)
+    state
 }
 
 /// The SNI a client agent sends for checkout (the agent's own naming).
@@ -627,10 +636,13 @@ const NODE2_INBOUND: SocketAddr = SocketAddr::new(
 );
 
 /// An mTLS session to the agent at `peer` as a client of checkout with
-/// `config`, handshake and `preface` done (call inside a namespace).
+/// `config` trusting `trust`'s roots, handshake and `preface` done (call
+/// inside a namespace). Clones of a configuration share its session
+/// tickets, so later dials resume, as agents do.
 fn dial_checkout(
     peer: SocketAddr,
     config: rustls::ClientConfig,
+    trust: &TrustState,
     preface: &Preface,
 ) -> Result<(rustls::Connection, TcpStream), String> {
     let mut tcp =
@@ -638,7 +650,9 @@ fn dial_checkout(
     tcp.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
     let connection = ClientConnection::new(Arc::new(config), checkout_server_name()).unwrap();
-    let connection = handshake::client(connection, &mut tcp, preface).map_err(|e| e.to_string())?;
+    let checkout = ExpectedPeer::Identity(SpiffeId::new(TRUST_DOMAIN, "shop", "checkout").unwrap());
+    let connection = handshake::client(connection, &mut tcp, preface, trust, &checkout)
+        .map_err(|e| e.to_string())?;
     Ok((connection, tcp))
 }
 
@@ -655,6 +669,7 @@ fn rogue_client(
     peer: SocketAddr,
 ) -> Result<(), String> {
     let config = client_config_for_checkout(ca, expired, trust, service_account);
+    let trust = trust_of(trust);
     let preface = Preface {
         original_destination: std::net::SocketAddrV4::new(CHECKOUT.ip(), 7700),
         source: std::net::SocketAddrV4::new(claimed_source.ip(), 40000),
@@ -662,7 +677,7 @@ fn rogue_client(
     topology
         .node(1)
         .run(move || -> Result<(), String> {
-            let (mut connection, mut tcp) = dial_checkout(peer, config, &preface)?;
+            let (mut connection, mut tcp) = dial_checkout(peer, config, &trust, &preface)?;
             // Accepted sessions carry bytes; refused ones end without any.
             connection.writer().write_all(b"ping").unwrap();
             while connection.wants_write() {
@@ -708,6 +723,7 @@ fn serial_on(bed: &MeshBed, node: usize, identity: &str) -> Option<String> {
 /// new connection (an honest client: cart's identity from our CA).
 fn presented_serial(topology: &Topology, ca: &CertificateAuthority) -> String {
     let config = client_config_for_checkout(ca, false, ca, "cart");
+    let trust = trust_of(ca);
     let preface = Preface {
         original_destination: std::net::SocketAddrV4::new(CHECKOUT.ip(), 7999),
         source: std::net::SocketAddrV4::new(CART.ip(), 40001),
@@ -715,7 +731,8 @@ fn presented_serial(topology: &Topology, ca: &CertificateAuthority) -> String {
     topology
         .node(1)
         .run(move || {
-            let (connection, _tcp) = dial_checkout(NODE2_INBOUND, config, &preface).unwrap();
+            let (connection, _tcp) =
+                dial_checkout(NODE2_INBOUND, config, &trust, &preface).unwrap();
             let leaf = connection.peer_certificates().unwrap()[0].clone();
             let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
             parsed
@@ -918,7 +935,12 @@ fn openssl_with_a_workload_certificate_completes_the_handshake_and_without_one_i
 
 /// Whether node 2's agent completes an mTLS handshake with `config` (from
 /// node 1's namespace).
-fn handshake_with(topology: &Topology, config: rustls::ClientConfig) -> Result<(), String> {
+fn handshake_with(
+    topology: &Topology,
+    config: rustls::ClientConfig,
+    trust: &CertificateAuthority,
+) -> Result<(), String> {
+    let trust = trust_of(trust);
     let preface = Preface {
         original_destination: std::net::SocketAddrV4::new(CHECKOUT.ip(), 7999),
         source: std::net::SocketAddrV4::new(CART.ip(), 40002),
@@ -926,7 +948,7 @@ fn handshake_with(topology: &Topology, config: rustls::ClientConfig) -> Result<(
     topology
         .node(1)
         .run(move || -> Result<(), String> {
-            let (mut connection, mut tcp) = dial_checkout(NODE2_INBOUND, config, &preface)?;
+            let (mut connection, mut tcp) = dial_checkout(NODE2_INBOUND, config, &trust, &preface)?;
             // In TLS 1.3 the server judges the client's certificate after the
             // client is done: a refusal arrives as an alert, an acceptance
             // as anything else (here the end of the stream, since nothing
@@ -967,7 +989,7 @@ fn certificates_and_identities_revoked_on_the_bus_are_refused_everywhere_and_the
     let checkout = format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/checkout");
     // A client certificate of cart's, accepted now.
     let (config, client_serial) = client_config_and_serial(&ca, false, &ca, "cart");
-    handshake_with(&bed.topology, config.clone()).expect("accepted before it is revoked");
+    handshake_with(&bed.topology, config.clone(), &ca).expect("accepted before it is revoked");
     let checkout_serial = presented_serial(&bed.topology, &ca);
     assert_eq!(
         serial_on(&bed, 2, &checkout).as_deref(),
@@ -1008,14 +1030,14 @@ fn certificates_and_identities_revoked_on_the_bus_are_refused_everywhere_and_the
     // Both within 30 s of publishing.
     let left = || Duration::from_secs(30).saturating_sub(started.elapsed());
     try_wait_for("the revoked certificate refused", left(), || {
-        handshake_with(&bed.topology, config.clone()).is_err()
+        handshake_with(&bed.topology, config.clone(), &ca).is_err()
     })
     .unwrap_or_else(|error| panic!("{error}\n{}", bed.dump()));
     eprintln!(
         "revoke published → refused on node 2: {:?}",
         started.elapsed()
     );
-    let refused = handshake_with(&bed.topology, config).unwrap_err();
+    let refused = handshake_with(&bed.topology, config, &ca).unwrap_err();
     assert!(
         refused.contains("CertificateRevoked") || refused.contains("alert"),
         "{refused}"
@@ -1055,7 +1077,8 @@ fn certificates_and_identities_revoked_on_the_bus_are_refused_everywhere_and_the
     // A compromised identity: every certificate of cart issued until now is
     // revoked — one the test holds (never seen by any agent) and node 1's own.
     let (held, _) = client_config_and_serial(&ca, false, &ca, "cart");
-    handshake_with(&bed.topology, held.clone()).expect("accepted before the identity is revoked");
+    handshake_with(&bed.topology, held.clone(), &ca)
+        .expect("accepted before the identity is revoked");
     let cart_serial = serial_on(&bed, 1, &cart).expect("node 1 holds cart's certificate");
     let started = std::time::Instant::now();
     let printed = revoke(None, &cart);
@@ -1066,7 +1089,7 @@ fn certificates_and_identities_revoked_on_the_bus_are_refused_everywhere_and_the
         "{printed}"
     );
     try_wait_for("cart's certificates refused", left(), || {
-        handshake_with(&bed.topology, held.clone()).is_err()
+        handshake_with(&bed.topology, held.clone(), &ca).is_err()
     })
     .unwrap_or_else(|error| panic!("{error}\n{}", bed.dump()));
     try_wait_for("cart re-keyed on node 1", left(), || {
@@ -1080,7 +1103,7 @@ fn certificates_and_identities_revoked_on_the_bus_are_refused_everywhere_and_the
     // Certificates signed after the instant are accepted: one the test
     // makes now, and node 1's new one, which carries meshed traffic.
     let (after, _) = client_config_and_serial(&ca, false, &ca, "cart");
-    handshake_with(&bed.topology, after).expect("a certificate issued after the instant");
+    handshake_with(&bed.topology, after, &ca).expect("a certificate issued after the instant");
     traffic::tcp_echo(&bed.topology, CART, CHECKOUT, 7301, 64 * 1024).unwrap();
     for agent in &bed.agents {
         wait_for(

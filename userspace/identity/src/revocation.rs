@@ -48,6 +48,13 @@ impl RevocationList {
         }
     }
 
+    /// Grows with every revocation that refuses something more (serials are
+    /// only added, identity instants only move later): a session established
+    /// under an older version may involve a certificate refused since.
+    pub fn version(&self) -> u64 {
+        self.serials.len() as u64 + self.identities.values().sum::<u64>()
+    }
+
     /// Whether a leaf with this serial, identity and notBefore (unix
     /// seconds) is refused, and why.
     pub fn check(
@@ -103,6 +110,26 @@ pub fn revocation_instant(now: SystemTime) -> u64 {
 mod tests {
     use super::*;
     use crate::{CertificateAuthority, WorkloadKey, ca::DEFAULT_LEAF_LIFETIME};
+
+    #[test]
+    fn the_version_grows_only_when_more_is_refused() {
+        let mut list = RevocationList::default();
+        let mut seen = list.version();
+        let mut step = |list: &RevocationList, grows: bool| {
+            assert_eq!(list.version() > seen, grows, "{list:?}");
+            seen = list.version();
+        };
+        list.revoke_serial("0a");
+        step(&list, true);
+        list.revoke_serial("0A");
+        step(&list, false);
+        list.revoke_identity("spiffe://cluster.local/ns/shop/sa/cart", 100);
+        step(&list, true);
+        list.revoke_identity("spiffe://cluster.local/ns/shop/sa/cart", 50);
+        step(&list, false);
+        list.revoke_identity("spiffe://cluster.local/ns/shop/sa/cart", 101);
+        step(&list, true);
+    }
 
     fn not_before_of(ca: &CertificateAuthority, id: &SpiffeId) -> i64 {
         let key = WorkloadKey::generate().unwrap();

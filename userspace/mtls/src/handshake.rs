@@ -8,8 +8,13 @@
 //! records until it has the preface and stops there, leaving the pod's bytes
 //! that follow for the kernel (or for the userspace relay).
 //!
-//! The server must not send session tickets (`send_tls13_tickets = 0`) when
-//! the kernel path may be used: the kernel's RX path stalls on them.
+//! Session tickets: the kernel's RX path cannot take a post-handshake
+//! message, so a client going to the kernel first reads the one ticket the
+//! server sends (it comes before any application byte; see
+//! [`crate::settings::ALPN_PROTOCOL`]) with [`receive_ticket`]. A resumed
+//! handshake verifies no certificate, so both sides check the peer chain the
+//! session restores as a full handshake would
+//! ([`TrustState::check_resumed`]).
 
 use std::{
     io::{Read, Write},
@@ -18,7 +23,14 @@ use std::{
 
 use rustls::{ClientConnection, Connection, ServerConnection};
 
-use crate::preface::{self, Preface, PrefaceError};
+use crate::{
+    preface::{self, Preface, PrefaceError},
+    settings::ALPN_PROTOCOL,
+    verifier::{ExpectedPeer, TrustState},
+};
+
+/// How long a client on the kernel path waits for the server's ticket.
+const TICKET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Largest TLS 1.3 record body: 2^14 plaintext + 256 bytes of expansion.
 const MAX_RECORD_BODY: usize = (1 << 14) + 256;
@@ -38,6 +50,8 @@ pub enum HandshakeError {
     NotTls([u8; 3]),
     #[error("bad connection preface: {0}")]
     Preface(#[from] PrefaceError),
+    #[error("the peer sent application data where its session ticket belongs")]
+    DataBeforeTicket,
 }
 
 /// Reads exactly one TLS record (header and body) from `tcp`.
@@ -95,38 +109,98 @@ fn flush(connection: &mut Connection, tcp: &mut TcpStream) -> Result<(), Handsha
     Ok(())
 }
 
-/// Runs the handshake to completion without reading past its last record.
+/// Runs the handshake to completion without reading past its last record,
+/// and sends what it leaves to send (a client's Finished, a server's ticket).
 pub fn complete(connection: &mut Connection, tcp: &mut TcpStream) -> Result<(), HandshakeError> {
-    loop {
+    complete_unflushed(connection, tcp)?;
+    flush(connection, tcp)
+}
+
+/// [`complete`], leaving its last flight unsent, so a client's Finished and
+/// preface leave in one write (one segment).
+fn complete_unflushed(
+    connection: &mut Connection,
+    tcp: &mut TcpStream,
+) -> Result<(), HandshakeError> {
+    while connection.is_handshaking() {
         flush(connection, tcp)?;
-        if !connection.is_handshaking() {
-            return Ok(());
-        }
         let record = read_record(tcp)?;
         process_record(connection, tcp, &record)?;
     }
+    Ok(())
 }
 
-/// Client side: handshake, then the preface in its own record.
+/// Client side: handshake, then the preface in its own record, sent with
+/// the client's Finished. `expected` is who the server must be, checked
+/// again here when the session was resumed.
 pub fn client(
     connection: ClientConnection,
     tcp: &mut TcpStream,
     preface: &Preface,
+    trust: &TrustState,
+    expected: &ExpectedPeer,
 ) -> Result<Connection, HandshakeError> {
     let mut connection = Connection::from(connection);
-    complete(&mut connection, tcp)?;
+    complete_unflushed(&mut connection, tcp)?;
+    trust.check_resumed(&connection, expected)?;
     connection.writer().write_all(&preface.encode())?;
     flush(&mut connection, tcp)?;
     Ok(connection)
 }
 
+/// Kernel path, client side: reads the session ticket a server that chose
+/// [`ALPN_PROTOCOL`] sends before any application byte, so rustls stores it
+/// and the kernel never sees a handshake message. Reads exactly the ticket's
+/// record; returns at once when no ticket is coming.
+pub fn receive_ticket(
+    connection: &mut Connection,
+    tcp: &mut TcpStream,
+) -> Result<(), HandshakeError> {
+    let Connection::Client(client) = &*connection else {
+        return Ok(());
+    };
+    if client.alpn_protocol() != Some(ALPN_PROTOCOL) {
+        return Ok(());
+    }
+    let timeout = tcp.read_timeout()?;
+    tcp.set_read_timeout(Some(TICKET_TIMEOUT))?;
+    let received = read_until_ticket(connection, tcp);
+    tcp.set_read_timeout(timeout)?;
+    received
+}
+
+fn read_until_ticket(
+    connection: &mut Connection,
+    tcp: &mut TcpStream,
+) -> Result<(), HandshakeError> {
+    let tickets = |connection: &Connection| match connection {
+        Connection::Client(client) => client.tls13_tickets_received(),
+        Connection::Server(_) => 0,
+    };
+    let before = tickets(connection);
+    while tickets(connection) == before {
+        let record = read_record(tcp)?;
+        process_record(connection, tcp, &record)?;
+        // What rustls decrypted would be lost when the keys move to the kernel.
+        if connection.process_new_packets()?.plaintext_bytes_to_read() > 0 {
+            return Err(HandshakeError::DataBeforeTicket);
+        }
+    }
+    Ok(())
+}
+
 /// Server side: handshake, then exactly the records that carry the preface.
+/// The client may be any workload of the trust domain; a resumed session's
+/// client chain is checked again against `trust` here.
 pub fn server(
     connection: ServerConnection,
     tcp: &mut TcpStream,
+    trust: &TrustState,
+    trust_domain: &str,
 ) -> Result<(Connection, Preface), HandshakeError> {
     let mut connection = Connection::from(connection);
     complete(&mut connection, tcp)?;
+    trust.check_resumed(&connection, &ExpectedPeer::TrustDomain(trust_domain.into()))?;
     let mut bytes = Vec::with_capacity(preface::LENGTH);
     while bytes.len() < preface::LENGTH {
         let record = read_record(tcp)?;

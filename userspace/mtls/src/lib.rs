@@ -16,9 +16,11 @@ pub mod ktls;
 pub mod limits;
 pub mod preface;
 pub mod relay;
+pub mod resumption;
 pub mod session;
 pub mod settings;
 pub mod verifier;
+pub mod workers;
 
 pub use preface::Preface;
 pub use settings::{TlsSettings, WorkloadCredentials};

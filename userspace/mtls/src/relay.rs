@@ -1,7 +1,7 @@
 //! Moving bytes between a pod's plain socket and a kTLS socket with splice:
 //! the bytes never enter userspace, and the kernel does the crypto.
 //!
-//! One blocking thread per direction: splice socket → pipe, then drain the
+//! One blocking thread per direction (the second from [`crate::workers`]): splice socket → pipe, then drain the
 //! pipe into the other socket before reading again (a pipe refilled before it
 //! is empty deadlocks request/response traffic). End of stream on one side
 //! becomes `shutdown(SHUT_WR)` on the other, so half-close propagates; an
@@ -49,12 +49,10 @@ pub fn splice_relay_with_budget(
     let (a2, b2) = (a.try_clone()?, b.try_clone()?);
     let forward = {
         let aborted = Arc::clone(&aborted);
-        std::thread::spawn(move || one_way(&a, &b, &aborted, budget))
+        crate::workers::spawn(move || one_way(&a, &b, &aborted, budget))?
     };
     let backward = one_way(&b2, &a2, &aborted, None);
-    let forward = forward
-        .join()
-        .map_err(|_| std::io::Error::other("relay thread panicked"))?;
+    let forward = forward.join()?;
     // Every descriptor of both sockets closes here; after an abort they carry
     // SO_LINGER 0, so both peers get a RST rather than a FIN.
     Ok(RelayStats {

@@ -18,6 +18,7 @@ use std::{
 use rustls::Connection;
 
 use crate::{
+    handshake,
     ktls::{self, KtlsError},
     limits::RecordBudget,
     relay::{self, RelayStats},
@@ -47,6 +48,8 @@ pub enum SessionError {
     Kernel(KtlsError),
     #[error("cannot extract the session keys: {0}")]
     Secrets(rustls::Error),
+    #[error("no session ticket before the kernel takes the session: {0}")]
+    Ticket(crate::handshake::HandshakeError),
 }
 
 /// A TLS session ready to carry a pod's bytes.
@@ -78,7 +81,13 @@ impl Session {
 
     /// Takes a connection whose handshake (and preface) is done, reading no
     /// further byte (see [`crate::handshake`]), into the kernel if it can.
-    pub fn from_handshaken(connection: Connection, tcp: TcpStream) -> Result<Self, SessionError> {
+    /// A client reads the server's session ticket first on the kernel path
+    /// (see [`handshake::receive_ticket`]); in userspace rustls takes it
+    /// whenever it comes.
+    pub fn from_handshaken(
+        mut connection: Connection,
+        mut tcp: TcpStream,
+    ) -> Result<Self, SessionError> {
         match ktls::attach_ulp(tcp.as_fd()) {
             Ok(()) => {}
             Err(KtlsError::Unsupported) => {
@@ -86,6 +95,7 @@ impl Session {
             }
             Err(other) => return Err(SessionError::Kernel(other)),
         }
+        handshake::receive_ticket(&mut connection, &mut tcp).map_err(SessionError::Ticket)?;
         let secrets = match connection {
             Connection::Client(c) => c.dangerous_extract_secrets(),
             Connection::Server(s) => s.dangerous_extract_secrets(),
@@ -123,7 +133,7 @@ impl Session {
 }
 
 /// The fallback relay: rustls encrypts in userspace. One thread per
-/// direction; the connection is locked only to move bytes in or out of it,
+/// direction (the second from [`crate::workers`]); the connection is locked only to move bytes in or out of it,
 /// never across a blocking socket call.
 fn userspace_relay(
     plain: TcpStream,
@@ -136,12 +146,12 @@ fn userspace_relay(
     let (plain2, tls2) = (plain.try_clone()?, tls.try_clone()?);
     let outbound = {
         let (connection, aborted) = (Arc::clone(&connection), Arc::clone(&aborted));
-        std::thread::spawn(move || encrypt_direction(&plain, &tls, &connection, &aborted, budget))
+        crate::workers::spawn(move || {
+            encrypt_direction(&plain, &tls, &connection, &aborted, budget)
+        })?
     };
     let inbound = decrypt_direction(&tls2, &plain2, &connection, &aborted);
-    let outbound = outbound
-        .join()
-        .map_err(|_| std::io::Error::other("relay thread panicked"))?;
+    let outbound = outbound.join()?;
     Ok(RelayStats {
         a_to_b: outbound?,
         b_to_a: inbound?,

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use rustls::{
     ClientConfig, ServerConfig, SupportedCipherSuite,
+    client::TicketRequest,
     crypto::{CryptoProvider, SupportedKxGroup, ring},
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject},
     server::ResolvesServerCert,
@@ -12,7 +13,10 @@ use rustls::{
 };
 use veil_identity::{IssuedCertificate, WorkloadKey};
 
-use crate::verifier::{ExpectedPeer, PeerVerifier, TrustState};
+use crate::{
+    resumption,
+    verifier::{ExpectedPeer, PeerVerifier, TrustState},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -21,6 +25,14 @@ pub enum SettingsError {
     #[error("the workload's certificate chain is not valid PEM: {0}")]
     Chain(String),
 }
+
+/// The ALPN protocol agents speak on :15008. A server that selects it sends
+/// exactly one session ticket on every handshake, full or resumed, right
+/// after it reads the client's Finished and before any application byte; a
+/// client that sees it selected knows that ticket comes first (see
+/// [`crate::handshake::receive_ticket`]). Clients that do not offer it (and
+/// no RFC 9149 ticket request) get no ticket. See [`crate::resumption`].
+pub const ALPN_PROTOCOL: &[u8] = b"veil/1";
 
 /// Cipher suites and key-exchange groups: the only place they are chosen.
 /// TLS 1.3 only; certificates are ECDSA P-256.
@@ -64,7 +76,7 @@ impl TlsSettings {
     ) -> Result<ServerConfig, SettingsError> {
         let provider = self.provider();
         let verifier = PeerVerifier::new(
-            trust,
+            Arc::clone(&trust),
             ExpectedPeer::TrustDomain(trust_domain.into()),
             provider.signature_verification_algorithms,
         );
@@ -74,12 +86,12 @@ impl TlsSettings {
             .with_single_cert(credentials.chain.clone(), credentials.key.clone_key())?;
         // The keys go to the kernel (kTLS) after the handshake.
         config.enable_secret_extraction = true;
+        resumption::enable(&mut config, trust)?;
         Ok(config)
     }
 
     /// The server side of :15008 for many workloads: `resolver` picks the
-    /// destination workload's certificate by SNI. No session tickets: they
-    /// would stall the kernel's RX path after a switch to kTLS.
+    /// destination workload's certificate by SNI.
     pub fn server_config_with_resolver(
         &self,
         resolver: Arc<dyn ResolvesServerCert>,
@@ -88,7 +100,7 @@ impl TlsSettings {
     ) -> Result<ServerConfig, SettingsError> {
         let provider = self.provider();
         let verifier = PeerVerifier::new(
-            trust,
+            Arc::clone(&trust),
             ExpectedPeer::TrustDomain(trust_domain.into()),
             provider.signature_verification_algorithms,
         );
@@ -97,7 +109,7 @@ impl TlsSettings {
             .with_client_cert_verifier(Arc::new(verifier))
             .with_cert_resolver(resolver);
         config.enable_secret_extraction = true;
-        config.send_tls13_tickets = 0;
+        resumption::enable(&mut config, trust)?;
         Ok(config)
     }
 
@@ -117,6 +129,14 @@ impl TlsSettings {
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_auth_cert(credentials.chain.clone(), credentials.key.clone_key())?;
         config.enable_secret_extraction = true;
+        // Resumption: the default in-memory store keeps tickets per server
+        // name (a destination pod), inside this configuration, which the
+        // agent keeps per (source certificate, destination identity).
+        config.alpn_protocols = vec![ALPN_PROTOCOL.to_vec()];
+        config.send_ticket_request = Some(TicketRequest {
+            new_session_count: resumption::TICKETS_PER_HANDSHAKE,
+            resumption_count: resumption::TICKETS_PER_HANDSHAKE,
+        });
         Ok(config)
     }
 }

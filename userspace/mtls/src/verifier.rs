@@ -12,7 +12,8 @@ use std::{
 };
 
 use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, SignatureScheme,
+    CertificateError, Connection, DigitallySignedStruct, DistinguishedName, Error, HandshakeKind,
+    OtherError, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{WebPkiSupportedAlgorithms, verify_tls13_signature},
     pki_types::{CertificateDer, ServerName, UnixTime},
@@ -69,26 +70,65 @@ impl PeerVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<SpiffeId, Error> {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
+        self.trust
+            .verify(&self.expected, end_entity, intermediates, now)
+    }
+}
+
+impl TrustState {
+    /// Checks a peer's chain: signatures up to a root (cached), validity
+    /// period, SPIFFE ID and revocation.
+    pub fn verify(
+        &self,
+        expected: &ExpectedPeer,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: SystemTime,
+    ) -> Result<SpiffeId, Error> {
         let chain: Vec<&[u8]> = std::iter::once(end_entity.as_ref())
             .chain(intermediates.iter().map(|c| c.as_ref()))
             .collect();
-        let roots = self.trust.roots.read().map_err(|_| poisoned())?;
+        let roots = self.roots.read().map_err(|_| poisoned())?;
         let roots: Vec<&[u8]> = roots.iter().map(|c| c.as_ref()).collect();
-        let revoked = self.trust.revoked.read().map_err(|_| poisoned())?;
-        let expected = match &self.expected {
+        let revoked = self.revoked.read().map_err(|_| poisoned())?;
+        let expected = match expected {
             ExpectedPeer::Identity(id) => Expected::Identity(id),
             ExpectedPeer::TrustDomain(domain) => Expected::TrustDomain(domain),
         };
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
         verify_chain_der_cached(
             &chain,
             &roots,
             &expected,
             now,
             &revoked,
-            &self.trust.verified_chains,
+            &self.verified_chains,
         )
         .map_err(rejected)
+    }
+
+    /// A resumed TLS 1.3 handshake verifies no certificate: the peer proved
+    /// it holds the secret of an earlier session, and rustls restores that
+    /// session's peer chain. This checks the restored chain as a full
+    /// handshake would, now — so a certificate revoked, expired or no longer
+    /// under a trusted root since that session is refused on resumption too.
+    /// A full handshake passes (its verifier already checked).
+    pub fn check_resumed(
+        &self,
+        connection: &Connection,
+        expected: &ExpectedPeer,
+    ) -> Result<(), Error> {
+        if connection.handshake_kind() != Some(HandshakeKind::Resumed) {
+            return Ok(());
+        }
+        let Some((end_entity, intermediates)) = connection
+            .peer_certificates()
+            .and_then(|chain| chain.split_first())
+        else {
+            return Err(Error::NoCertificatesPresented);
+        };
+        self.verify(expected, end_entity, intermediates, SystemTime::now())
+            .map(drop)
     }
 }
 

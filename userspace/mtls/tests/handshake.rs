@@ -346,3 +346,162 @@ fn openssl_with_a_workload_certificate_interoperates_and_without_one_is_refused(
         }
     }
 }
+
+/// One connection through the agents' own handshake functions with shared
+/// (ticket-holding) configurations; each side's handshake kind or error.
+fn agents_connect(
+    mesh: &Mesh,
+    server: &Arc<rustls::ServerConfig>,
+    client: &Arc<rustls::ClientConfig>,
+    server_id: &SpiffeId,
+) -> (
+    Result<rustls::HandshakeKind, String>,
+    Result<rustls::HandshakeKind, String>,
+) {
+    use veil_mtls::handshake;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let (server, trust) = (Arc::clone(server), Arc::clone(&mesh.trust));
+    let server = std::thread::spawn(move || {
+        let (mut tcp, _) = listener.accept().unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let connection = ServerConnection::new(server).unwrap();
+        let (connection, seen) = handshake::server(connection, &mut tcp, &trust, TRUST_DOMAIN)
+            .map_err(|e| e.to_string())?;
+        assert_eq!(seen, preface());
+        Ok(connection.handshake_kind().unwrap())
+    });
+    let mut tcp = TcpStream::connect(address).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let connection = ClientConnection::new(
+        Arc::clone(client),
+        ServerName::try_from("veil.invalid").unwrap(),
+    )
+    .unwrap();
+    let expected = ExpectedPeer::Identity(server_id.clone());
+    let client_result = handshake::client(connection, &mut tcp, &preface(), &mesh.trust, &expected)
+        .and_then(|mut connection| {
+            // As on the kernel path: the ticket comes before any data.
+            handshake::receive_ticket(&mut connection, &mut tcp)?;
+            Ok(connection.handshake_kind().unwrap())
+        });
+    // A refusing client hangs up; the server must not wait for it.
+    drop(tcp);
+    (
+        client_result.map_err(|e| e.to_string()),
+        server.join().unwrap(),
+    )
+}
+
+/// A certificate for `sa` that expires `seconds` from now.
+fn short_lived(mesh: &Mesh, sa: &str, seconds: u64) -> (SpiffeId, WorkloadCredentials) {
+    let id = SpiffeId::new(TRUST_DOMAIN, "shop", sa).unwrap();
+    let key = WorkloadKey::generate().unwrap();
+    let now = SystemTime::now();
+    let issued = mesh
+        .ca
+        .sign_valid(
+            &key.csr_pem(&id).unwrap(),
+            &id,
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(seconds),
+        )
+        .unwrap();
+    (id, WorkloadCredentials::new(&issued, &key).unwrap())
+}
+
+/// Ticket-keeping configurations for `client` dialling `server`.
+fn agent_configs(
+    mesh: &Mesh,
+    server: &WorkloadCredentials,
+    server_id: &SpiffeId,
+    client: &WorkloadCredentials,
+) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    let server = mesh
+        .settings
+        .server_config(server, Arc::clone(&mesh.trust), TRUST_DOMAIN)
+        .unwrap();
+    let client = mesh
+        .settings
+        .client_config(
+            client,
+            Arc::clone(&mesh.trust),
+            ExpectedPeer::Identity(server_id.clone()),
+        )
+        .unwrap();
+    (Arc::new(server), Arc::new(client))
+}
+
+#[test]
+fn sessions_resume_and_a_revocation_sends_peers_back_to_a_full_handshake() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let mesh = Mesh::new();
+    let (server_id, server_creds) = mesh.workload("checkout");
+    let id = SpiffeId::new(TRUST_DOMAIN, "shop", "cart").unwrap();
+    let key = WorkloadKey::generate().unwrap();
+    let issued = mesh.ca.sign(&key.csr_pem(&id).unwrap(), &id).unwrap();
+    let client_creds = WorkloadCredentials::new(&issued, &key).unwrap();
+    let (server, client) = agent_configs(&mesh, &server_creds, &server_id, &client_creds);
+
+    // The first handshake is full and leaves a ticket; each later one
+    // resumes on it and leaves the next.
+    let (client_kind, server_kind) = agents_connect(&mesh, &server, &client, &server_id);
+    assert_eq!((client_kind.unwrap(), server_kind.unwrap()), (Full, Full));
+    for _ in 0..2 {
+        let (client_kind, server_kind) = agents_connect(&mesh, &server, &client, &server_id);
+        assert_eq!(
+            (client_kind.unwrap(), server_kind.unwrap()),
+            (Resumed, Resumed)
+        );
+    }
+
+    // The client's certificate revoked after its session began: the server
+    // declines the ticket, the handshake is full, and its verifier refuses
+    // the certificate with an alert the client sees.
+    mesh.trust
+        .revoked
+        .write()
+        .unwrap()
+        .revoke_serial(&issued.serial);
+    let (client_result, server_result) = agents_connect(&mesh, &server, &client, &server_id);
+    let error = server_result.unwrap_err();
+    assert!(error.contains("Revoked"), "{error}");
+    let error = client_result.unwrap_err();
+    assert!(error.contains("alert"), "{error}");
+}
+
+#[test]
+fn a_resumed_session_is_refused_once_the_client_certificate_expired() {
+    let mesh = Mesh::new();
+    let (server_id, server_creds) = mesh.workload("checkout");
+    let (_, client_creds) = short_lived(&mesh, "cart", 2);
+    let (server, client) = agent_configs(&mesh, &server_creds, &server_id, &client_creds);
+    let (client_kind, _) = agents_connect(&mesh, &server, &client, &server_id);
+    assert_eq!(client_kind.unwrap(), rustls::HandshakeKind::Full);
+    std::thread::sleep(Duration::from_secs(3));
+    // The ticket still opens (nothing was revoked), so the handshake
+    // resumes — the client finishes it — and only the server's check of
+    // the restored chain refuses it.
+    let (client_kind, server_result) = agents_connect(&mesh, &server, &client, &server_id);
+    assert_eq!(client_kind.unwrap(), rustls::HandshakeKind::Resumed);
+    let error = server_result.unwrap_err();
+    assert!(error.contains("Expired"), "{error}");
+}
+
+#[test]
+fn a_client_refuses_to_resume_with_a_server_whose_certificate_expired() {
+    let mesh = Mesh::new();
+    let (server_id, server_creds) = short_lived(&mesh, "checkout", 2);
+    let (_, client_creds) = mesh.workload("cart");
+    let (server, client) = agent_configs(&mesh, &server_creds, &server_id, &client_creds);
+    let (client_kind, _) = agents_connect(&mesh, &server, &client, &server_id);
+    assert_eq!(client_kind.unwrap(), rustls::HandshakeKind::Full);
+    std::thread::sleep(Duration::from_secs(3));
+    let (client_result, server_result) = agents_connect(&mesh, &server, &client, &server_id);
+    let error = client_result.unwrap_err();
+    assert!(error.contains("Expired"), "{error}");
+    // Resumed: no certificate crossed, so the client's verifier never ran
+    // and sent no alert; its check of the restored chain hung up.
+    let error = server_result.unwrap_err();
+    assert!(error.contains("closed"), "{error}");
+}

@@ -10,8 +10,12 @@ use std::{
     time::Duration,
 };
 
-use common::{SIXTEEN_MIB, pattern, session_pair};
-use veil_mtls::{TlsSettings, limits::RecordBudget, session::Mode};
+use common::{Peers, SIXTEEN_MIB, pattern, session_pair};
+use veil_mtls::{
+    TlsSettings,
+    limits::RecordBudget,
+    session::{Mode, Session},
+};
 
 /// app ⇄ relay ⇄ session ⇄ relay ⇄ app; returns the two app sockets and the mode.
 fn relayed_apps() -> (TcpStream, TcpStream, Mode) {
@@ -21,6 +25,15 @@ fn relayed_apps() -> (TcpStream, TcpStream, Mode) {
 /// Like [`relayed_apps`], the client side's session sending at most `budget` records.
 fn relayed_apps_with_budget(budget: RecordBudget) -> (TcpStream, TcpStream, Mode) {
     let (client_session, server_session) = session_pair(&TlsSettings::default());
+    relayed_apps_over(client_session, server_session, budget)
+}
+
+/// app ⇄ relay ⇄ these sessions ⇄ relay ⇄ app.
+fn relayed_apps_over(
+    client_session: Session,
+    server_session: Session,
+    budget: RecordBudget,
+) -> (TcpStream, TcpStream, Mode) {
     let mode = client_session.mode();
     assert_eq!(server_session.mode(), mode);
     let app_listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -147,4 +160,47 @@ fn a_session_is_reset_before_its_record_budget_runs_out() {
         "{} mode: data after a reset: {client_side:?}",
         mode.as_str()
     );
+}
+
+#[test]
+fn resumed_sessions_carry_bytes_exactly_on_either_path() {
+    // On the kernel path this is what proves a session ticket never reaches
+    // the kernel: each handshake leaves one, the client reads it before
+    // handing over, and the next connection resumes on it.
+    let peers = Peers::new(&TlsSettings::default());
+    for round in 0..3 {
+        let (client, kind, server) = peers.connect(Duration::ZERO);
+        let expected_kind = if round == 0 {
+            rustls::HandshakeKind::Full
+        } else {
+            rustls::HandshakeKind::Resumed
+        };
+        assert_eq!(kind, expected_kind, "connection {round}");
+        let (mut app_client, mut app_server, mode) =
+            relayed_apps_over(client, server.join().unwrap(), RecordBudget::default());
+        let kernel = veil_mtls::ktls::kernel_supports_tls();
+        assert_eq!(mode == Mode::Kernel, kernel, "connection {round}");
+        for socket in [&app_client, &app_server] {
+            socket
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+        }
+        let request: Vec<u8> = (0..100_000).map(pattern).collect();
+        app_client.write_all(&request).unwrap();
+        app_client.shutdown(Shutdown::Write).unwrap();
+        let mut received = Vec::new();
+        app_server.read_to_end(&mut received).unwrap();
+        assert!(
+            received == request,
+            "connection {round}: request bytes differ"
+        );
+        app_server.write_all(&request[..4096]).unwrap();
+        app_server.shutdown(Shutdown::Write).unwrap();
+        let mut answer = Vec::new();
+        app_client.read_to_end(&mut answer).unwrap();
+        assert!(
+            answer == request[..4096],
+            "connection {round}: answer differs"
+        );
+    }
 }

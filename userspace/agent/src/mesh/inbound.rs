@@ -34,8 +34,8 @@ const POD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts peer agents' connections until the listener fails.
-pub fn serve(listener: TcpListener, mesh: Arc<MeshState>) {
-    super::accept_loop(listener, "mesh-in", move |tcp| {
+pub fn serve(listener: TcpListener, mesh: Arc<MeshState>, threads: &tokio::runtime::Handle) {
+    super::accept_loop(listener, "mesh-in", threads, move |tcp| {
         handle(&mesh, tcp);
     });
 }
@@ -84,10 +84,12 @@ fn accept_session(
         Ok(connection) => connection,
         Err(error) => return Err((Refusal::Handshake(error.into()), Some(tcp))),
     };
-    let (connection, preface) = match handshake::server(connection, &mut tcp) {
-        Ok(done) => done,
-        Err(error) => return Err((error.into(), Some(tcp))),
-    };
+    let trust_domain = mesh.directory.store.trust_domain();
+    let (connection, preface) =
+        match handshake::server(connection, &mut tcp, &mesh.trust, trust_domain) {
+            Ok(done) => done,
+            Err(error) => return Err((error.into(), Some(tcp))),
+        };
     let _ = tcp.set_read_timeout(None);
     let checked = check(mesh, &tcp, &connection, &preface).and_then(|()| {
         transparent_connect(

@@ -96,6 +96,8 @@ pub struct MeshState {
 /// The running mesh; dropping it removes its policy routing.
 pub struct Mesh {
     pub state: Arc<MeshState>,
+    /// The threads connections run on (see [`connection_pool`]).
+    pool: Option<tokio::runtime::Runtime>,
 }
 
 impl Mesh {
@@ -143,8 +145,14 @@ impl Mesh {
         });
 
         routing::install()?;
+        let pool = connection_pool().map_err(|source| MeshError::Inbound {
+            address: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, section.inbound_port),
+            source,
+        })?;
+        let (out_threads, in_threads) = (pool.handle().clone(), pool.handle().clone());
         let mesh = Self {
             state: Arc::clone(&state),
+            pool: Some(pool),
         };
         let outbound_address = SocketAddrV4::new(Ipv4Addr::LOCALHOST, OUTBOUND_PROXY_PORT);
         let outbound = sockets::transparent_listener(outbound_address)?;
@@ -156,7 +164,7 @@ impl Mesh {
         let out_state = Arc::clone(&state);
         std::thread::Builder::new()
             .name("mesh-outbound".into())
-            .spawn(move || outbound::serve(outbound, out_state))
+            .spawn(move || outbound::serve(outbound, out_state, &out_threads))
             .map_err(|source| MeshError::Inbound {
                 address: outbound_address,
                 source,
@@ -171,7 +179,7 @@ impl Mesh {
             })?;
         std::thread::Builder::new()
             .name("mesh-inbound".into())
-            .spawn(move || inbound::serve(inbound, state))
+            .spawn(move || inbound::serve(inbound, state, &in_threads))
             .map_err(|source| MeshError::Inbound {
                 address: inbound_address,
                 source,
@@ -189,7 +197,31 @@ impl Mesh {
 impl Drop for Mesh {
     fn drop(&mut self) {
         routing::remove();
+        // Open connections keep their threads; the agent does not wait for them.
+        if let Some(pool) = self.pool.take() {
+            pool.shutdown_background();
+        }
     }
+}
+
+/// Most threads the connection pool runs at once: two per open connection.
+/// Far above what a node's connections need, so it never queues a relay
+/// (the kernel's thread limit comes first); it only bounds a runaway.
+const MAX_CONNECTION_THREADS: usize = 32 * 1024;
+/// How long an idle connection thread waits for the next connection.
+const IDLE_THREAD_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The blocking thread pool every mesh connection runs on: each connection
+/// (handshake, then one relay direction) and its second relay direction
+/// (see `veil_mtls::workers`) take an idle thread instead of creating one.
+/// Thread start and exit per connection were about a sixth of the proxy's
+/// CPU when connections are short.
+fn connection_pool() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .thread_name("mesh-conn")
+        .max_blocking_threads(MAX_CONNECTION_THREADS)
+        .thread_keep_alive(IDLE_THREAD_KEEP_ALIVE)
+        .build()
 }
 
 fn read_file(what: &'static str, path: &Path) -> Result<String, MeshError> {
@@ -369,10 +401,11 @@ fn keep_certificates_fresh(state: &MeshState) {
     }
 }
 
-/// Accepts connections forever, one thread per connection.
+/// Accepts connections forever, each on a thread of the connection pool.
 fn accept_loop(
     listener: TcpListener,
     name: &'static str,
+    threads: &tokio::runtime::Handle,
     handler: impl Fn(TcpStream) + Send + Sync + 'static,
 ) {
     let handler = Arc::new(handler);
@@ -380,12 +413,7 @@ fn accept_loop(
         match stream {
             Ok(stream) => {
                 let handler = Arc::clone(&handler);
-                if let Err(error) = std::thread::Builder::new()
-                    .name(name.into())
-                    .spawn(move || handler(stream))
-                {
-                    warn!(%error, "cannot start a connection thread; connection dropped");
-                }
+                drop(threads.spawn_blocking(move || handler(stream)));
             }
             Err(error) => {
                 warn!(%error, listener = name, "accept failed");

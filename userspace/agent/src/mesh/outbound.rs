@@ -15,7 +15,7 @@ use std::{
 
 use rustls::{ClientConnection, pki_types::ServerName};
 use tracing::{debug, warn};
-use veil_mtls::{Preface, handshake, session::Session};
+use veil_mtls::{Preface, handshake, session::Session, verifier::ExpectedPeer};
 
 use super::{
     MeshState,
@@ -29,8 +29,8 @@ use super::{
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Accepts intercepted connections until the listener fails.
-pub fn serve(listener: TcpListener, mesh: Arc<MeshState>) {
-    super::accept_loop(listener, "mesh-out", move |pod| {
+pub fn serve(listener: TcpListener, mesh: Arc<MeshState>, threads: &tokio::runtime::Handle) {
+    super::accept_loop(listener, "mesh-out", threads, move |pod| {
         handle(&mesh, pod);
     });
 }
@@ -107,7 +107,8 @@ fn open_session(mesh: &MeshState, pod: &TcpStream) -> Result<(Session, Preface),
         original_destination: destination,
         source: client,
     };
-    let connection = handshake::client(connection, &mut tcp, &preface)?;
+    let expected = ExpectedPeer::Identity(destination_pod.identity.clone());
+    let connection = handshake::client(connection, &mut tcp, &preface, &mesh.trust, &expected)?;
     debug!(
         client = %client,
         destination = %destination,

@@ -7,7 +7,10 @@ use std::{
     time::Duration,
 };
 
-use rustls::{ClientConnection, ServerConnection, pki_types::ServerName};
+use rustls::{
+    ClientConfig, ClientConnection, HandshakeKind, ServerConfig, ServerConnection,
+    pki_types::ServerName,
+};
 use veil_identity::{CertificateAuthority, SpiffeId, WorkloadKey, ca::DEFAULT_LEAF_LIFETIME};
 use veil_mtls::{
     Preface, TlsSettings, WorkloadCredentials, handshake,
@@ -23,59 +26,103 @@ pub fn pattern(offset: usize) -> u8 {
     (offset.wrapping_mul(31) ^ (offset >> 11)) as u8
 }
 
+/// A server and a client workload of one CA, with configurations that keep
+/// their session tickets across connections (as the agents' do).
+pub struct Peers {
+    trust: Arc<TrustState>,
+    server_id: SpiffeId,
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+}
+
+impl Peers {
+    pub fn new(settings: &TlsSettings) -> Self {
+        let ca = CertificateAuthority::generate(TRUST_DOMAIN, DEFAULT_LEAF_LIFETIME).unwrap();
+        let trust = Arc::new(TrustState::default());
+        *trust.roots.write().unwrap() = ca
+            .trust_bundle()
+            .iter()
+            .map(|pem| {
+                use rustls::pki_types::pem::PemObject;
+                rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+            })
+            .collect();
+        let issue = |sa: &str| {
+            let id = SpiffeId::new(TRUST_DOMAIN, "shop", sa).unwrap();
+            let key = WorkloadKey::generate().unwrap();
+            let issued = ca.sign(&key.csr_pem(&id).unwrap(), &id).unwrap();
+            (id, WorkloadCredentials::new(&issued, &key).unwrap())
+        };
+        let (server_id, server_creds) = issue("checkout");
+        let (_, client_creds) = issue("cart");
+        let server = settings
+            .server_config(&server_creds, Arc::clone(&trust), TRUST_DOMAIN)
+            .unwrap();
+        let client = settings
+            .client_config(
+                &client_creds,
+                Arc::clone(&trust),
+                ExpectedPeer::Identity(server_id.clone()),
+            )
+            .unwrap();
+        Self {
+            trust,
+            server_id,
+            server: Arc::new(server),
+            client: Arc::new(client),
+        }
+    }
+
+    /// A client session ready at once, whether its handshake was resumed,
+    /// and the server's session still being made on a thread that waits
+    /// `server_delay` before its handshake: bytes the client sends right
+    /// away are queued before the server reads anything.
+    pub fn connect(
+        &self,
+        server_delay: Duration,
+    ) -> (Session, HandshakeKind, std::thread::JoinHandle<Session>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        // The agents' own path: handshake and preface read record by record,
+        // then into the kernel if it has TLS.
+        let (server_config, trust) = (Arc::clone(&self.server), Arc::clone(&self.trust));
+        let server = std::thread::spawn(move || {
+            let (mut tcp, _) = listener.accept().unwrap();
+            std::thread::sleep(server_delay);
+            let connection = ServerConnection::new(server_config).unwrap();
+            let (connection, preface) =
+                handshake::server(connection, &mut tcp, &trust, TRUST_DOMAIN).unwrap();
+            assert_eq!(preface, test_preface());
+            Session::from_handshaken(connection, tcp).unwrap()
+        });
+        let mut tcp = TcpStream::connect(address).unwrap();
+        let connection = ClientConnection::new(
+            Arc::clone(&self.client),
+            ServerName::try_from("veil.invalid").unwrap(),
+        )
+        .unwrap();
+        let expected = ExpectedPeer::Identity(self.server_id.clone());
+        let connection = handshake::client(
+            connection,
+            &mut tcp,
+            &test_preface(),
+            &self.trust,
+            &expected,
+        )
+        .unwrap();
+        let kind = connection.handshake_kind().unwrap();
+        let client = Session::from_handshaken(connection, tcp).unwrap();
+        (client, kind, server)
+    }
+}
+
 /// A client session ready at once, and the server's session still being
-/// made on a thread that waits `server_delay` before its handshake: bytes
-/// the client sends right away are queued before the server reads anything.
+/// made (see [`Peers::connect`]), between two fresh workloads.
 pub fn session_pair_with_server_delay(
     settings: &TlsSettings,
     server_delay: Duration,
 ) -> (Session, std::thread::JoinHandle<Session>) {
-    let ca = CertificateAuthority::generate(TRUST_DOMAIN, DEFAULT_LEAF_LIFETIME).unwrap();
-    let trust = Arc::new(TrustState::default());
-    *trust.roots.write().unwrap() = ca
-        .trust_bundle()
-        .iter()
-        .map(|pem| {
-            use rustls::pki_types::pem::PemObject;
-            rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
-        })
-        .collect();
-    let issue = |sa: &str| {
-        let id = SpiffeId::new(TRUST_DOMAIN, "shop", sa).unwrap();
-        let key = WorkloadKey::generate().unwrap();
-        let issued = ca.sign(&key.csr_pem(&id).unwrap(), &id).unwrap();
-        (id, WorkloadCredentials::new(&issued, &key).unwrap())
-    };
-    let (server_id, server_creds) = issue("checkout");
-    let (_, client_creds) = issue("cart");
-    let mut server_config = settings
-        .server_config(&server_creds, Arc::clone(&trust), TRUST_DOMAIN)
-        .unwrap();
-    // A session ticket on the kernel's RX path would stall it.
-    server_config.send_tls13_tickets = 0;
-    let client_config = settings
-        .client_config(&client_creds, trust, ExpectedPeer::Identity(server_id))
-        .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = listener.local_addr().unwrap();
-    // The agents' own path: handshake and preface read record by record,
-    // then into the kernel if it has TLS.
-    let server = std::thread::spawn(move || {
-        let (mut tcp, _) = listener.accept().unwrap();
-        std::thread::sleep(server_delay);
-        let connection = ServerConnection::new(Arc::new(server_config)).unwrap();
-        let (connection, preface) = handshake::server(connection, &mut tcp).unwrap();
-        assert_eq!(preface, test_preface());
-        Session::from_handshaken(connection, tcp).unwrap()
-    });
-    let mut tcp = TcpStream::connect(address).unwrap();
-    let connection = ClientConnection::new(
-        Arc::new(client_config),
-        ServerName::try_from("veil.invalid").unwrap(),
-    )
-    .unwrap();
-    let connection = handshake::client(connection, &mut tcp, &test_preface()).unwrap();
-    let client = Session::from_handshaken(connection, tcp).unwrap();
+    let (client, _, server) = Peers::new(settings).connect(server_delay);
     (client, server)
 }
 
