@@ -276,6 +276,23 @@ fn meshed_tcp_crosses_nodes_encrypted_byte_exact_with_the_real_client_address() 
         "inbound ok = {inbound_ok}\n{}",
         bed.dump()
     );
+    // Cart dialled checkout many times: after the first full handshakes,
+    // connections resume from session tickets, on both ends. (Sixteen at
+    // once find one ticket between them; each handshake leaves one.)
+    for (node, direction) in [(1, "outbound"), (2, "inbound")] {
+        let series = |kind: &str| {
+            format!(r#"veil_mesh_handshakes_total{{direction="{direction}",kind="{kind}"}}"#)
+        };
+        let (full, resumed) = (
+            bed.metric(node, &series("full")),
+            bed.metric(node, &series("resumed")),
+        );
+        assert!(
+            full >= 1.0 && resumed >= 2.0 && full + resumed >= 19.0,
+            "node {node} {direction}: {full} full, {resumed} resumed\n{}",
+            bed.dump()
+        );
+    }
     let node1 = bed.agents[0].status().unwrap();
     assert!(node1.event("mesh-steered") >= 20, "{node1:#?}");
     assert_eq!(node1.event("drop-no-proxy"), 0, "{node1:#?}");

@@ -101,6 +101,14 @@ fn process_record(
     Ok(())
 }
 
+/// Sends whatever rustls has queued (a server's session ticket, see [`server`]).
+pub fn send_pending(
+    connection: &mut Connection,
+    tcp: &mut TcpStream,
+) -> Result<(), HandshakeError> {
+    flush(connection, tcp)
+}
+
 fn flush(connection: &mut Connection, tcp: &mut TcpStream) -> Result<(), HandshakeError> {
     while connection.wants_write() {
         connection.write_tls(tcp)?;
@@ -192,6 +200,12 @@ fn read_until_ticket(
 /// Server side: handshake, then exactly the records that carry the preface.
 /// The client may be any workload of the trust domain; a resumed session's
 /// client chain is checked again against `trust` here.
+///
+/// The session ticket rustls made at the client's Finished is left unsent:
+/// only a connection the caller accepts gets one, when
+/// [`crate::session::Session::from_handshaken`] (or [`send_pending`]) sends
+/// it. A refused client — revoked since its ticket, say — thus gets no fresh
+/// ticket to come back with, and its next handshake is a full one.
 pub fn server(
     connection: ServerConnection,
     tcp: &mut TcpStream,
@@ -199,7 +213,7 @@ pub fn server(
     trust_domain: &str,
 ) -> Result<(Connection, Preface), HandshakeError> {
     let mut connection = Connection::from(connection);
-    complete(&mut connection, tcp)?;
+    complete_unflushed(&mut connection, tcp)?;
     trust.check_resumed(&connection, &ExpectedPeer::TrustDomain(trust_domain.into()))?;
     let mut bytes = Vec::with_capacity(preface::LENGTH);
     while bytes.len() < preface::LENGTH {

@@ -48,6 +48,8 @@ pub enum SessionError {
     Kernel(KtlsError),
     #[error("cannot extract the session keys: {0}")]
     Secrets(rustls::Error),
+    #[error("cannot send what the handshake left queued: {0}")]
+    Pending(crate::handshake::HandshakeError),
     #[error("no session ticket before the kernel takes the session: {0}")]
     Ticket(crate::handshake::HandshakeError),
 }
@@ -84,10 +86,14 @@ impl Session {
     /// A client reads the server's session ticket first on the kernel path
     /// (see [`handshake::receive_ticket`]); in userspace rustls takes it
     /// whenever it comes.
+    ///
+    /// What the handshake left queued (a server's session ticket) is sent
+    /// first, on either path: a kernel-path client waits for it.
     pub fn from_handshaken(
         mut connection: Connection,
         mut tcp: TcpStream,
     ) -> Result<Self, SessionError> {
+        handshake::send_pending(&mut connection, &mut tcp).map_err(SessionError::Pending)?;
         match ktls::attach_ulp(tcp.as_fd()) {
             Ok(()) => {}
             Err(KtlsError::Unsupported) => {

@@ -366,9 +366,11 @@ fn agents_connect(
         let (mut tcp, _) = listener.accept().unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let connection = ServerConnection::new(server).unwrap();
-        let (connection, seen) = handshake::server(connection, &mut tcp, &trust, TRUST_DOMAIN)
+        let (mut connection, seen) = handshake::server(connection, &mut tcp, &trust, TRUST_DOMAIN)
             .map_err(|e| e.to_string())?;
         assert_eq!(seen, preface());
+        // Accepted: the ticket goes out.
+        handshake::send_pending(&mut connection, &mut tcp).map_err(|e| e.to_string())?;
         Ok(connection.handshake_kind().unwrap())
     });
     let mut tcp = TcpStream::connect(address).unwrap();
@@ -380,17 +382,17 @@ fn agents_connect(
     .unwrap();
     let expected = ExpectedPeer::Identity(server_id.clone());
     let client_result = handshake::client(connection, &mut tcp, &preface(), &mesh.trust, &expected)
+        .map_err(|e| e.to_string())
         .and_then(|mut connection| {
+            let kind = connection.handshake_kind().unwrap();
             // As on the kernel path: the ticket comes before any data.
-            handshake::receive_ticket(&mut connection, &mut tcp)?;
-            Ok(connection.handshake_kind().unwrap())
+            handshake::receive_ticket(&mut connection, &mut tcp)
+                .map_err(|e| format!("after a {kind:?} handshake: {e}"))?;
+            Ok(kind)
         });
     // A refusing client hangs up; the server must not wait for it.
     drop(tcp);
-    (
-        client_result.map_err(|e| e.to_string()),
-        server.join().unwrap(),
-    )
+    (client_result, server.join().unwrap())
 }
 
 /// A certificate for `sa` that expires `seconds` from now.
@@ -481,11 +483,22 @@ fn a_resumed_session_is_refused_once_the_client_certificate_expired() {
     std::thread::sleep(Duration::from_secs(3));
     // The ticket still opens (nothing was revoked), so the handshake
     // resumes — the client finishes it — and only the server's check of
-    // the restored chain refuses it.
-    let (client_kind, server_result) = agents_connect(&mesh, &server, &client, &server_id);
-    assert_eq!(client_kind.unwrap(), rustls::HandshakeKind::Resumed);
+    // the restored chain refuses it: no new ticket, the connection closed.
+    let (client_result, server_result) = agents_connect(&mesh, &server, &client, &server_id);
+    let error = client_result.unwrap_err();
+    assert!(
+        error.contains("after a Resumed handshake")
+            && (error.contains("closed") || error.contains("reset")),
+        "{error}"
+    );
     let error = server_result.unwrap_err();
     assert!(error.contains("Expired"), "{error}");
+    // Having no ticket left, the client's next handshake is a full one,
+    // which the server's verifier refuses with an alert.
+    let (client_result, server_result) = agents_connect(&mesh, &server, &client, &server_id);
+    let error = client_result.unwrap_err();
+    assert!(error.contains("alert"), "{error}");
+    assert!(server_result.unwrap_err().contains("Expired"));
 }
 
 #[test]

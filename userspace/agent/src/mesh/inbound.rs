@@ -90,6 +90,7 @@ fn accept_session(
             Ok(done) => done,
             Err(error) => return Err((error.into(), Some(tcp))),
         };
+    mesh.metrics.handshake(Direction::Inbound, &connection);
     let _ = tcp.set_read_timeout(None);
     let checked = check(mesh, &tcp, &connection, &preface).and_then(|()| {
         transparent_connect(

@@ -1,6 +1,6 @@
 //! The mesh's Prometheus metrics: connections by direction, mode and result,
-//! bytes relayed, handshake latency, open connections, and when each
-//! workload certificate expires.
+//! handshakes full or resumed, bytes relayed, handshake latency, open
+//! connections, and when each workload certificate expires.
 
 use std::{
     collections::BTreeMap,
@@ -58,6 +58,14 @@ pub struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub direction: Direction,
+    /// `full` (certificates exchanged and verified) or `resumed` (a session
+    /// ticket; see `veil_mtls::resumption`).
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ByteLabels {
     pub direction: Direction,
     /// `to_peer`: from the local pod into TLS; `to_pod`: out of TLS to the local pod.
@@ -80,6 +88,7 @@ pub struct MeshMetrics {
     /// The same counts, readable for the admin API.
     counts: Arc<Mutex<BTreeMap<CountKey, u64>>>,
     pub open: Family<DirectionLabels, Gauge>,
+    pub handshakes: Family<HandshakeLabels, Counter>,
     pub bytes: Family<ByteLabels, Counter>,
     pub handshake_seconds: Family<DirectionLabels, Histogram>,
     /// Unix time at which each workload certificate held here expires.
@@ -92,6 +101,7 @@ impl Default for MeshMetrics {
             connections: Family::default(),
             counts: Arc::default(),
             open: Family::default(),
+            handshakes: Family::default(),
             bytes: Family::default(),
             handshake_seconds: Family::new_with_constructor(handshake_histogram),
             certificate_expiry: Family::default(),
@@ -112,6 +122,11 @@ impl MeshMetrics {
             self.open.clone(),
         );
         registry.register(
+            "veil_mesh_handshakes",
+            "Completed mTLS handshakes by direction, full or resumed from a session ticket",
+            self.handshakes.clone(),
+        );
+        registry.register(
             "veil_mesh_relayed_bytes",
             "Application bytes relayed between pods and mTLS sessions",
             self.bytes.clone(),
@@ -127,6 +142,17 @@ impl MeshMetrics {
              alert on it minus time() below the renewal margin",
             self.certificate_expiry.clone(),
         );
+    }
+
+    /// Counts a completed handshake, full or resumed.
+    pub fn handshake(&self, direction: Direction, connection: &rustls::Connection) {
+        let kind = match connection.handshake_kind() {
+            Some(rustls::HandshakeKind::Resumed) => "resumed",
+            _ => "full",
+        };
+        self.handshakes
+            .get_or_create(&HandshakeLabels { direction, kind })
+            .inc();
     }
 
     pub fn connection(&self, direction: Direction, mode: &'static str, result: &'static str) {

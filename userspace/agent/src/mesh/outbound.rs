@@ -109,6 +109,7 @@ fn open_session(mesh: &MeshState, pod: &TcpStream) -> Result<(Session, Preface),
     };
     let expected = ExpectedPeer::Identity(destination_pod.identity.clone());
     let connection = handshake::client(connection, &mut tcp, &preface, &mesh.trust, &expected)?;
+    mesh.metrics.handshake(Direction::Outbound, &connection);
     debug!(
         client = %client,
         destination = %destination,
