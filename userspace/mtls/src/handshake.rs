@@ -1,9 +1,11 @@
-//! The agent-to-agent handshake, read one TLS record at a time.
+//! The agent-to-agent handshake, never read past what it needs.
 //!
 //! After the handshake the session may move into the kernel (kTLS). Every
 //! byte rustls has read by then is lost to the kernel, so nothing here ever
-//! reads past the record it needs: [`read_record`] reads a 5-byte record
-//! header, then exactly that record's body. The client sends the
+//! reads past the record it needs where more may follow: [`read_record`]
+//! reads a 5-byte record header, then exactly that record's body. (A client
+//! reads the server's flights whole: nothing can follow them until the
+//! client's Finished; see [`complete_unflushed`].) The client sends the
 //! [`Preface`] in its own record right after its Finished; the server reads
 //! records until it has the preface and stops there, leaving the pod's bytes
 //! that follow for the kernel (or for the userspace relay).
@@ -83,8 +85,9 @@ fn read_exact_or_closed(tcp: &mut TcpStream, buffer: &mut [u8]) -> Result<(), Ha
     })
 }
 
-/// Feeds one record to rustls. On a TLS error, the alert rustls queued is
-/// sent first, so the peer learns why.
+/// Feeds one record (or, see [`complete_unflushed`], what arrived) to
+/// rustls. On a TLS error, the alert rustls queued is sent first, so the
+/// peer learns why.
 fn process_record(
     connection: &mut Connection,
     tcp: &mut TcpStream,
@@ -126,14 +129,33 @@ pub fn complete(connection: &mut Connection, tcp: &mut TcpStream) -> Result<(), 
 
 /// [`complete`], leaving its last flight unsent, so a client's Finished and
 /// preface leave in one write (one segment).
+///
+/// A client reads whatever has arrived, not one record at a time: until it
+/// sends its Finished the server has nothing more to send (its ticket and
+/// any data come after it reads that Finished), so nothing past the
+/// handshake can be in the socket, and a flight of several records costs
+/// one read instead of two per record. A server reads record by record: the
+/// client's last flight is followed by the preface and then the pod's bytes.
 fn complete_unflushed(
     connection: &mut Connection,
     tcp: &mut TcpStream,
 ) -> Result<(), HandshakeError> {
+    let read_ahead = matches!(connection, Connection::Client(_));
+    let mut arrived = vec![0u8; if read_ahead { MAX_RECORD_BODY } else { 0 }];
     while connection.is_handshaking() {
         flush(connection, tcp)?;
-        let record = read_record(tcp)?;
-        process_record(connection, tcp, &record)?;
+        if read_ahead {
+            let n = match tcp.read(&mut arrived) {
+                Ok(0) => return Err(HandshakeError::Closed),
+                Ok(n) => n,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(error.into()),
+            };
+            process_record(connection, tcp, &arrived[..n])?;
+        } else {
+            let record = read_record(tcp)?;
+            process_record(connection, tcp, &record)?;
+        }
     }
     Ok(())
 }

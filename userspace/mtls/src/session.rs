@@ -176,7 +176,7 @@ fn encrypt_direction(
     aborted: &AtomicBool,
     mut budget: RecordBudget,
 ) -> std::io::Result<u64> {
-    let mut buffer = vec![0u8; 16 * 1024];
+    let mut buffer = buffers::Buffer::take(16 * 1024);
     let mut total = 0u64;
     loop {
         let n = match (&*plain).read(&mut buffer) {
@@ -224,8 +224,8 @@ fn decrypt_direction(
     connection: &Mutex<Connection>,
     aborted: &AtomicBool,
 ) -> std::io::Result<u64> {
-    let mut records = vec![0u8; 32 * 1024];
-    let mut plaintext = vec![0u8; 32 * 1024];
+    let mut records = buffers::Buffer::take(32 * 1024);
+    let mut plaintext = buffers::Buffer::take(32 * 1024);
     let mut total = 0u64;
     loop {
         let n = match (&*tls).read(&mut records) {
@@ -265,6 +265,82 @@ fn decrypt_direction(
         if closed {
             let _ = plain.shutdown(Shutdown::Write);
             return Ok(total);
+        }
+    }
+}
+
+/// The relay's copy buffers, kept per thread: the agent's connection threads
+/// are reused, so a connection takes buffers the last one left instead of
+/// allocating and zeroing 80 KiB. Only the bytes a read just filled are ever
+/// used, so what a buffer held before never leaks into a stream.
+mod buffers {
+    use std::{
+        cell::RefCell,
+        ops::{Deref, DerefMut},
+    };
+
+    /// Buffers kept per thread at most (a direction uses up to two).
+    const KEPT: usize = 2;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A buffer of at least the asked length, handed back to its thread on drop.
+    pub struct Buffer(Vec<u8>);
+
+    impl Buffer {
+        pub fn take(len: usize) -> Self {
+            let spare = SPARE.with(|spare| spare.borrow_mut().pop());
+            match spare {
+                Some(buffer) if buffer.len() >= len => Self(buffer),
+                _ => Self(vec![0u8; len]),
+            }
+        }
+    }
+
+    impl Drop for Buffer {
+        fn drop(&mut self) {
+            let buffer = std::mem::take(&mut self.0);
+            SPARE.with(|spare| {
+                let mut spare = spare.borrow_mut();
+                if spare.len() < KEPT {
+                    spare.push(buffer);
+                }
+            });
+        }
+    }
+
+    impl Deref for Buffer {
+        type Target = [u8];
+        fn deref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    impl DerefMut for Buffer {
+        fn deref_mut(&mut self) -> &mut [u8] {
+            &mut self.0
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_thread_reuses_its_buffers_and_a_small_one_is_not_handed_out_for_more() {
+            let address = {
+                let buffer = Buffer::take(1024);
+                buffer.as_ptr()
+            };
+            assert_eq!(Buffer::take(1024).as_ptr(), address, "reused");
+            let bigger = Buffer::take(64 * 1024);
+            assert!(bigger.len() >= 64 * 1024);
+            let elsewhere = std::thread::spawn(|| Buffer::take(1024).len())
+                .join()
+                .unwrap();
+            assert_eq!(elsewhere, 1024);
         }
     }
 }
