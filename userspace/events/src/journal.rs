@@ -9,7 +9,9 @@
 //! never stops the consumer.
 //!
 //! Flow records are telemetry, many and never consumed by agents: their
-//! journal is not synced per record and is kept to two files of
+//! journal is not synced per record, stays open between records (one comes
+//! per connection, on the connection's thread: one write each instead of
+//! stat, open, seek, write and close), and is kept to two files of
 //! [`FLOW_JOURNAL_LIMIT`] (`flows.jsonl` and the previous `flows.jsonl.1`),
 //! the way the Kafka topic's retention bounds it.
 //!
@@ -56,12 +58,28 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
 pub struct EmbeddedBus {
     dir: PathBuf,
     malformed: Arc<AtomicU64>,
-    /// Held while the flow journal is checked and rotated.
-    rotation: Arc<std::sync::Mutex<()>>,
+    /// The flow journal, open for appending once the first record comes.
+    flows: Arc<std::sync::Mutex<Option<OpenJournal>>>,
 }
 
 /// Size past which the flow journal is rotated.
 pub const FLOW_JOURNAL_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// A journal file kept open for appending, and its size.
+#[derive(Debug)]
+struct OpenJournal {
+    file: File,
+    size: u64,
+}
+
+fn open_for_append(path: &Path) -> Result<File, JournalError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))
+}
 
 /// One event read from the journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,7 +102,7 @@ impl EmbeddedBus {
         Ok(Self {
             dir: dir.to_owned(),
             malformed: Arc::default(),
-            rotation: Arc::default(),
+            flows: Arc::default(),
         })
     }
 
@@ -100,28 +118,41 @@ impl EmbeddedBus {
 
     fn publish_limited(&self, envelope: &Envelope, flow_limit: u64) -> Result<u64, JournalError> {
         let path = self.journal(envelope.topic);
-        let telemetry = envelope.topic == Topic::Flows;
-        if telemetry {
-            let _rotating = self.rotation.lock().unwrap_or_else(|p| p.into_inner());
-            let size = std::fs::metadata(&path).map_or(0, |m| m.len());
-            if size >= flow_limit {
-                let previous = path.with_extension("jsonl.1");
-                std::fs::rename(&path, &previous).map_err(io(&path))?;
-            }
-        }
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io(&path))?;
-        let offset = file.seek(SeekFrom::End(0)).map_err(io(&path))?;
         let mut line = envelope.encode();
         line.push('\n');
-        file.write_all(line.as_bytes()).map_err(io(&path))?;
-        if !telemetry {
-            file.sync_data().map_err(io(&path))?;
+        if envelope.topic == Topic::Flows {
+            return self.publish_flow(&path, line.as_bytes(), flow_limit);
         }
+        let mut file = open_for_append(&path)?;
+        let offset = file.seek(SeekFrom::End(0)).map_err(io(&path))?;
+        file.write_all(line.as_bytes()).map_err(io(&path))?;
+        file.sync_data().map_err(io(&path))?;
+        Ok(offset)
+    }
+
+    /// Appends a flow record to the open flow journal, rotating it first
+    /// when it has reached `limit`.
+    fn publish_flow(&self, path: &Path, line: &[u8], limit: u64) -> Result<u64, JournalError> {
+        let mut flows = self.flows.lock().unwrap_or_else(|p| p.into_inner());
+        let journal = match &mut *flows {
+            Some(journal) if journal.size < limit => journal,
+            open => {
+                if open.take().is_some() || std::fs::metadata(path).is_ok_and(|m| m.len() >= limit)
+                {
+                    std::fs::rename(path, path.with_extension("jsonl.1")).map_err(io(path))?;
+                }
+                let mut file = open_for_append(path)?;
+                let size = file.seek(SeekFrom::End(0)).map_err(io(path))?;
+                open.insert(OpenJournal { file, size })
+            }
+        };
+        let offset = journal.size;
+        if let Err(error) = journal.file.write_all(line) {
+            // Reopened (and its size read again) with the next record.
+            *flows = None;
+            return Err(io(path)(error));
+        }
+        journal.size += line.len() as u64;
         Ok(offset)
     }
 
