@@ -5,7 +5,7 @@
 //! reads past the record it needs where more may follow: [`read_record`]
 //! reads a 5-byte record header, then exactly that record's body. (A client
 //! reads the server's flights whole: nothing can follow them until the
-//! client's Finished; see [`complete_unflushed`].) The client sends the
+//! client's Finished.) The client sends the
 //! [`Preface`] in its own record right after its Finished; the server reads
 //! records until it has the preface and stops there, leaving the pod's bytes
 //! that follow for the kernel (or for the userspace relay).
@@ -86,22 +86,25 @@ fn read_exact_or_closed(tcp: &mut TcpStream, buffer: &mut [u8]) -> Result<(), Ha
 }
 
 /// Feeds one record (or, see [`complete_unflushed`], what arrived) to
-/// rustls. On a TLS error, the alert rustls queued is sent first, so the
-/// peer learns why.
+/// rustls and returns its state after it. On a TLS error, the alert rustls
+/// queued is sent first, so the peer learns why.
 fn process_record(
     connection: &mut Connection,
     tcp: &mut TcpStream,
     record: &[u8],
-) -> Result<(), HandshakeError> {
+) -> Result<rustls::IoState, HandshakeError> {
     let mut input = record;
-    while !input.is_empty() {
+    loop {
         connection.read_tls(&mut input)?;
-        if let Err(error) = connection.process_new_packets() {
-            let _ = flush(connection, tcp);
-            return Err(error.into());
+        match connection.process_new_packets() {
+            Ok(state) if input.is_empty() => return Ok(state),
+            Ok(_) => {}
+            Err(error) => {
+                let _ = flush(connection, tcp);
+                return Err(error.into());
+            }
         }
     }
-    Ok(())
 }
 
 /// Sends whatever rustls has queued (a server's session ticket, see [`server`]).
@@ -121,14 +124,9 @@ fn flush(connection: &mut Connection, tcp: &mut TcpStream) -> Result<(), Handsha
 }
 
 /// Runs the handshake to completion without reading past its last record,
-/// and sends what it leaves to send (a client's Finished, a server's ticket).
-pub fn complete(connection: &mut Connection, tcp: &mut TcpStream) -> Result<(), HandshakeError> {
-    complete_unflushed(connection, tcp)?;
-    flush(connection, tcp)
-}
-
-/// [`complete`], leaving its last flight unsent, so a client's Finished and
-/// preface leave in one write (one segment).
+/// leaving its last flight unsent: a client's Finished goes with the
+/// preface in one write (one segment), a server's ticket only to a
+/// connection its caller accepts (see [`server`]).
 ///
 /// A client reads whatever has arrived, not one record at a time: until it
 /// sends its Finished the server has nothing more to send (its ticket and
@@ -210,9 +208,8 @@ fn read_until_ticket(
     let before = tickets(connection);
     while tickets(connection) == before {
         let record = read_record(tcp)?;
-        process_record(connection, tcp, &record)?;
         // What rustls decrypted would be lost when the keys move to the kernel.
-        if connection.process_new_packets()?.plaintext_bytes_to_read() > 0 {
+        if process_record(connection, tcp, &record)?.plaintext_bytes_to_read() > 0 {
             return Err(HandshakeError::DataBeforeTicket);
         }
     }

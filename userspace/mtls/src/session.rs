@@ -1,6 +1,7 @@
 //! An established agent-to-agent TLS session, in the kernel when it can be.
 //!
-//! [`Session::establish`] finishes the handshake and tries the kernel first:
+//! [`Session::from_handshaken`] takes a finished handshake (see
+//! [`crate::handshake`]) and tries the kernel first:
 //! with the TLS ULP the keys go to the kernel and [`Session::relay`] splices;
 //! without it the same session stays in rustls and the relay copies through
 //! userspace. The choice is automatic and visible as [`Mode`].
@@ -42,8 +43,6 @@ impl Mode {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("TLS handshake failed: {0}")]
-    Handshake(std::io::Error),
     #[error("cannot hand the session to the kernel: {0}")]
     Kernel(KtlsError),
     #[error("cannot extract the session keys: {0}")]
@@ -62,25 +61,6 @@ pub enum Session {
 }
 
 impl Session {
-    /// Completes the handshake on `tcp`, then moves the session into the
-    /// kernel if it has TLS, else keeps it in rustls.
-    ///
-    /// For the kernel path the server must send no session tickets, and no
-    /// application byte may arrive before this returns on both sides.
-    pub fn establish(mut connection: Connection, mut tcp: TcpStream) -> Result<Self, SessionError> {
-        while connection.is_handshaking() {
-            connection
-                .complete_io(&mut tcp)
-                .map_err(SessionError::Handshake)?;
-        }
-        while connection.wants_write() {
-            connection
-                .write_tls(&mut tcp)
-                .map_err(SessionError::Handshake)?;
-        }
-        Self::from_handshaken(connection, tcp)
-    }
-
     /// Takes a connection whose handshake (and preface) is done, reading no
     /// further byte (see [`crate::handshake`]), into the kernel if it can.
     /// A client reads the server's session ticket first on the kernel path
@@ -139,8 +119,8 @@ impl Session {
 }
 
 /// The fallback relay: rustls encrypts in userspace. One thread per
-/// direction (the second from [`crate::workers`]); the connection is locked only to move bytes in or out of it,
-/// never across a blocking socket call.
+/// direction (the second from [`crate::workers`]); the connection is locked
+/// only to move bytes in or out of it, never across a blocking socket call.
 fn userspace_relay(
     plain: TcpStream,
     connection: Connection,
