@@ -78,6 +78,11 @@ pub enum MeshError {
         address: SocketAddrV4,
         source: std::io::Error,
     },
+    #[error("cannot start the mesh's {what} threads: {source}")]
+    Threads {
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// What every connection handler shares.
@@ -145,8 +150,8 @@ impl Mesh {
         });
 
         routing::install()?;
-        let pool = connection_pool().map_err(|source| MeshError::Inbound {
-            address: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, section.inbound_port),
+        let pool = connection_pool().map_err(|source| MeshError::Threads {
+            what: "connection",
             source,
         })?;
         let (out_threads, in_threads) = (pool.handle().clone(), pool.handle().clone());
@@ -165,23 +170,23 @@ impl Mesh {
         std::thread::Builder::new()
             .name("mesh-outbound".into())
             .spawn(move || outbound::serve(outbound, out_state, &out_threads))
-            .map_err(|source| MeshError::Inbound {
-                address: outbound_address,
+            .map_err(|source| MeshError::Threads {
+                what: "outbound accept",
                 source,
             })?;
         let renewal_state = Arc::clone(&state);
         std::thread::Builder::new()
             .name("mesh-certs".into())
             .spawn(move || keep_certificates_fresh(&renewal_state))
-            .map_err(|source| MeshError::Inbound {
-                address: inbound_address,
+            .map_err(|source| MeshError::Threads {
+                what: "certificate",
                 source,
             })?;
         std::thread::Builder::new()
             .name("mesh-inbound".into())
             .spawn(move || inbound::serve(inbound, state, &in_threads))
-            .map_err(|source| MeshError::Inbound {
-                address: inbound_address,
+            .map_err(|source| MeshError::Threads {
+                what: "inbound accept",
                 source,
             })?;
         info!(
