@@ -472,15 +472,37 @@ fn sessions_resume_and_a_revocation_sends_peers_back_to_a_full_handshake() {
     assert!(error.contains("alert"), "{error}");
 }
 
-#[test]
-fn a_resumed_session_is_refused_once_the_client_certificate_expired() {
+/// Which end of the connection gets a certificate that expires.
+enum Expiring {
+    Client,
+    Server,
+}
+
+/// Cart dialling checkout, where `expiring`'s certificate lives two seconds:
+/// a first full handshake leaves a ticket, then that certificate expires.
+fn ticket_held_past_expiry(
+    expiring: Expiring,
+) -> (
+    Mesh,
+    Arc<rustls::ServerConfig>,
+    Arc<rustls::ClientConfig>,
+    SpiffeId,
+) {
     let mesh = Mesh::new();
-    let (server_id, server_creds) = mesh.workload("checkout");
-    let (_, client_creds) = short_lived(&mesh, "cart", 2);
+    let ((server_id, server_creds), (_, client_creds)) = match expiring {
+        Expiring::Client => (mesh.workload("checkout"), short_lived(&mesh, "cart", 2)),
+        Expiring::Server => (short_lived(&mesh, "checkout", 2), mesh.workload("cart")),
+    };
     let (server, client) = agent_configs(&mesh, &server_creds, &server_id, &client_creds);
     let (client_kind, _) = agents_connect(&mesh, &server, &client, &server_id);
     assert_eq!(client_kind.unwrap(), rustls::HandshakeKind::Full);
     std::thread::sleep(Duration::from_secs(3));
+    (mesh, server, client, server_id)
+}
+
+#[test]
+fn a_resumed_session_is_refused_once_the_client_certificate_expired() {
+    let (mesh, server, client, server_id) = ticket_held_past_expiry(Expiring::Client);
     // The ticket still opens (nothing was revoked), so the handshake
     // resumes — the client finishes it — and only the server's check of
     // the restored chain refuses it: no new ticket, the connection closed.
@@ -503,13 +525,7 @@ fn a_resumed_session_is_refused_once_the_client_certificate_expired() {
 
 #[test]
 fn a_client_refuses_to_resume_with_a_server_whose_certificate_expired() {
-    let mesh = Mesh::new();
-    let (server_id, server_creds) = short_lived(&mesh, "checkout", 2);
-    let (_, client_creds) = mesh.workload("cart");
-    let (server, client) = agent_configs(&mesh, &server_creds, &server_id, &client_creds);
-    let (client_kind, _) = agents_connect(&mesh, &server, &client, &server_id);
-    assert_eq!(client_kind.unwrap(), rustls::HandshakeKind::Full);
-    std::thread::sleep(Duration::from_secs(3));
+    let (mesh, server, client, server_id) = ticket_held_past_expiry(Expiring::Server);
     let (client_result, server_result) = agents_connect(&mesh, &server, &client, &server_id);
     let error = client_result.unwrap_err();
     assert!(error.contains("Expired"), "{error}");
