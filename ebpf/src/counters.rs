@@ -39,6 +39,9 @@ pub fn count_packet<C: EbpfContext>(ctx: &C, hook: Hook, ifindex: u32, len: u64)
         match hook {
             Hook::UnderlayXdp => info!(ctx, "underlay xdp: first packet on ifindex {}", ifindex),
             Hook::PodEgressTc => info!(ctx, "pod egress tc: first packet on ifindex {}", ifindex),
+            Hook::UnderlayDeliverTc => {
+                info!(ctx, "underlay delivery tc: first packet on ifindex {}", ifindex)
+            }
         }
     }
 }

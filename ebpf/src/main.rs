@@ -8,6 +8,7 @@
 #![no_main]
 
 mod counters;
+mod delivery;
 mod frag_needed;
 mod headers;
 mod mesh_steering;

@@ -13,16 +13,16 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_tunnel_key,
     },
-    helpers::{bpf_get_hash_recalc, bpf_redirect},
+    helpers::{bpf_get_hash_recalc, bpf_redirect, bpf_skb_set_tunnel_key},
     macros::classifier,
     maps::lpm_trie::Key,
     programs::TcContext,
 };
 use veil_common::{
     counters::Hook,
-    overlay::{DatapathEvent, SOURCE_PORT_BASE, SOURCE_PORT_MASK, VXLAN_PORT},
+    overlay::{DatapathEvent, OverlayConfig, SOURCE_PORT_BASE, SOURCE_PORT_MASK, VXLAN_PORT},
 };
 
 use crate::{
@@ -95,6 +95,10 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, DatapathEvent> {
         return Ok(TC_ACT_SHOT as i32);
     }
 
+    if config.tunnel_ifindex != 0 {
+        return tunnel_device(ctx, &ip, node.underlay_ip, config);
+    }
+
     // SAFETY: the helper only reads the skb the program was given.
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     let source_port = SOURCE_PORT_BASE | (hash as u16 & SOURCE_PORT_MASK);
@@ -144,4 +148,38 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, DatapathEvent> {
     // SAFETY: redirecting to an interface index is always memory-safe; a
     // wrong index only makes the kernel drop the packet.
     Ok(unsafe { bpf_redirect(config.underlay_ifindex, 0) } as i32)
+}
+
+/// `encapsulation = "vxlan-device"`: the tunnel key (VNI, peer node, TOS)
+/// goes with the packet to the collect_md vxlan device, which builds the
+/// outer headers and routes them out of the underlay.
+fn tunnel_device(
+    ctx: &TcContext,
+    ip: &Ipv4Hdr,
+    peer: [u8; 4],
+    config: &OverlayConfig,
+) -> Result<i32, DatapathEvent> {
+    // SAFETY: all-zero is a valid `bpf_tunnel_key` (plain integers).
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    key.tunnel_id = config.vni;
+    // The helper takes the address in host byte order.
+    key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(peer);
+    key.tunnel_tos = ip.tos;
+    key.tunnel_ttl = 64;
+    // SAFETY: the helper reads `size_of::<bpf_tunnel_key>()` bytes of `key`.
+    let set = unsafe {
+        bpf_skb_set_tunnel_key(
+            ctx.skb.skb,
+            &mut key,
+            core::mem::size_of::<bpf_tunnel_key>() as u32,
+            0,
+        )
+    };
+    if set != 0 {
+        return Err(DatapathEvent::DropEncapFailed);
+    }
+    count_event(DatapathEvent::Encapsulated);
+    // SAFETY: redirecting to an interface index is always memory-safe; a
+    // wrong index only makes the kernel drop the packet.
+    Ok(unsafe { bpf_redirect(config.tunnel_ifindex, 0) } as i32)
 }

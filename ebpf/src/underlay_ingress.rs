@@ -2,11 +2,12 @@
 //! nodes passes here first.
 //!
 //! VXLAN on our port is ours: it is checked (outer headers, VNI, inner
-//! headers, a local destination), decapsulated in place and redirected
-//! straight into the destination pod's veth through a device map, without
-//! touching the node's stack. Anything that fails a check is dropped and
-//! counted by reason — never forwarded. Traffic that is not VXLAN on our port
-//! passes untouched.
+//! headers, a local destination) and decapsulated in place, then tagged for
+//! its pod and passed on to GRO; TC ingress on the underlay delivers the
+//! merged packets ([`crate::delivery`]). Where the driver has no metadata
+//! room, the frame is redirected into the pod's veth through a device map
+//! instead. Anything that fails a check is dropped and counted by reason —
+//! never forwarded. Traffic that is not VXLAN on our port passes untouched.
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext,
@@ -18,6 +19,7 @@ use veil_common::{
 
 use crate::{
     counters::count_packet,
+    delivery,
     headers::{
         ENCAP_ROOM, ETH_HLEN, ETH_P_IPV4, EthHdr, IP_MF_AND_OFFSET, IPPROTO_TCP, IPPROTO_UDP,
         IPV4_HLEN, Ipv4Hdr, TcpPorts, UDP_HLEN, UdpHdr, VXLAN_FLAG_VNI, VXLAN_HLEN, VxlanHdr,
@@ -141,6 +143,10 @@ fn try_underlay_ingress(ctx: &XdpContext) -> Result<u32, DatapathEvent> {
         return Err(DatapathEvent::DropMalformed);
     }
     count_event(DatapathEvent::Decapsulated);
+    if delivery::tag(ctx, endpoint.ifindex) {
+        // GRO on the underlay merges the inner flow, then TC delivers it.
+        return Ok(pass);
+    }
     POD_DEVICES
         .redirect(endpoint.ifindex, 0)
         .map_err(|_| DatapathEvent::DropUnknownDestination)

@@ -35,12 +35,29 @@ pub enum Configuration {
     KernelVxlan,
     /// Veil's eBPF overlay.
     VeilOverlay,
+    /// Veil's eBPF overlay with `encapsulation = "vxlan-device"`: the
+    /// pod-egress program hands a tunnel key to a collect_md vxlan device
+    /// instead of writing the outer headers itself.
+    VeilOverlayVxlanDevice,
     /// Veil mTLS with the userspace (rustls) relay.
     VeilMtlsUserspace,
     /// Veil mTLS with kernel TLS.
     VeilMtlsKtls,
     /// A stunnel pair doing the same job as Veil's mTLS.
     Stunnel,
+}
+
+impl std::str::FromStr for Configuration {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL.into_iter().find(|c| c.id() == s).ok_or_else(|| {
+            format!(
+                "unknown configuration {s:?}; choose from: {}",
+                Self::ALL.map(Configuration::id).join(", ")
+            )
+        })
+    }
 }
 
 /// Whether a configuration can be measured in this run.
@@ -52,10 +69,11 @@ pub enum Availability {
 }
 
 impl Configuration {
-    pub const ALL: [Configuration; 6] = [
+    pub const ALL: [Configuration; 7] = [
         Self::Direct,
         Self::KernelVxlan,
         Self::VeilOverlay,
+        Self::VeilOverlayVxlanDevice,
         Self::VeilMtlsUserspace,
         Self::VeilMtlsKtls,
         Self::Stunnel,
@@ -66,6 +84,7 @@ impl Configuration {
             Self::Direct => "direct",
             Self::KernelVxlan => "kernel-vxlan",
             Self::VeilOverlay => "veil-overlay",
+            Self::VeilOverlayVxlanDevice => "veil-overlay-vxlan-device",
             Self::VeilMtlsUserspace => "veil-mtls-userspace",
             Self::VeilMtlsKtls => "veil-mtls-ktls",
             Self::Stunnel => "stunnel",
@@ -77,6 +96,9 @@ impl Configuration {
             Self::Direct => "direct routing (baseline: no overlay, no encryption)",
             Self::KernelVxlan => "kernel vxlan device",
             Self::VeilOverlay => "Veil eBPF overlay",
+            Self::VeilOverlayVxlanDevice => {
+                "Veil eBPF overlay, encapsulating through a collect_md vxlan device"
+            }
             Self::VeilMtlsUserspace => "Veil mTLS, userspace relay",
             Self::VeilMtlsKtls => "Veil mTLS, kTLS",
             Self::Stunnel => "stunnel pair (TLS 1.3, ECDSA P-256, mutual auth)",
@@ -96,7 +118,12 @@ impl Configuration {
         )
     }
 
-    /// Runs on the Veil test bed (with agents), not the baselines'.
+    /// Runs with Veil's agents (on a test bed of its own, not the baselines').
+    pub const fn has_agents(self) -> bool {
+        self.is_veil() || matches!(self, Self::VeilOverlayVxlanDevice)
+    }
+
+    /// Runs on the shared Veil test bed (agents with default settings).
     pub const fn is_veil(self) -> bool {
         matches!(
             self,
@@ -111,9 +138,11 @@ impl Configuration {
 
     pub fn availability(self, machine: &Machine) -> Availability {
         match self {
-            Self::Direct | Self::KernelVxlan | Self::VeilOverlay | Self::Stunnel => {
-                Availability::Ready
-            }
+            Self::Direct
+            | Self::KernelVxlan
+            | Self::VeilOverlay
+            | Self::VeilOverlayVxlanDevice
+            | Self::Stunnel => Availability::Ready,
             // The agent picks kTLS whenever the kernel has it, so exactly one
             // of the two runs on a given machine.
             Self::VeilMtlsUserspace if machine.ktls_available => Availability::Skipped(
@@ -154,13 +183,17 @@ pub struct Bed {
     endpoints: Vec<(Configuration, Endpoints)>,
     topology: Topology,
     veil_topology: Option<Topology>,
+    /// `veil-overlay-vxlan-device`: its agents run with another setting.
+    tunnel_topology: Option<Topology>,
 }
 
 impl Bed {
     /// Builds a 2-node topology with one pod pair per configuration and sets each up.
     pub fn build(configurations: &[Configuration]) -> Result<Self> {
-        let (veil, baselines): (Vec<Configuration>, Vec<Configuration>) =
-            configurations.iter().partition(|c| c.is_veil());
+        let (with_agents, baselines): (Vec<Configuration>, Vec<Configuration>) =
+            configurations.iter().partition(|c| c.has_agents());
+        let (veil, tunnel): (Vec<Configuration>, Vec<Configuration>) =
+            with_agents.iter().partition(|c| c.is_veil());
         let topology = bench_topology("bench", baselines.len())?;
         let veil_topology = if veil.is_empty() {
             None
@@ -175,6 +208,7 @@ impl Bed {
             endpoints: Vec::new(),
             topology,
             veil_topology,
+            tunnel_topology: None,
         };
         for (index, &configuration) in baselines.iter().enumerate() {
             let client = PodRef::new(1, index + 1);
@@ -186,7 +220,42 @@ impl Bed {
         if !veil.is_empty() {
             bed.set_up_veil(&veil)?;
         }
+        if !tunnel.is_empty() {
+            bed.set_up_tunnel_device()?;
+        }
         Ok(bed)
+    }
+
+    /// `veil-overlay-vxlan-device` on a test bed of its own: agents with
+    /// `encapsulation = "vxlan-device"`, one pod pair.
+    fn set_up_tunnel_device(&mut self) -> Result<()> {
+        let configuration = Configuration::VeilOverlayVxlanDevice;
+        self.tunnel_topology = Some(bench_topology("benchm", 1)?);
+        let (client, server) = (PodRef::new(1, 1), PodRef::new(2, 1));
+        self.start_servers(Which::TunnelDevice, server)?;
+        let topology = self.tunnel_topology.as_ref().expect("built above");
+        for node in 1..=2 {
+            // Lands in [overlay], the last table of the generated config.
+            self._agents.push(Agent::start_overlay_with(
+                topology,
+                node,
+                VEIL_VNI,
+                "encapsulation = \"vxlan-device\"\n",
+            )?);
+        }
+        let direct = |port: u16| SocketAddr::from((server.ip(), port));
+        self.endpoints.push((
+            configuration,
+            Endpoints {
+                client: topology.pod(client),
+                iperf: direct(IPERF_PORT),
+                echo: direct(echo::ECHO_PORT),
+                one_shot: direct(echo::ONE_SHOT_PORT),
+                hold: direct(echo::HOLD_PORT),
+                proxy_pids: Vec::new(),
+            },
+        ));
+        Ok(())
     }
 
     /// Veil's configurations on their own test bed: one pod pair each, the
@@ -266,6 +335,7 @@ impl Bed {
         let topology = match which {
             Which::Baselines => &self.topology,
             Which::Veil => self.veil_topology.as_ref().expect("built before servers"),
+            Which::TunnelDevice => self.tunnel_topology.as_ref().expect("built before servers"),
         };
         let ns = topology.pod(server);
         self.servers.push(Servers::start(&ns, server.ip())?);
@@ -353,6 +423,7 @@ impl Bed {
 enum Which {
     Baselines,
     Veil,
+    TunnelDevice,
 }
 
 /// A root CA for the mesh in the test bed's scratch directory (key 0600);

@@ -28,6 +28,7 @@ pub mod stats;
 mod stunnel;
 mod workloads;
 
+pub use configs::Configuration;
 pub use options::{BenchOptions, Workload};
 pub use runner::{RunOutput, run};
 

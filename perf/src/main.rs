@@ -15,6 +15,11 @@ struct Cli {
     /// latency-1b, latency-1k, connections, proxy-memory.
     #[arg(long = "scenario", value_name = "SCENARIO")]
     scenarios: Vec<Workload>,
+    /// Measure only these configurations (repeatable): direct, kernel-vxlan,
+    /// veil-overlay, veil-mtls-userspace, veil-mtls-ktls, stunnel. The
+    /// baseline, direct, is always measured.
+    #[arg(long = "configuration", value_name = "CONFIGURATION")]
+    configurations: Vec<veil_perf::Configuration>,
     /// Shorter runs and 3 repetitions: under 3 minutes on 2 cores.
     #[arg(long)]
     quick: bool,
@@ -36,6 +41,7 @@ fn main() -> ExitCode {
     if !cli.scenarios.is_empty() {
         options.workloads = cli.scenarios;
     }
+    options.configurations = cli.configurations;
     if let Some(repetitions) = cli.repetitions {
         options.repetitions = repetitions.max(1);
     }

@@ -64,6 +64,9 @@ impl FromStr for Workload {
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
     pub workloads: Vec<Workload>,
+    /// Configurations to measure; empty means all. The baseline (`direct`)
+    /// is always measured, since every ratio is against it.
+    pub configurations: Vec<crate::configs::Configuration>,
     /// Times each (workload, configuration) pair is measured.
     pub repetitions: u32,
     /// Length of one throughput measurement.
@@ -87,6 +90,7 @@ impl BenchOptions {
     pub fn full(output_dir: PathBuf) -> Self {
         Self {
             workloads: Workload::ALL.to_vec(),
+            configurations: Vec::new(),
             repetitions: 5,
             throughput_duration: Duration::from_secs(5),
             short_duration: Duration::from_secs(3),

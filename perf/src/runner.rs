@@ -40,7 +40,17 @@ pub fn run(options: &BenchOptions) -> Result<RunOutput> {
     let machine = Machine::describe();
     let statuses: Vec<(Configuration, Availability)> = Configuration::ALL
         .into_iter()
-        .map(|c| (c, c.availability(&machine)))
+        .map(|c| {
+            let selected = c.is_baseline()
+                || options.configurations.is_empty()
+                || options.configurations.contains(&c);
+            let availability = if selected {
+                c.availability(&machine)
+            } else {
+                Availability::Skipped("not selected (--configuration)".into())
+            };
+            (c, availability)
+        })
         .collect();
     let measured: Vec<Configuration> = statuses
         .iter()
@@ -55,7 +65,7 @@ pub fn run(options: &BenchOptions) -> Result<RunOutput> {
             Availability::NotBuiltYet(why) => format!("not built yet ({why})"),
             Availability::Skipped(why) => format!("skipped: {why}"),
         };
-        eprintln!("  {:<20} {status}", configuration.id());
+        eprintln!("  {:<26} {status}", configuration.id());
     }
     eprintln!("Building the test bed (2 nodes, one pod pair per configuration)…");
     let bed = Bed::build(&measured)?;

@@ -28,13 +28,20 @@ fn counters_move_when_pods_on_two_nodes_talk() {
             .expect("xdp program listed");
         assert_eq!(xdp.interface, "ul0");
         assert_eq!(xdp.mode, "native", "veth supports native XDP");
-        let tc: Vec<&str> = status
+        let tc: Vec<(&str, &str)> = status
             .programs
             .iter()
             .filter(|p| p.hook == HookKind::TcIngress)
-            .map(|p| p.interface.as_str())
+            .map(|p| (p.name.as_str(), p.interface.as_str()))
             .collect();
-        assert_eq!(tc, ["vp1", "vp2"]);
+        assert_eq!(
+            tc,
+            [
+                ("veil_underlay_deliver", "ul0"),
+                ("veil_pod_egress", "vp1"),
+                ("veil_pod_egress", "vp2")
+            ]
+        );
     }
 
     let client = PodRef::new(1, 1);

@@ -350,6 +350,22 @@ pub struct OverlaySection {
     /// Optional with `[kubernetes]`, which then supplies nodes and pods.
     #[serde(default)]
     pub inventory: Option<PathBuf>,
+    /// Who builds the outer headers of pod traffic to other nodes: the
+    /// pod-egress program itself (`"tc"`, the default), or a collect_md
+    /// vxlan device the agent creates and the program hands the tunnel key
+    /// to (`"vxlan-device"`). Both carry the same bytes on the wire;
+    /// ARCHITECTURE.md has the measurements.
+    #[serde(default)]
+    pub encapsulation: Encapsulation,
+}
+
+/// See [`OverlaySection::encapsulation`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Encapsulation {
+    #[default]
+    Tc,
+    VxlanDevice,
 }
 
 fn default_vni() -> u32 {
@@ -626,6 +642,21 @@ mod tests {
         let config = parse(&format!("{base}inventory = \"/etc/veil/inventory.toml\"\n")).unwrap();
         let overlay = config.overlay.unwrap();
         assert_eq!((overlay.vni, overlay.underlay_mtu), (4242, 1500));
+        assert_eq!(overlay.encapsulation, Encapsulation::Tc);
+        let config = parse(&format!(
+            "{base}inventory = \"i\"\nencapsulation = \"vxlan-device\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            config.overlay.unwrap().encapsulation,
+            Encapsulation::VxlanDevice
+        );
+        let error = parse(&format!(
+            "{base}inventory = \"i\"\nencapsulation = \"gre\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("encapsulation"), "{error}");
         let error = parse(&format!("{base}inventory = \"i\"\nvni = 16777216\n"))
             .unwrap_err()
             .to_string();

@@ -47,6 +47,8 @@ pub enum AgentError {
     Kubernetes(#[from] kubernetes::KubernetesError),
     #[error(transparent)]
     Acme(#[from] acme_sync::AcmeSyncError),
+    #[error(transparent)]
+    Tunnel(#[from] datapath::tunnel::TunnelError),
 }
 
 /// Runs the agent until `shutdown` completes, then detaches everything.
@@ -96,6 +98,13 @@ pub async fn run(
         ),
         None => None,
     };
+    // Lives until the agent exits, then deletes the device.
+    let tunnel = match &config.overlay {
+        Some(section) if section.encapsulation == config::Encapsulation::VxlanDevice => Some(
+            datapath::tunnel::TunnelDevice::create(section.underlay_mtu)?,
+        ),
+        _ => None,
+    };
     let overlay = config.overlay.as_ref().map(|section| {
         Arc::new(OverlaySync {
             settings: OverlaySettings {
@@ -103,6 +112,7 @@ pub async fn run(
                 vni: section.vni,
                 underlay_interface: config.datapath.underlay_interface.clone(),
                 underlay_mtu: section.underlay_mtu,
+                tunnel_ifindex: tunnel.as_ref().map_or(0, |t| t.ifindex()),
             },
             inventory: section.inventory.clone(),
             report: Mutex::default(),

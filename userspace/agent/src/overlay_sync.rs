@@ -200,7 +200,7 @@ impl OverlaySync {
                 datapath
                     .programs()
                     .into_iter()
-                    .filter(|p| p.hook == veil_api::HookKind::TcIngress)
+                    .filter(|p| p.name == veil_common::names::PROG_POD_EGRESS)
                     .map(|p| (p.interface, "pod")),
             )
             .filter_map(|(interface, role)| {
@@ -253,6 +253,11 @@ impl OverlaySync {
                 .collect(),
             // Filled by the admin API, which reads the links once per request.
             interface_mtus: Vec::new(),
+            encapsulation: if self.settings.tunnel_ifindex == 0 {
+                "tc".into()
+            } else {
+                "vxlan-device".into()
+            },
         }
     }
 }

@@ -10,7 +10,9 @@ use aya::{
 };
 use veil_common::{
     names,
-    overlay::{DatapathEvent, LocalEndpoint, OverlayConfig, RemoteNode},
+    overlay::{
+        DELIVERY_TAG_MAGIC, DatapathEvent, DeliveryTag, LocalEndpoint, OverlayConfig, RemoteNode,
+    },
 };
 
 const VNI: u32 = 4242;
@@ -29,7 +31,6 @@ const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
-const XDP_REDIRECT: u32 = 4;
 
 struct Programs {
     ebpf: Ebpf,
@@ -47,12 +48,10 @@ impl Programs {
             .try_into()
             .unwrap();
         program.load().unwrap();
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(names::PROG_POD_EGRESS)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        program.load().unwrap();
+        for name in [names::PROG_POD_EGRESS, names::PROG_UNDERLAY_DELIVER] {
+            let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            program.load().unwrap();
+        }
 
         let mut config: Array<_, OverlayConfig> = ebpf
             .map_mut(names::MAP_OVERLAY_CONFIG)
@@ -69,6 +68,7 @@ impl Programs {
                     underlay_ip: [198, 18, 0, 1],
                     underlay_mac: UNDERLAY_MAC,
                     _pad: [0; 2],
+                    tunnel_ifindex: 0,
                 },
                 0,
             )
@@ -347,12 +347,39 @@ fn ingress_decapsulates_into_the_local_pod() {
         names::PROG_UNDERLAY_INGRESS,
         &vxlan_frame(0x08, VNI, &inner),
     );
-    assert_eq!(verdict, XDP_REDIRECT);
+    // Passed on to GRO, tagged with the pod's veth for TC to deliver it.
+    assert_eq!(verdict, XDP_PASS);
     assert_eq!(event, Some(DatapathEvent::Decapsulated));
-    assert_eq!(out.len(), inner.len());
-    assert_eq!(out[0..6], POD_MAC, "inner destination is the pod");
-    assert_eq!(out[6..12], HOST_VETH_MAC, "inner source is the node's veth");
-    assert_eq!(out[12..], inner[12..]);
+    let tag_len = std::mem::size_of::<DeliveryTag>();
+    assert_eq!(
+        out.len(),
+        tag_len + inner.len(),
+        "tag, then the inner frame"
+    );
+    let (tag, frame) = out.split_at(tag_len);
+    assert_eq!(tag[0..4], DELIVERY_TAG_MAGIC.to_ne_bytes());
+    assert_eq!(tag[4..8], LOOPBACK.to_ne_bytes(), "the pod's veth");
+    assert_eq!(frame[0..6], POD_MAC, "inner destination is the pod");
+    assert_eq!(
+        frame[6..12],
+        HOST_VETH_MAC,
+        "inner source is the node's veth"
+    );
+    assert_eq!(frame[12..], inner[12..]);
+}
+
+#[test]
+fn underlay_delivery_leaves_untagged_packets_to_the_kernel() {
+    if !root() {
+        return;
+    }
+    let programs = Programs::load();
+    // A plain packet from the wire for a local pod carries no tag: only
+    // frames our XDP program decapsulated are delivered past the node's stack.
+    let plain = ipv4_udp_frame(REMOTE_POD, LOCAL_POD, 5000, 100);
+    let (verdict, out, event) = programs.run(names::PROG_UNDERLAY_DELIVER, &plain);
+    assert_eq!((verdict, event), (TC_ACT_OK, None));
+    assert_eq!(out, plain);
 }
 
 #[test]

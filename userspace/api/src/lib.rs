@@ -211,6 +211,10 @@ pub struct OverlayStatus {
     /// kernel has them now (to compare with `underlay_mtu`).
     #[serde(default)]
     pub interface_mtus: Vec<InterfaceMtu>,
+    /// Who writes the outer headers: `tc` (the pod-egress program) or
+    /// `vxlan-device` (a collect_md vxlan device). Empty from older agents.
+    #[serde(default)]
+    pub encapsulation: String,
 }
 
 /// An interface's MTU on this node.

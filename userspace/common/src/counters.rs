@@ -13,6 +13,8 @@ pub enum Hook {
     UnderlayXdp = 0,
     /// TC ingress on a pod's host-side veth: packets leaving the pod.
     PodEgressTc = 1,
+    /// TC ingress on the underlay: decapsulated packets (after GRO) handed to a pod.
+    UnderlayDeliverTc = 2,
 }
 
 impl Hook {
@@ -21,6 +23,7 @@ impl Hook {
         match raw {
             0 => Some(Self::UnderlayXdp),
             1 => Some(Self::PodEgressTc),
+            2 => Some(Self::UnderlayDeliverTc),
             _ => None,
         }
     }
@@ -73,7 +76,11 @@ mod tests {
 
     #[test]
     fn hook_round_trips_through_raw() {
-        for hook in [Hook::UnderlayXdp, Hook::PodEgressTc] {
+        for hook in [
+            Hook::UnderlayXdp,
+            Hook::PodEgressTc,
+            Hook::UnderlayDeliverTc,
+        ] {
             assert_eq!(Hook::from_raw(hook as u32), Some(hook));
         }
         assert_eq!(Hook::from_raw(7), None);

@@ -5,6 +5,9 @@
 
 /// XDP program on each node's underlay interface.
 pub const PROG_UNDERLAY_INGRESS: &str = "veil_underlay_ingress";
+/// TC ingress program on the underlay: hands decapsulated, GRO-merged
+/// packets to their pod.
+pub const PROG_UNDERLAY_DELIVER: &str = "veil_underlay_deliver";
 /// TC program on the host side of each pod's veth (the pod's egress).
 pub const PROG_POD_EGRESS: &str = "veil_pod_egress";
 

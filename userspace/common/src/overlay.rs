@@ -33,6 +33,10 @@ pub struct OverlayConfig {
     /// This node's underlay MAC (outer source MAC).
     pub underlay_mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// A collect_md (`external`) vxlan device that encapsulates instead of
+    /// the program (`encapsulation = "vxlan-device"`); 0: the program
+    /// encapsulates itself.
+    pub tunnel_ifindex: u32,
 }
 
 /// Not meshed: the pod's traffic is never intercepted (plaintext overlay).
@@ -89,6 +93,21 @@ pub struct LocalEndpoint {
     pub identity: u32,
     /// The pod's mTLS mode: [`MESH_MODE_DISABLED`], [`MESH_MODE_PERMISSIVE`] or [`MESH_MODE_STRICT`].
     pub mode: u32,
+}
+
+/// Marks a [`DeliveryTag`] ("veil" in ASCII).
+pub const DELIVERY_TAG_MAGIC: u32 = 0x7665_696c;
+
+/// What underlay XDP writes in a decapsulated frame's metadata area (in
+/// front of the frame, native byte order) so that TC ingress on the
+/// underlay can hand the packet, once GRO has merged it, to its pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeliveryTag {
+    /// [`DELIVERY_TAG_MAGIC`].
+    pub magic: u32,
+    /// The pod's host-side veth; its peer is the pod's interface.
+    pub ifindex: u32,
 }
 
 /// What the programs did with a packet; index into the per-CPU event counters.
@@ -205,7 +224,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<OverlayConfig>(), 24);
+        assert_eq!(core::mem::size_of::<OverlayConfig>(), 28);
         assert_eq!(core::mem::size_of::<RemoteNode>(), 12);
         assert_eq!(core::mem::size_of::<LocalEndpoint>(), 24);
     }

@@ -102,6 +102,9 @@ pub fn findings(status: &AgentStatus) -> Vec<Finding> {
             let fix = if program.hook == HookKind::Xdp {
                 "restart the agent (it attaches to the underlay at start); until then \
                  traffic from other nodes is not decapsulated here"
+            } else if program.name == veil_common::names::PROG_UNDERLAY_DELIVER {
+                "restart the agent (it attaches to the underlay at start); until then \
+                 decapsulated traffic from other nodes does not reach its pods"
             } else {
                 "the agent re-attaches to a recreated pod veth within a second; if this \
                  stays, check the agent log"
@@ -332,6 +335,7 @@ mod tests {
             routes: vec![],
             endpoints: vec![],
             interface_mtus: vec![],
+            encapsulation: "tc".into(),
         });
         let found = findings(&s);
         let problems: Vec<&str> = found.iter().map(|f| f.problem.as_str()).collect();
@@ -383,6 +387,7 @@ mod tests {
                     role: "pod".into(),
                 },
             ],
+            encapsulation: "tc".into(),
         });
         s.programs[0].detached = Some("interface ul0 was recreated (index 2 → 9)".into());
         s.event_bus = Some(veil_api::EventBusStatus {

@@ -123,8 +123,13 @@ pub fn findings(node: &str, found: &[crate::check::Finding]) -> String {
 }
 
 fn overlay_section(overlay: &veil_api::OverlayStatus) -> String {
+    let encapsulation = if overlay.encapsulation.is_empty() {
+        String::new()
+    } else {
+        format!(" · encapsulation {}", overlay.encapsulation)
+    };
     let mut text = format!(
-        "\nOverlay · VNI {} · underlay {} (MTU {}, pods {}) · inventory {}\n",
+        "\nOverlay · VNI {}{encapsulation} · underlay {} (MTU {}, pods {}) · inventory {}\n",
         overlay.vni,
         overlay.underlay_ip,
         overlay.underlay_mtu,
@@ -240,6 +245,7 @@ pub(crate) mod tests {
             }],
             endpoints: vec![],
             interface_mtus: vec![],
+            encapsulation: "tc".into(),
         });
         let text = status(&agent);
         let drop_row = text.lines().find(|l| l.contains("drop-wrong-vni")).unwrap();
@@ -248,7 +254,9 @@ pub(crate) mod tests {
             "{drop_row}"
         );
         assert!(
-            text.contains("Overlay · VNI 4242 · underlay 198.18.0.1 (MTU 1500, pods 1450)"),
+            text.contains(
+                "Overlay · VNI 4242 · encapsulation tc · underlay 198.18.0.1 (MTU 1500, pods 1450)"
+            ),
             "{text}"
         );
         assert!(

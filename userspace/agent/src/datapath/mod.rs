@@ -8,6 +8,7 @@ mod attach;
 pub mod links;
 mod logs;
 pub mod overlay;
+pub mod tunnel;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -79,6 +80,8 @@ pub struct Datapath {
     counters: PerCpuHashMap<MapData, CounterKey, PacketCounters>,
     overlay: OverlayMaps,
     xdp: AttachedProgram,
+    /// TC ingress on the underlay, delivering what XDP decapsulated.
+    deliver: AttachedProgram,
     /// Pod veths with the pod-egress program, by name.
     pod_programs: BTreeMap<String, (SchedClassifierLinkId, AttachedProgram)>,
     /// Pod veths from the agent config: attached for the agent's whole life.
@@ -103,6 +106,19 @@ impl Datapath {
             names::PROG_UNDERLAY_INGRESS,
             &config.underlay_interface,
             config.xdp_mode,
+        )?;
+
+        let deliver: &mut SchedClassifier = program_mut(&mut ebpf, names::PROG_UNDERLAY_DELIVER)?
+            .try_into()
+            .map_err(refused(names::PROG_UNDERLAY_DELIVER))?;
+        deliver
+            .load()
+            .map_err(refused(names::PROG_UNDERLAY_DELIVER))?;
+        // The link lives as long as the program inside `ebpf`.
+        let (_, deliver) = attach::tc_ingress(
+            deliver,
+            names::PROG_UNDERLAY_DELIVER,
+            &config.underlay_interface,
         )?;
 
         let tc: &mut SchedClassifier = program_mut(&mut ebpf, names::PROG_POD_EGRESS)?
@@ -143,6 +159,7 @@ impl Datapath {
             counters,
             overlay,
             xdp,
+            deliver,
             pod_programs: BTreeMap::new(),
             static_pod_interfaces: static_pod_interfaces.clone(),
         };
@@ -205,9 +222,10 @@ impl Datapath {
         &mut self.overlay
     }
 
-    /// The programs attached: XDP first, then pod veths by name.
+    /// The programs attached: the underlay's (XDP, then TC) first, then pod veths by name.
     pub fn programs(&self) -> Vec<AttachedProgram> {
-        std::iter::once(self.xdp.clone())
+        [self.xdp.clone(), self.deliver.clone()]
+            .into_iter()
             .chain(self.pod_programs.values().map(|(_, p)| p.clone()))
             .collect()
     }
@@ -282,7 +300,7 @@ impl Datapath {
 fn hook_kind(hook: Hook) -> HookKind {
     match hook {
         Hook::UnderlayXdp => HookKind::Xdp,
-        Hook::PodEgressTc => HookKind::TcIngress,
+        Hook::PodEgressTc | Hook::UnderlayDeliverTc => HookKind::TcIngress,
     }
 }
 
@@ -316,7 +334,11 @@ mod tests {
     #[test]
     fn embedded_object_has_every_program_map_and_btf() {
         let object = aya_obj::Object::parse(EBPF_OBJECT).expect("embedded object parses");
-        for program in [names::PROG_UNDERLAY_INGRESS, names::PROG_POD_EGRESS] {
+        for program in [
+            names::PROG_UNDERLAY_INGRESS,
+            names::PROG_UNDERLAY_DELIVER,
+            names::PROG_POD_EGRESS,
+        ] {
             assert!(
                 object.programs.contains_key(program),
                 "missing program {program}"

@@ -24,6 +24,9 @@ pub struct OverlaySettings {
     pub vni: u32,
     pub underlay_interface: String,
     pub underlay_mtu: u32,
+    /// The collect_md vxlan device that encapsulates (`encapsulation =
+    /// "vxlan-device"`), or 0 when the pod-egress program does it.
+    pub tunnel_ifindex: u32,
 }
 
 /// Everything the overlay maps should hold.
@@ -69,6 +72,7 @@ pub fn plan(
             underlay_ip: me.underlay_ip.octets(),
             underlay_mac: underlay.mac,
             _pad: [0; 2],
+            tunnel_ifindex: settings.tunnel_ifindex,
         },
         ..OverlayPlan::default()
     };
@@ -311,6 +315,7 @@ interface = "vp1"
             vni: 42,
             underlay_interface: "ul0".into(),
             underlay_mtu: 1500,
+            tunnel_ifindex: 0,
         }
     }
 
