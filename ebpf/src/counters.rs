@@ -40,7 +40,10 @@ pub fn count_packet<C: EbpfContext>(ctx: &C, hook: Hook, ifindex: u32, len: u64)
             Hook::UnderlayXdp => info!(ctx, "underlay xdp: first packet on ifindex {}", ifindex),
             Hook::PodEgressTc => info!(ctx, "pod egress tc: first packet on ifindex {}", ifindex),
             Hook::UnderlayDeliverTc => {
-                info!(ctx, "underlay delivery tc: first packet on ifindex {}", ifindex)
+                info!(
+                    ctx,
+                    "underlay delivery tc: first packet on ifindex {}", ifindex
+                )
             }
         }
     }

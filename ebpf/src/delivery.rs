@@ -64,7 +64,12 @@ pub fn veil_underlay_deliver(ctx: TcContext) -> i32 {
     }
     // SAFETY: plain context load from the kernel's `__sk_buff`.
     let underlay = unsafe { (*ctx.skb.skb).ifindex };
-    count_packet(&ctx, Hook::UnderlayDeliverTc, underlay, u64::from(ctx.len()));
+    count_packet(
+        &ctx,
+        Hook::UnderlayDeliverTc,
+        underlay,
+        u64::from(ctx.len()),
+    );
     // SAFETY: redirecting to an interface index is always memory-safe; a
     // wrong index only makes the kernel drop the packet.
     unsafe { bpf_redirect_peer(tag.ifindex, 0) as i32 }
