@@ -170,6 +170,22 @@ pub struct Endpoints {
     pub proxy_pids: Vec<u32>,
 }
 
+impl Endpoints {
+    /// The client in `client` reaches `server`'s own address on every port
+    /// (interception, if any, is transparent).
+    fn direct(client: NetNs, server: PodRef, proxy_pids: Vec<u32>) -> Self {
+        let at = |port: u16| SocketAddr::from((server.ip(), port));
+        Self {
+            client,
+            iperf: at(IPERF_PORT),
+            echo: at(echo::ECHO_PORT),
+            one_shot: at(echo::ONE_SHOT_PORT),
+            hold: at(echo::HOLD_PORT),
+            proxy_pids,
+        }
+    }
+}
+
 /// The test beds with every measured configuration set up on them.
 ///
 /// Veil's configurations get a topology of their own: their agents attach
@@ -243,17 +259,9 @@ impl Bed {
                 "encapsulation = \"vxlan-device\"\n",
             )?);
         }
-        let direct = |port: u16| SocketAddr::from((server.ip(), port));
         self.endpoints.push((
             configuration,
-            Endpoints {
-                client: topology.pod(client),
-                iperf: direct(IPERF_PORT),
-                echo: direct(echo::ECHO_PORT),
-                one_shot: direct(echo::ONE_SHOT_PORT),
-                hold: direct(echo::HOLD_PORT),
-                proxy_pids: Vec::new(),
-            },
+            Endpoints::direct(topology.pod(client), server, Vec::new()),
         ));
         Ok(())
     }
@@ -295,21 +303,14 @@ impl Bed {
         let agent_pids: Vec<u32> = self._agents.iter().map(Agent::pid).collect();
         for (index, &configuration) in veil.iter().enumerate() {
             let (client, server) = (PodRef::new(1, index + 1), PodRef::new(2, index + 1));
-            let direct = |port: u16| SocketAddr::from((server.ip(), port));
+            let proxy_pids = if configuration.is_mesh() {
+                agent_pids.clone()
+            } else {
+                Vec::new()
+            };
             self.endpoints.push((
                 configuration,
-                Endpoints {
-                    client: topology.pod(client),
-                    iperf: direct(IPERF_PORT),
-                    echo: direct(echo::ECHO_PORT),
-                    one_shot: direct(echo::ONE_SHOT_PORT),
-                    hold: direct(echo::HOLD_PORT),
-                    proxy_pids: if configuration.is_mesh() {
-                        agent_pids.clone()
-                    } else {
-                        Vec::new()
-                    },
-                },
+                Endpoints::direct(topology.pod(client), server, proxy_pids),
             ));
         }
         Ok(())
@@ -366,14 +367,7 @@ impl Bed {
     ) -> Result<Endpoints> {
         let direct = |port: u16| SocketAddr::from((server.ip(), port));
         let client_ns = self.topology.pod(client);
-        let plain = |proxy_pids| Endpoints {
-            client: client_ns.clone(),
-            iperf: direct(IPERF_PORT),
-            echo: direct(echo::ECHO_PORT),
-            one_shot: direct(echo::ONE_SHOT_PORT),
-            hold: direct(echo::HOLD_PORT),
-            proxy_pids,
-        };
+        let plain = |proxy_pids| Endpoints::direct(client_ns.clone(), server, proxy_pids);
         match configuration {
             Configuration::Direct => {
                 self.topology.route_pair_direct(client, server)?;
