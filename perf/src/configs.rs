@@ -17,6 +17,7 @@ use crate::{
     echo::{self, Servers},
     machine::Machine,
     stunnel::{self, StunnelPair},
+    xdp_pass,
 };
 
 /// iperf3's server port in every server pod.
@@ -31,8 +32,15 @@ pub const VEIL_VNI: u32 = 4242;
 pub enum Configuration {
     /// Plain routes between nodes, no overlay, no encryption: the baseline.
     Direct,
+    /// Direct routing with a program that passes every frame attached
+    /// (native XDP) to each node's underlay.
+    DirectXdp,
     /// The kernel's own vxlan device.
     KernelVxlan,
+    /// The kernel's vxlan device with that program on the underlay. These
+    /// two show what any native XDP program costs a veth underlay, which
+    /// Veil's overlay must pay and the plain baselines do not.
+    KernelVxlanXdp,
     /// Veil's eBPF overlay.
     VeilOverlay,
     /// Veil's eBPF overlay with `encapsulation = "vxlan-device"`: the
@@ -69,9 +77,11 @@ pub enum Availability {
 }
 
 impl Configuration {
-    pub const ALL: [Configuration; 7] = [
+    pub const ALL: [Configuration; 9] = [
         Self::Direct,
+        Self::DirectXdp,
         Self::KernelVxlan,
+        Self::KernelVxlanXdp,
         Self::VeilOverlay,
         Self::VeilOverlayVxlanDevice,
         Self::VeilMtlsUserspace,
@@ -82,7 +92,9 @@ impl Configuration {
     pub const fn id(self) -> &'static str {
         match self {
             Self::Direct => "direct",
+            Self::DirectXdp => "direct-xdp",
             Self::KernelVxlan => "kernel-vxlan",
+            Self::KernelVxlanXdp => "kernel-vxlan-xdp",
             Self::VeilOverlay => "veil-overlay",
             Self::VeilOverlayVxlanDevice => "veil-overlay-vxlan-device",
             Self::VeilMtlsUserspace => "veil-mtls-userspace",
@@ -94,7 +106,9 @@ impl Configuration {
     pub const fn title(self) -> &'static str {
         match self {
             Self::Direct => "direct routing (baseline: no overlay, no encryption)",
+            Self::DirectXdp => "direct routing, XDP_PASS program on the underlay",
             Self::KernelVxlan => "kernel vxlan device",
+            Self::KernelVxlanXdp => "kernel vxlan device, XDP_PASS program on the underlay",
             Self::VeilOverlay => "Veil eBPF overlay",
             Self::VeilOverlayVxlanDevice => {
                 "Veil eBPF overlay, encapsulating through a collect_md vxlan device"
@@ -123,6 +137,11 @@ impl Configuration {
         self.is_veil() || matches!(self, Self::VeilOverlayVxlanDevice)
     }
 
+    /// Runs on the test bed with a pass-everything XDP program on the underlay.
+    pub const fn has_xdp_underlay(self) -> bool {
+        matches!(self, Self::DirectXdp | Self::KernelVxlanXdp)
+    }
+
     /// Runs on the shared Veil test bed (agents with default settings).
     pub const fn is_veil(self) -> bool {
         matches!(
@@ -139,7 +158,9 @@ impl Configuration {
     pub fn availability(self, machine: &Machine) -> Availability {
         match self {
             Self::Direct
+            | Self::DirectXdp
             | Self::KernelVxlan
+            | Self::KernelVxlanXdp
             | Self::VeilOverlay
             | Self::VeilOverlayVxlanDevice
             | Self::Stunnel => Availability::Ready,
@@ -201,13 +222,17 @@ pub struct Bed {
     veil_topology: Option<Topology>,
     /// `veil-overlay-vxlan-device`: its agents run with another setting.
     tunnel_topology: Option<Topology>,
+    /// `kernel-vxlan-xdp`: XDP on its underlay would slow every other baseline.
+    xdp_topology: Option<Topology>,
 }
 
 impl Bed {
     /// Builds a 2-node topology with one pod pair per configuration and sets each up.
     pub fn build(configurations: &[Configuration]) -> Result<Self> {
-        let (with_agents, baselines): (Vec<Configuration>, Vec<Configuration>) =
+        let (with_agents, others): (Vec<Configuration>, Vec<Configuration>) =
             configurations.iter().partition(|c| c.has_agents());
+        let (xdp_underlay, baselines): (Vec<Configuration>, Vec<Configuration>) =
+            others.iter().partition(|c| c.has_xdp_underlay());
         let (veil, tunnel): (Vec<Configuration>, Vec<Configuration>) =
             with_agents.iter().partition(|c| c.is_veil());
         let topology = bench_topology("bench", baselines.len())?;
@@ -225,6 +250,7 @@ impl Bed {
             topology,
             veil_topology,
             tunnel_topology: None,
+            xdp_topology: None,
         };
         for (index, &configuration) in baselines.iter().enumerate() {
             let client = PodRef::new(1, index + 1);
@@ -239,7 +265,40 @@ impl Bed {
         if !tunnel.is_empty() {
             bed.set_up_tunnel_device()?;
         }
+        if !xdp_underlay.is_empty() {
+            bed.set_up_xdp_underlay(&xdp_underlay)?;
+        }
         Ok(bed)
+    }
+
+    /// `direct-xdp` and `kernel-vxlan-xdp` on a test bed of their own (one
+    /// pod pair each): routed as their plain twins, with a pass-everything
+    /// XDP program on each node's underlay.
+    fn set_up_xdp_underlay(&mut self, configurations: &[Configuration]) -> Result<()> {
+        let topology = bench_topology("benchx", configurations.len())?;
+        if configurations.contains(&Configuration::KernelVxlanXdp) {
+            topology.install_kernel_vxlan(KERNEL_VXLAN_VNI)?;
+        }
+        let object = xdp_pass::build(topology.workdir())?;
+        for node in 1..=2 {
+            xdp_pass::attach(&topology.node(node), "ul0", &object)?;
+        }
+        self.xdp_topology = Some(topology);
+        for (index, &configuration) in configurations.iter().enumerate() {
+            let (client, server) = (PodRef::new(1, index + 1), PodRef::new(2, index + 1));
+            let topology = self.xdp_topology.as_ref().expect("built above");
+            match configuration {
+                Configuration::DirectXdp => topology.route_pair_direct(client, server)?,
+                _ => topology.route_pair_kernel_vxlan(client, server)?,
+            }
+            let client_ns = topology.pod(client);
+            self.start_servers(Which::XdpUnderlay, server)?;
+            self.endpoints.push((
+                configuration,
+                Endpoints::direct(client_ns, server, Vec::new()),
+            ));
+        }
+        Ok(())
     }
 
     /// `veil-overlay-vxlan-device` on a test bed of its own: agents with
@@ -337,6 +396,7 @@ impl Bed {
             Which::Baselines => &self.topology,
             Which::Veil => self.veil_topology.as_ref().expect("built before servers"),
             Which::TunnelDevice => self.tunnel_topology.as_ref().expect("built before servers"),
+            Which::XdpUnderlay => self.xdp_topology.as_ref().expect("built before servers"),
         };
         let ns = topology.pod(server);
         self.servers.push(Servers::start(&ns, server.ip())?);
@@ -418,6 +478,7 @@ enum Which {
     Baselines,
     Veil,
     TunnelDevice,
+    XdpUnderlay,
 }
 
 /// A root CA for the mesh in the test bed's scratch directory (key 0600);

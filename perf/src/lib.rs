@@ -27,6 +27,7 @@ mod runner;
 pub mod stats;
 mod stunnel;
 mod workloads;
+mod xdp_pass;
 
 pub use configs::Configuration;
 pub use options::{BenchOptions, Workload};

@@ -15,9 +15,10 @@ struct Cli {
     /// latency-1b, latency-1k, connections, proxy-memory.
     #[arg(long = "scenario", value_name = "SCENARIO")]
     scenarios: Vec<Workload>,
-    /// Measure only these configurations (repeatable): direct, kernel-vxlan,
-    /// veil-overlay, veil-mtls-userspace, veil-mtls-ktls, stunnel. The
-    /// baseline, direct, is always measured.
+    /// Measure only these configurations (repeatable): direct, direct-xdp,
+    /// kernel-vxlan, kernel-vxlan-xdp, veil-overlay, veil-overlay-vxlan-device,
+    /// veil-mtls-userspace, veil-mtls-ktls, stunnel. The baseline, direct,
+    /// is always measured.
     #[arg(long = "configuration", value_name = "CONFIGURATION")]
     configurations: Vec<veil_perf::Configuration>,
     /// Shorter runs and 3 repetitions: under 3 minutes on 2 cores.
