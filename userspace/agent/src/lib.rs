@@ -12,6 +12,7 @@ pub mod config;
 pub mod datapath;
 pub mod events_sync;
 pub mod inventory;
+pub mod iproute;
 pub mod kubernetes;
 pub mod logging;
 pub mod mesh;

@@ -50,12 +50,8 @@ pub struct LinkDetails {
 /// Every interface's MTU and XDP state in this network namespace, read with
 /// one `ip -j link show`; `None` when that cannot be run or read.
 pub fn details() -> Option<HashMap<String, LinkDetails>> {
-    let output = std::process::Command::new("ip")
-        .args(["-j", "link", "show"])
-        .output()
-        .ok()
-        .filter(|output| output.status.success())?;
-    let links: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).ok()?;
+    let stdout = crate::iproute::ip(&["-j", "link", "show"]).ok()?;
+    let links: Vec<serde_json::Value> = serde_json::from_slice(&stdout).ok()?;
     Some(
         links
             .iter()

@@ -7,10 +7,10 @@
 //! The agent owns the device: it makes it at start (replacing a leftover of
 //! a crashed run) and deletes it on exit.
 
-use std::process::Command;
-
 use tracing::{info, warn};
 use veil_common::overlay::VXLAN_PORT;
+
+use crate::iproute::{IpError, ip};
 
 /// The device's name on every node.
 pub const TUNNEL_DEVICE: &str = "veil_vxlan";
@@ -20,17 +20,12 @@ const VXLAN_OVERHEAD: u32 = 50;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
-    #[error("cannot run `ip {args}` (is iproute2 installed?): {source}")]
-    Spawn {
-        args: String,
-        source: std::io::Error,
-    },
     #[error(
-        "cannot create the vxlan device for encapsulation = \"vxlan-device\": `ip {args}` failed \
-         (the agent needs CAP_NET_ADMIN and a kernel with the vxlan module; or use \
-         encapsulation = \"tc\"): {stderr}"
+        "cannot create the vxlan device for encapsulation = \"vxlan-device\" (the agent needs \
+         CAP_NET_ADMIN and a kernel with the vxlan module; or use encapsulation = \"tc\"): \
+         {0}"
     )]
-    Failed { args: String, stderr: String },
+    Ip(#[from] IpError),
     #[error("the vxlan device {TUNNEL_DEVICE} vanished right after it was made")]
     Vanished,
 }
@@ -88,24 +83,5 @@ impl Drop for TunnelDevice {
         if let Err(error) = ip(&["link", "del", "dev", TUNNEL_DEVICE]) {
             warn!(%error, device = TUNNEL_DEVICE, "cannot delete the vxlan device");
         }
-    }
-}
-
-fn ip(args: &[&str]) -> Result<(), TunnelError> {
-    let joined = args.join(" ");
-    let output = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|source| TunnelError::Spawn {
-            args: joined.clone(),
-            source,
-        })?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(TunnelError::Failed {
-            args: joined,
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        })
     }
 }

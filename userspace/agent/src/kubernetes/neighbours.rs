@@ -9,26 +9,23 @@
 
 use std::{
     net::{Ipv4Addr, UdpSocket},
-    process::Command,
     time::{Duration, Instant},
 };
 
 use serde::Deserialize;
 
-use crate::inventory::MacAddress;
+use crate::{
+    inventory::MacAddress,
+    iproute::{self, IpError},
+};
 
 /// How long a resolution waits for the kernel's ARP answer.
 const ARP_WAIT: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NeighbourError {
-    #[error("cannot run `ip {args}`: {source}")]
-    Spawn {
-        args: String,
-        source: std::io::Error,
-    },
-    #[error("`ip {args}` failed: {stderr}")]
-    Failed { args: String, stderr: String },
+    #[error(transparent)]
+    Ip(#[from] IpError),
     #[error("`ip {args}` printed unexpected output: {reason}")]
     Output { args: String, reason: String },
     #[error(
@@ -52,26 +49,13 @@ struct NeighbourEntry {
 }
 
 fn ip_json<T: for<'de> Deserialize<'de>>(args: &[&str]) -> Result<Vec<T>, NeighbourError> {
-    let joined = args.join(" ");
-    let output = Command::new("ip")
-        .arg("-j")
-        .args(args)
-        .output()
-        .map_err(|source| NeighbourError::Spawn {
-            args: joined.clone(),
-            source,
-        })?;
-    if !output.status.success() {
-        return Err(NeighbourError::Failed {
-            args: joined,
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        });
-    }
-    if output.stdout.iter().all(u8::is_ascii_whitespace) {
+    let json_args: Vec<&str> = std::iter::once("-j").chain(args.iter().copied()).collect();
+    let stdout = iproute::ip(&json_args)?;
+    if stdout.iter().all(u8::is_ascii_whitespace) {
         return Ok(Vec::new());
     }
-    serde_json::from_slice(&output.stdout).map_err(|e| NeighbourError::Output {
-        args: joined,
+    serde_json::from_slice(&stdout).map_err(|e| NeighbourError::Output {
+        args: json_args.join(" "),
         reason: e.to_string(),
     })
 }

@@ -13,10 +13,10 @@
 //! Both are installed at start (replacing leftovers of a crashed agent) and
 //! removed at stop. No iptables is involved.
 
-use std::process::Command;
-
 use tracing::warn;
 use veil_common::overlay::MESH_MARK;
+
+use crate::iproute::{IpError, ip};
 
 /// Routing table of the `local` route for marked packets.
 pub const MESH_TABLE: u32 = 15001;
@@ -25,32 +25,8 @@ pub const MESH_RULE_PRIORITY: u32 = 90;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoutingError {
-    #[error("cannot run `ip {args}` (is iproute2 installed?): {source}")]
-    Spawn {
-        args: String,
-        source: std::io::Error,
-    },
-    #[error("`ip {args}` failed (the agent needs CAP_NET_ADMIN): {stderr}")]
-    Failed { args: String, stderr: String },
-}
-
-fn ip(args: &[&str]) -> Result<(), RoutingError> {
-    let joined = args.join(" ");
-    let output = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|source| RoutingError::Spawn {
-            args: joined.clone(),
-            source,
-        })?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(RoutingError::Failed {
-            args: joined,
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        })
-    }
+    #[error("cannot install the mesh's policy routing (the agent needs CAP_NET_ADMIN): {0}")]
+    Ip(#[from] IpError),
 }
 
 fn rule_args(verb: &'static str) -> Vec<String> {
@@ -81,7 +57,8 @@ pub fn install() -> Result<(), RoutingError> {
         &table,
     ])?;
     let args = rule_args("add");
-    ip(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    ip(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    Ok(())
 }
 
 /// Removes what [`install`] added.
