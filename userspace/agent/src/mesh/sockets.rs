@@ -63,7 +63,12 @@ pub fn transparent_listener(address: SocketAddrV4) -> Result<TcpListener, Socket
 }
 
 /// Connects to `destination` from `source_address`, an address that need not
-/// be the node's. The kernel picks the source port.
+/// be the node's. The kernel picks the source port at connect time
+/// (`IP_BIND_ADDRESS_NO_PORT`), so a port is only taken per destination: a
+/// bind to port 0 would reserve a port no other connection from that pod's
+/// address may use, and with TIME_WAIT holding each for a minute a busy
+/// client pod would run the node out of ports (EADDRINUSE) at a few hundred
+/// connections per second.
 pub fn transparent_connect(
     source_address: SocketAddrV4,
     destination: SocketAddrV4,
@@ -81,6 +86,7 @@ pub fn transparent_connect(
             source,
         }
     })?;
+    socket::setsockopt(&fd, sockopt::IpBindAddressNoPort, &true).map_err(error)?;
     let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
     socket::bind(
         raw,
@@ -125,5 +131,62 @@ pub fn v4(address: SocketAddr) -> Option<SocketAddrV4> {
             .ip()
             .to_ipv4_mapped()
             .map(|ip| SocketAddrV4::new(ip, v6.port())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    /// Runs `body` on a thread of its own in a new network namespace with
+    /// loopback up and only `ports` as ephemeral ports.
+    fn in_new_netns(ports: &'static str, body: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect(
+                "this test makes a network namespace: run it as root (cargo xtask test does)",
+            );
+            // The child inherits this thread's namespace.
+            let status = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
+                .expect("iproute2's ip");
+            assert!(status.success(), "ip link set lo up failed");
+            std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", ports)
+                .expect("set the namespace's ephemeral port range");
+            body();
+        })
+        .join()
+        .expect("test thread");
+    }
+
+    #[test]
+    fn connections_from_one_pod_address_share_source_ports_across_destinations() {
+        in_new_netns("40000 40001", || {
+            let listeners: Vec<TcpListener> = [7001, 7002]
+                .into_iter()
+                .map(|port| TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("listener"))
+                .collect();
+            let pod = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2), 0);
+            // Two ephemeral ports, two destinations: four connections fit
+            // only if a port is taken per destination, not per source.
+            let held: Vec<TcpStream> = [7001, 7002, 7001, 7002]
+                .into_iter()
+                .enumerate()
+                .map(|(n, port)| {
+                    transparent_connect(
+                        pod,
+                        SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
+                        Duration::from_secs(2),
+                    )
+                    .unwrap_or_else(|e| panic!("connection {} of 4: {e}", n + 1))
+                })
+                .collect();
+            for stream in &held {
+                assert_eq!(stream.local_addr().unwrap().ip(), *pod.ip());
+            }
+            drop(listeners);
+        });
     }
 }
