@@ -12,6 +12,7 @@ mod delivery;
 mod frag_needed;
 mod headers;
 mod mesh_steering;
+mod mesh_time_wait;
 mod overlay_maps;
 mod pod_egress;
 mod underlay_ingress;

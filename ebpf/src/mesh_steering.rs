@@ -39,6 +39,8 @@ use crate::{
 const TCP_FLAGS_OFFSET: usize = 13;
 /// Size of the IPv4 part of `struct bpf_sock_tuple`.
 const IPV4_TUPLE_LEN: u32 = 12;
+/// `BPF_TCP_LISTEN` in `struct bpf_sock`'s `state`.
+const TCP_LISTEN: u32 = 10;
 
 /// What the mesh makes of a packet from a local pod: `None` when the mesh
 /// has no say (the overlay handles it), else the program's verdict.
@@ -72,8 +74,15 @@ pub fn steer(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<Result<i32, DatapathEvent>
         return None;
     }
     let mut tuple = ipv4_tuple(ip, ports.source, ports.dest);
-    if assign(ctx, &mut tuple) {
-        return Some(Ok(deliver_locally(ctx, DatapathEvent::MeshFlow)));
+    if let Some(state) = assign(ctx, &mut tuple) {
+        // The lookup finds the agent's listener itself for a new connection
+        // (through `veil_mesh_time_wait`, see `mesh_time_wait`).
+        let event = if state == TCP_LISTEN {
+            DatapathEvent::MeshSteered
+        } else {
+            DatapathEvent::MeshFlow
+        };
+        return Some(Ok(deliver_locally(ctx, event)));
     }
     if flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0 {
         let mut listener = bpf_sock_tuple {
@@ -86,7 +95,7 @@ pub fn steer(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<Result<i32, DatapathEvent>
                 },
             },
         };
-        if !assign(ctx, &mut listener) {
+        if assign(ctx, &mut listener).is_none() {
             return Some(Err(DatapathEvent::DropNoProxy));
         }
         return Some(Ok(deliver_locally(ctx, DatapathEvent::MeshSteered)));
@@ -121,9 +130,9 @@ fn ipv4_tuple(ip: &Ipv4Hdr, source_port: u16, destination_port: u16) -> bpf_sock
 }
 
 /// Looks up the TCP socket for `tuple` in this namespace and assigns the
-/// packet to it. True when the packet now belongs to a socket.
+/// packet to it. The socket's state when the packet now belongs to it.
 #[inline(always)]
-fn assign(ctx: &TcContext, tuple: &mut bpf_sock_tuple) -> bool {
+fn assign(ctx: &TcContext, tuple: &mut bpf_sock_tuple) -> Option<u32> {
     // SAFETY: the tuple lives on the stack for the call and its IPv4 part is
     // `IPV4_TUPLE_LEN` bytes; the returned socket reference is released below
     // on every path, as the verifier demands.
@@ -136,11 +145,12 @@ fn assign(ctx: &TcContext, tuple: &mut bpf_sock_tuple) -> bool {
             0,
         );
         if socket.is_null() {
-            return false;
+            return None;
         }
+        let state = (*socket).state;
         let assigned = bpf_sk_assign(ctx.skb.skb as *mut _, socket as *mut _, 0);
         bpf_sk_release(socket as *mut _);
-        assigned == 0
+        (assigned == 0).then_some(state)
     }
 }
 

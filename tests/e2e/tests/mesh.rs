@@ -166,6 +166,108 @@ fn marker_exchange(topology: &Topology, from: PodRef, to: PodRef, port: u16) -> 
     server.join().unwrap()
 }
 
+/// A connection from `source` (a fixed port, SO_REUSEADDR) to
+/// `destination`, made in the calling thread's namespace.
+fn connect_from(source: SocketAddr, destination: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn, sockopt};
+    let v4 = |address: SocketAddr| match address {
+        SocketAddr::V4(v4) => SockaddrIn::from(v4),
+        SocketAddr::V6(_) => panic!("the test bed is IPv4"),
+    };
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    socket::bind(fd.as_raw_fd(), &v4(source))?;
+    socket::connect(fd.as_raw_fd(), &v4(destination))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// `TCPSynRetrans` of the calling thread's network namespace.
+fn syn_retransmissions() -> u64 {
+    let netstat = std::fs::read_to_string("/proc/thread-self/net/netstat").unwrap();
+    let mut tcp_ext = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (tcp_ext.next().unwrap(), tcp_ext.next().unwrap());
+    let index = names
+        .split_whitespace()
+        .position(|name| name == "TCPSynRetrans")
+        .expect("TCPSynRetrans in /proc/net/netstat");
+    values
+        .split_whitespace()
+        .nth(index)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The server closes first, so the client's agent is the side left with the
+/// connection's TIME_WAIT. A new connection from the same source port (a
+/// busy client reuses ports within the minute TIME_WAIT lasts) must reach
+/// the agent's listener at once: handed to the TIME_WAIT, the SYN would be
+/// answered for the old connection and the client would retry a second later.
+fn reconnect_from_the_same_port_after_the_server_closed_first(bed: &MeshBed, port: u16) {
+    let topology = &bed.topology;
+    let server_addr = SocketAddr::from((CHECKOUT.ip(), port));
+    let source = SocketAddr::from((CART.ip(), 47000 + port % 1000));
+    let listener = topology
+        .pod(CHECKOUT)
+        .run(move || TcpListener::bind(server_addr))
+        .unwrap()
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut byte = [0u8; 1];
+            stream.read_exact(&mut byte).unwrap();
+            stream.write_all(&byte).unwrap();
+            // Dropped here: the server closes first.
+        }
+    });
+    let exchange = move || -> std::io::Result<u64> {
+        let before = syn_retransmissions();
+        let mut stream = connect_from(source, server_addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(b"x")?;
+        let mut echoed = Vec::new();
+        stream.read_to_end(&mut echoed)?;
+        assert_eq!(echoed, b"x");
+        Ok(syn_retransmissions() - before)
+    };
+    let first = topology.pod(CART).run(exchange).unwrap().unwrap();
+    let node1 = topology.node(1);
+    let source_text = source.to_string();
+    wait_for(
+        "the client agent's TIME_WAIT for the first connection",
+        Duration::from_secs(5),
+        || {
+            let output = node1
+                .command("ss")
+                .args(["-tanH", "state", "time-wait"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&output.stdout).contains(&source_text)
+        },
+    );
+    let second = topology.pod(CART).run(exchange).unwrap().unwrap();
+    server.join().unwrap();
+    assert_eq!(first, 0, "the first connection needed a SYN retransmission");
+    assert_eq!(
+        second,
+        0,
+        "a new connection from {source} was answered from the old one's TIME_WAIT \
+         (SYN retransmitted)\n{}",
+        bed.dump()
+    );
+}
+
 /// Captures every frame on node 1's underlay while `work` runs; returns the
 /// capture as text with ASCII payloads.
 fn capture_underlay(topology: &Topology, work: impl FnOnce()) -> String {
@@ -243,6 +345,8 @@ fn meshed_tcp_crosses_nodes_encrypted_byte_exact_with_the_real_client_address() 
             .unwrap_or_else(|e| panic!("{from} → {to}: {e}\n{}", bed.dump()));
         assert_eq!(report.bytes, bytes);
     }
+
+    reconnect_from_the_same_port_after_the_server_closed_first(&bed, 7406);
 
     // Many connections at once.
     std::thread::scope(|scope| {

@@ -142,6 +142,12 @@ pub async fn run(
         )?),
         _ => None,
     };
+    if let Some(listener) = mesh.as_ref().and_then(mesh::Mesh::outbound_listener) {
+        datapath
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_mesh_listener(listener)?;
+    }
     // What the mesh carried goes on the bus as flow records.
     // Revocations from the bus go to the mesh's verifiers and certificates.
     if let (Some(mesh), Some(events)) = (&mesh, &events) {

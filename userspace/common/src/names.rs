@@ -10,6 +10,9 @@ pub const PROG_UNDERLAY_INGRESS: &str = "veil_underlay_ingress";
 pub const PROG_UNDERLAY_DELIVER: &str = "veil_underlay_deliver";
 /// TC program on the host side of each pod's veth (the pod's egress).
 pub const PROG_POD_EGRESS: &str = "veil_pod_egress";
+/// `sk_lookup` program in the node's network namespace: gives a new meshed
+/// SYN that met an old connection's TIME_WAIT to the agent's listener.
+pub const PROG_MESH_TIME_WAIT: &str = "veil_mesh_time_wait";
 
 /// Per-CPU hash of [`crate::counters::CounterKey`] → [`crate::counters::PacketCounters`].
 pub const MAP_INTERFACE_COUNTERS: &str = "INTERFACE_COUNTERS";
@@ -29,3 +32,5 @@ pub const MAP_MESH_PEERS: &str = "MESH_PEERS";
 pub const MAP_PORT_MODES: &str = "PORT_MODES";
 /// Per-CPU array of packet counts per [`crate::overlay::DatapathEvent`].
 pub const MAP_DATAPATH_EVENTS: &str = "DATAPATH_EVENTS";
+/// Sock map, index 0: the agent's transparent outbound listener.
+pub const MAP_MESH_LISTENER: &str = "MESH_LISTENER";

@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Map, MapData, MapError, PerCpuHashMap},
-    programs::{ProgramError, SchedClassifier, Xdp, tc::SchedClassifierLinkId},
+    maps::{Map, MapData, MapError, PerCpuHashMap, SockMap},
+    programs::{ProgramError, SchedClassifier, SkLookup, Xdp, tc::SchedClassifierLinkId},
 };
 use tracing::info;
 use veil_api::{AttachedProgram, HookKind, InterfaceCounters};
@@ -67,6 +67,11 @@ pub enum DatapathError {
     Map { map: &'static str, source: MapError },
     #[error("cannot update the overlay maps: {0}")]
     Overlay(#[from] overlay::OverlayMapError),
+    #[error("cannot open this network namespace to attach {program}: {source}")]
+    Namespace {
+        program: &'static str,
+        source: std::io::Error,
+    },
     #[error("cannot start reading eBPF logs: {0}")]
     Logs(#[from] aya_log::Error),
     #[error("cannot watch the eBPF log ring buffer: {0}")]
@@ -79,6 +84,9 @@ pub struct Datapath {
     ebpf: Ebpf,
     counters: PerCpuHashMap<MapData, CounterKey, PacketCounters>,
     overlay: OverlayMaps,
+    /// The mesh's listener, for the `sk_lookup` program (see
+    /// [`Datapath::set_mesh_listener`]).
+    mesh_listener: SockMap<MapData>,
     xdp: AttachedProgram,
     /// TC ingress on the underlay, delivering what XDP decapsulated.
     deliver: AttachedProgram,
@@ -126,6 +134,27 @@ impl Datapath {
             .map_err(refused(names::PROG_POD_EGRESS))?;
         tc.load().map_err(refused(names::PROG_POD_EGRESS))?;
 
+        // Answers only listener lookups for meshed remote pods' addresses,
+        // and only once the mesh has put its listener in the map.
+        let time_wait: &mut SkLookup = program_mut(&mut ebpf, names::PROG_MESH_TIME_WAIT)?
+            .try_into()
+            .map_err(refused(names::PROG_MESH_TIME_WAIT))?;
+        time_wait
+            .load()
+            .map_err(refused(names::PROG_MESH_TIME_WAIT))?;
+        let namespace = std::fs::File::open("/proc/self/ns/net").map_err(|source| {
+            DatapathError::Namespace {
+                program: names::PROG_MESH_TIME_WAIT,
+                source,
+            }
+        })?;
+        // The link lives as long as the program inside `ebpf`.
+        time_wait
+            .attach(&namespace)
+            .map_err(refused(names::PROG_MESH_TIME_WAIT))?;
+        let mesh_listener = SockMap::try_from(take_map(&mut ebpf, names::MAP_MESH_LISTENER)?)
+            .map_err(map_error(names::MAP_MESH_LISTENER))?;
+
         let counters = PerCpuHashMap::try_from(take_map(&mut ebpf, names::MAP_INTERFACE_COUNTERS)?)
             .map_err(map_error(names::MAP_INTERFACE_COUNTERS))?;
         let overlay = OverlayMaps {
@@ -158,6 +187,7 @@ impl Datapath {
             ebpf,
             counters,
             overlay,
+            mesh_listener,
             xdp,
             deliver,
             pod_programs: BTreeMap::new(),
@@ -165,6 +195,18 @@ impl Datapath {
         };
         datapath.sync_pod_interfaces(&static_pod_interfaces)?;
         Ok(datapath)
+    }
+
+    /// Lets the `sk_lookup` program hand a new meshed SYN that met an old
+    /// connection's TIME_WAIT to `listener`, the mesh's transparent
+    /// outbound listener.
+    pub fn set_mesh_listener(
+        &mut self,
+        listener: &impl std::os::fd::AsRawFd,
+    ) -> Result<(), DatapathError> {
+        self.mesh_listener
+            .set(0, listener, 0)
+            .map_err(map_error(names::MAP_MESH_LISTENER))
     }
 
     /// Attaches the pod-egress program to `wanted` (plus the configured veths)

@@ -73,6 +73,8 @@ pub enum MeshError {
     Routing(#[from] routing::RoutingError),
     #[error(transparent)]
     Socket(#[from] sockets::SocketError),
+    #[error("cannot duplicate the outbound listener's descriptor for the datapath: {0}")]
+    ListenerHandle(std::io::Error),
     #[error("cannot listen on {address} for peer agents: {source}")]
     Inbound {
         address: SocketAddrV4,
@@ -103,9 +105,17 @@ pub struct Mesh {
     pub state: Arc<MeshState>,
     /// The threads connections run on (see [`connection_pool`]).
     pool: Option<tokio::runtime::Runtime>,
+    /// A second handle on the outbound listener, for the datapath's
+    /// `sk_lookup` program (see [`crate::datapath::Datapath::set_mesh_listener`]).
+    outbound_listener: Option<TcpListener>,
 }
 
 impl Mesh {
+    /// The transparent listener intercepted connections arrive on.
+    pub fn outbound_listener(&self) -> Option<&TcpListener> {
+        self.outbound_listener.as_ref()
+    }
+
     /// Loads the CA, installs the routing, opens both listeners and starts
     /// accepting. Fails (and the agent with it) rather than run half a mesh.
     pub fn start(
@@ -155,12 +165,14 @@ impl Mesh {
             source,
         })?;
         let (out_threads, in_threads) = (pool.handle().clone(), pool.handle().clone());
-        let mesh = Self {
+        let mut mesh = Self {
             state: Arc::clone(&state),
             pool: Some(pool),
+            outbound_listener: None,
         };
         let outbound_address = SocketAddrV4::new(Ipv4Addr::LOCALHOST, OUTBOUND_PROXY_PORT);
         let outbound = sockets::transparent_listener(outbound_address)?;
+        mesh.outbound_listener = Some(outbound.try_clone().map_err(MeshError::ListenerHandle)?);
         let inbound_address = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, section.inbound_port);
         let inbound = TcpListener::bind(inbound_address).map_err(|source| MeshError::Inbound {
             address: inbound_address,
