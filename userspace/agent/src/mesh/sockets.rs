@@ -148,11 +148,7 @@ mod tests {
                 "this test makes a network namespace: run it as root (cargo xtask test does)",
             );
             // The child inherits this thread's namespace.
-            let status = std::process::Command::new("ip")
-                .args(["link", "set", "lo", "up"])
-                .status()
-                .expect("iproute2's ip");
-            assert!(status.success(), "ip link set lo up failed");
+            crate::iproute::ip(&["link", "set", "lo", "up"]).expect("bring loopback up");
             std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", ports)
                 .expect("set the namespace's ephemeral port range");
             body();
