@@ -136,11 +136,7 @@ impl MeshBed {
 /// address the server application saw.
 fn marker_exchange(topology: &Topology, from: PodRef, to: PodRef, port: u16) -> SocketAddr {
     let server_addr = SocketAddr::from((to.ip(), port));
-    let listener = topology
-        .pod(to)
-        .run(move || TcpListener::bind(server_addr))
-        .unwrap()
-        .unwrap();
+    let listener = listen_in(topology, to, server_addr);
     let server = std::thread::spawn(move || {
         let (mut stream, peer) = listener.accept().unwrap();
         stream
@@ -164,6 +160,85 @@ fn marker_exchange(topology: &Topology, from: PodRef, to: PodRef, port: u16) -> 
     client.read_exact(&mut echoed).unwrap();
     assert_eq!(echoed, MARKER);
     server.join().unwrap()
+}
+
+/// A listener on `address` inside `pod`'s network namespace.
+fn listen_in(topology: &Topology, pod: PodRef, address: SocketAddr) -> TcpListener {
+    topology
+        .pod(pod)
+        .run(move || TcpListener::bind(address))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("cannot listen on {address} in {pod}: {e}"))
+}
+
+/// A meshed connection held open: a client in one pod, an echo server in
+/// another, both ends kept to see how the connection ends.
+struct HeldConnection {
+    client: TcpStream,
+    /// How the server side ended: `Ok` at a clean end of stream.
+    server: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+impl HeldConnection {
+    /// Connects `from` to an echo server on `to`'s `port` and checks one
+    /// round trip.
+    fn open(topology: &Topology, from: PodRef, to: PodRef, port: u16) -> Self {
+        let address = SocketAddr::from((to.ip(), port));
+        let listener = listen_in(topology, to, address);
+        let client = topology
+            .pod(from)
+            .run(move || TcpStream::connect_timeout(&address, Duration::from_secs(5)))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{from} → {address}: {e}"));
+        let (mut accepted, _) = listener.accept().unwrap();
+        let server = std::thread::spawn(move || {
+            accepted.set_read_timeout(Some(Duration::from_secs(60)))?;
+            let mut buffer = [0u8; 4096];
+            loop {
+                match accepted.read(&mut buffer)? {
+                    0 => return Ok(()),
+                    n => accepted.write_all(&buffer[..n])?,
+                }
+            }
+        });
+        let mut held = Self { client, server };
+        held.round_trip()
+            .unwrap_or_else(|e| panic!("{from} → {address}: no echo: {e}"));
+        held
+    }
+
+    fn round_trip(&mut self) -> std::io::Result<()> {
+        self.client.set_read_timeout(Some(Duration::from_secs(5)))?;
+        self.client.write_all(b"ping")?;
+        let mut echoed = [0u8; 4];
+        self.client.read_exact(&mut echoed)?;
+        assert_eq!(&echoed, b"ping");
+        Ok(())
+    }
+
+    /// Whether both the client and the server application saw a reset
+    /// (not a clean end of stream) within `within`; says what each saw.
+    fn both_ends_reset(mut self, within: Duration) -> Result<(), String> {
+        let _ = self.client.set_read_timeout(Some(within));
+        let mut buffer = [0u8; 64];
+        let client = loop {
+            match self.client.read(&mut buffer) {
+                Ok(0) => break Ok(()),
+                Ok(_) => continue,
+                Err(e) => break Err(e),
+            }
+        };
+        let server = self.server.join().expect("the echo server panicked");
+        match (&client, &server) {
+            (Err(c), Err(s))
+                if c.kind() == std::io::ErrorKind::ConnectionReset
+                    && s.kind() == std::io::ErrorKind::ConnectionReset =>
+            {
+                Ok(())
+            }
+            _ => Err(format!("client: {client:?}, server: {server:?}")),
+        }
+    }
 }
 
 /// A connection from `source` (a fixed port, SO_REUSEADDR) to
@@ -214,11 +289,7 @@ fn reconnect_from_the_same_port_after_the_server_closed_first(bed: &MeshBed, por
     let topology = &bed.topology;
     let server_addr = SocketAddr::from((CHECKOUT.ip(), port));
     let source = SocketAddr::from((CART.ip(), 47000 + port % 1000));
-    let listener = topology
-        .pod(CHECKOUT)
-        .run(move || TcpListener::bind(server_addr))
-        .unwrap()
-        .unwrap();
+    let listener = listen_in(topology, CHECKOUT, server_addr);
     let server = std::thread::spawn(move || {
         for _ in 0..2 {
             let (mut stream, _) = listener.accept().unwrap();
@@ -488,11 +559,7 @@ fn strict_pods_refuse_plaintext_and_agents_refuse_bad_peers() {
     // Plaintext from outside the mesh: fine to a PERMISSIVE pod, dropped at a STRICT one.
     traffic::tcp_echo(topology, OUTSIDER, PAYMENTS, 7601, 4096).unwrap();
     let strict = SocketAddr::from((CHECKOUT.ip(), 7602));
-    let _listener = topology
-        .pod(CHECKOUT)
-        .run(move || TcpListener::bind(strict))
-        .unwrap()
-        .unwrap();
+    let _listener = listen_in(topology, CHECKOUT, strict);
     let attempt = topology
         .pod(OUTSIDER)
         .run(move || TcpStream::connect_timeout(&strict, Duration::from_secs(2)))
@@ -573,11 +640,7 @@ fn strict_pods_refuse_plaintext_and_agents_refuse_bad_peers() {
     ];
     // Control: the same client with an honest identity and address gets through.
     let echo_addr = SocketAddr::from((CHECKOUT.ip(), 7700));
-    let echo = topology
-        .pod(CHECKOUT)
-        .run(move || TcpListener::bind(echo_addr))
-        .unwrap()
-        .unwrap();
+    let echo = listen_in(topology, CHECKOUT, echo_addr);
     let echo_server = std::thread::spawn(move || {
         let (mut stream, peer) = echo.accept().unwrap();
         let mut buffer = [0u8; 4];
@@ -628,15 +691,88 @@ fn strict_pods_refuse_plaintext_and_agents_refuse_bad_peers() {
     assert!(log.contains("not a TLS record"), "{log}");
 }
 
+#[test]
+fn running_sessions_are_reset_when_a_rule_or_a_pod_identity_stops_allowing_them() {
+    if !require_root("mesh live session test") {
+        return;
+    }
+    let mut bed = MeshBed::start("meshlive");
+    // Two sessions cart → checkout while no rule selects checkout.
+    let doomed = HeldConnection::open(&bed.topology, CART, CHECKOUT, 7810);
+    let mut spared = HeldConnection::open(&bed.topology, CART, CHECKOUT, 7811);
+    // A rule now admits only payments on checkout:7810: node 2 resets the
+    // running cart session on that port, both pods see a reset, and the
+    // session on 7811 (no rule selects it) goes on.
+    bed.topology.set_inventory_extra(
+        r#"
+[policy]
+[[policy.allow]]
+namespace = "shop"
+service_account = "checkout"
+port = 7810
+from_identities = ["spiffe://cluster.local/ns/shop/sa/payments"]
+"#,
+    );
+    bed.topology.write_inventory().unwrap();
+    doomed
+        .both_ends_reset(Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("the denied session was not reset: {e}\n{}", bed.dump()));
+    assert_eq!(bed.metric(2, &reset_series("inbound", "denied")), 1.0);
+    spared
+        .round_trip()
+        .unwrap_or_else(|e| panic!("a session no rule selects was cut: {e}\n{}", bed.dump()));
+    let log = bed.agents[1].log();
+    assert!(
+        log.contains("mesh session reset: denied by policy")
+            && log.contains("is not allowed to shop/checkout port 7810"),
+        "{log}"
+    );
+    let flows = bed.agents[1].veilctl(&["flows"]).unwrap();
+    assert!(
+        flows
+            .lines()
+            .any(|l| l.contains("inbound") && l.contains("reset: denied")),
+        "{flows}"
+    );
+    // New connections meet the same rule.
+    expect_refused(&bed.topology, CART, CHECKOUT, 7810);
+    HeldConnection::open(&bed.topology, CART, CHECKOUT, 7813);
+
+    // checkout's pod becomes another workload: node 1's session to it went
+    // to the old identity's agent, so node 1 resets it.
+    bed.topology.set_mesh(
+        CHECKOUT,
+        Some(PodMesh::new("shop", "checkout-v2", "strict")),
+    );
+    bed.topology.write_inventory().unwrap();
+    spared
+        .both_ends_reset(Duration::from_secs(5))
+        .unwrap_or_else(|e| {
+            panic!(
+                "a session to a changed pod was not reset: {e}\n{}",
+                bed.dump()
+            )
+        });
+    assert_eq!(
+        bed.metric(1, &reset_series("outbound", "destination_changed")),
+        1.0,
+        "{}",
+        bed.dump()
+    );
+    assert!(
+        bed.agents[0]
+            .log()
+            .contains("is now spiffe://cluster.local/ns/shop/sa/checkout-v2"),
+        "{}",
+        bed.dump()
+    );
+}
+
 /// `from` connects to `to`'s `port` (a server listens there) and must get
 /// no byte back: the connection is reset or closed.
 fn expect_refused(topology: &Topology, from: PodRef, to: PodRef, port: u16) {
     let address = SocketAddr::from((to.ip(), port));
-    let _listener = topology
-        .pod(to)
-        .run(move || TcpListener::bind(address))
-        .unwrap()
-        .unwrap();
+    let _listener = listen_in(topology, to, address);
     let outcome = topology
         .pod(from)
         .run(move || -> std::io::Result<usize> {
@@ -669,6 +805,10 @@ service_account = "checkout"
 port = 7800
 from_identities = ["spiffe://cluster.local/ns/shop/sa/payments"]
 "#;
+
+fn reset_series(direction: &str, reason: &str) -> String {
+    format!(r#"veil_mesh_sessions_reset_total{{direction="{direction}",reason="{reason}"}}"#)
+}
 
 fn refused_series(reason: &str) -> String {
     format!(r#"veil_mesh_connections_total{{direction="inbound",mode="none",result="{reason}"}}"#)
@@ -895,11 +1035,7 @@ fn certificates_rotate_under_a_live_connection_and_new_connections_get_the_new_o
 
     // A connection that stays open across the rotation, exchanging all along.
     let address = SocketAddr::from((CHECKOUT.ip(), 7900));
-    let listener = topology
-        .pod(CHECKOUT)
-        .run(move || TcpListener::bind(address))
-        .unwrap()
-        .unwrap();
+    let listener = listen_in(topology, CHECKOUT, address);
     let server = std::thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
         stream
@@ -1143,6 +1279,8 @@ fn certificates_and_identities_revoked_on_the_bus_are_refused_everywhere_and_the
         );
         String::from_utf8_lossy(&output.stdout).into_owned()
     };
+    // A pod connection running over a session with checkout's certificate.
+    let running = HeldConnection::open(&bed.topology, CART, CHECKOUT, 7299);
     let started = std::time::Instant::now();
     revoke(Some(&client_serial), &cart);
     revoke(Some(&checkout_serial), &checkout);
@@ -1177,6 +1315,14 @@ fn certificates_and_identities_revoked_on_the_bus_are_refused_everywhere_and_the
             .contains("our own certificate was revoked; re-keying")
     );
     assert!(bed.agents[1].log().contains("revoked"), "{}", bed.dump());
+    // The running session's peer certificate is revoked: node 1 resets it.
+    running.both_ends_reset(left()).unwrap_or_else(|e| {
+        panic!(
+            "a session over a revoked certificate ran on: {e}\n{}",
+            bed.dump()
+        )
+    });
+    assert_eq!(bed.metric(1, &reset_series("outbound", "revoked")), 1.0);
     // New connections get the new certificate; both agents know both serials.
     let presented = presented_serial(&bed.topology, &ca);
     assert_ne!(presented, checkout_serial);
@@ -1201,6 +1347,7 @@ fn certificates_and_identities_revoked_on_the_bus_are_refused_everywhere_and_the
     handshake_with(&bed.topology, held.clone(), &ca)
         .expect("accepted before the identity is revoked");
     let cart_serial = serial_on(&bed, 1, &cart).expect("node 1 holds cart's certificate");
+    let running = HeldConnection::open(&bed.topology, CART, CHECKOUT, 7302);
     let started = std::time::Instant::now();
     let printed = revoke(None, &cart);
     assert!(
@@ -1221,6 +1368,14 @@ fn certificates_and_identities_revoked_on_the_bus_are_refused_everywhere_and_the
         "identity revoke published → refused on node 2 and re-keyed on node 1: {:?}",
         started.elapsed()
     );
+    // Node 2 resets the session that cart's revoked certificate set up.
+    running.both_ends_reset(left()).unwrap_or_else(|e| {
+        panic!(
+            "a session of a revoked identity ran on: {e}\n{}",
+            bed.dump()
+        )
+    });
+    assert_eq!(bed.metric(2, &reset_series("inbound", "revoked")), 1.0);
     // Certificates signed after the instant are accepted: one the test
     // makes now, and node 1's new one, which carries meshed traffic.
     let (after, _) = client_config_and_serial(&ca, false, &ca, "cart");

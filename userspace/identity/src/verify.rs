@@ -166,11 +166,11 @@ fn verify_chain_der_with(
             expected: expected.to_string(),
         });
     }
-    let serial = leaf
-        .raw_serial_as_string()
-        .replace(':', "")
-        .to_ascii_lowercase();
-    revoked.check(&serial, &peer, leaf.validity().not_before.timestamp())?;
+    revoked.check(
+        &serial_of(&leaf),
+        &peer,
+        leaf.validity().not_before.timestamp(),
+    )?;
     // Peers may repeat the leaf or send extra certificates (openssl's
     // -cert_chain does): the intermediate is whichever CA signed the leaf.
     // Signatures are checked once per (leaf, intermediate, roots): validity,
@@ -252,9 +252,49 @@ fn digest_of<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> [u8; 32] {
     hasher.finalize().into()
 }
 
+/// What revocation looks at in a leaf: enough to ask again later, after
+/// the handshake, whether a session's peer has been revoked since
+/// ([`RevocationList::check`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeafFacts {
+    pub identity: SpiffeId,
+    /// Lowercase hex, as [`RevocationList`] keeps serials.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_before: i64,
+}
+
+impl LeafFacts {
+    /// Reads an already verified leaf certificate (DER).
+    pub fn of(leaf_der: &[u8]) -> Result<Self, Rejection> {
+        let leaf = certificate(leaf_der)?;
+        Ok(Self {
+            identity: spiffe_id_in(&leaf)?,
+            serial: serial_of(&leaf),
+            not_before: leaf.validity().not_before.timestamp(),
+        })
+    }
+
+    /// Whether `revoked` refuses this certificate now.
+    pub fn check(&self, revoked: &RevocationList) -> Result<(), Rejection> {
+        revoked.check(&self.serial, &self.identity, self.not_before)
+    }
+}
+
+/// A certificate's serial as revocations name it: lowercase hex, no colons.
+fn serial_of(certificate: &X509Certificate<'_>) -> String {
+    certificate
+        .raw_serial_as_string()
+        .replace(':', "")
+        .to_ascii_lowercase()
+}
+
 /// The SPIFFE ID in an already verified leaf certificate (DER).
 pub fn spiffe_id_of(leaf_der: &[u8]) -> Result<SpiffeId, Rejection> {
-    let leaf = certificate(leaf_der)?;
+    spiffe_id_in(&certificate(leaf_der)?)
+}
+
+fn spiffe_id_in(leaf: &X509Certificate<'_>) -> Result<SpiffeId, Rejection> {
     let san = leaf
         .subject_alternative_name()
         .ok()
@@ -562,5 +602,35 @@ mod tests {
         let eku = leaf.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && eku.client_auth);
         assert_eq!(leaf.raw_serial_as_string().replace(':', ""), issued.serial);
+    }
+
+    #[test]
+    fn leaf_facts_answer_a_later_revocation_of_the_serial_or_the_identity() {
+        let (ca, key, id) = setup();
+        let issued = ca.sign(&key.csr_pem(&id).unwrap(), &id).unwrap();
+        let chain = parse_all(&issued.chain_pem).unwrap();
+        let facts = LeafFacts::of(&chain[0].contents).unwrap();
+        assert_eq!(facts.identity, id);
+        assert_eq!(facts.serial, issued.serial);
+        let mut revoked = RevocationList::default();
+        facts.check(&revoked).unwrap();
+        revoked.revoke_serial(&issued.serial.to_ascii_uppercase());
+        assert!(matches!(
+            facts.check(&revoked),
+            Err(Rejection::Revoked { .. })
+        ));
+        let mut revoked = RevocationList::default();
+        let after_issue = issued
+            .not_before
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600;
+        revoked.revoke_identity(&id.to_string(), after_issue);
+        assert!(matches!(
+            facts.check(&revoked),
+            Err(Rejection::IdentityRevoked { .. })
+        ));
+        assert!(LeafFacts::of(b"not a certificate").is_err());
     }
 }

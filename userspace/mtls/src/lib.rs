@@ -11,6 +11,7 @@
 //! TLS 1.3 only, ECDSA P-256 certificates; cipher suites and key-exchange
 //! groups are chosen in one place, [`settings::TlsSettings`].
 
+pub mod abort;
 pub mod handshake;
 pub mod ktls;
 pub mod limits;

@@ -45,7 +45,17 @@ pub fn splice_relay_with_budget(
     b: TcpStream,
     budget: Option<RecordBudget>,
 ) -> std::io::Result<RelayStats> {
-    let aborted = Arc::new(AtomicBool::new(false));
+    splice_relay_until(a, b, budget, Arc::new(AtomicBool::new(false)))
+}
+
+/// [`splice_relay_with_budget`] with the abort flag of a
+/// [`crate::abort::RelayAbort`].
+pub(crate) fn splice_relay_until(
+    a: TcpStream,
+    b: TcpStream,
+    budget: Option<RecordBudget>,
+    aborted: Arc<AtomicBool>,
+) -> std::io::Result<RelayStats> {
     let (a2, b2) = (a.try_clone()?, b.try_clone()?);
     let forward = {
         let aborted = Arc::clone(&aborted);

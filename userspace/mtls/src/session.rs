@@ -19,6 +19,7 @@ use std::{
 use rustls::Connection;
 
 use crate::{
+    abort::RelayAbort,
     handshake,
     ktls::{self, KtlsError},
     limits::RecordBudget,
@@ -111,9 +112,38 @@ impl Session {
         plain: TcpStream,
         budget: RecordBudget,
     ) -> std::io::Result<RelayStats> {
+        self.relay_inner(plain, budget, Arc::new(AtomicBool::new(false)))
+    }
+
+    /// A handle that ends this session's relay with `plain` from another
+    /// thread (see [`crate::abort`]); pass it to [`Self::relay_abortable`].
+    pub fn abort_handle(&self, plain: &TcpStream) -> std::io::Result<RelayAbort> {
+        let tls = match self {
+            Self::Kernel(tls) | Self::Userspace(_, tls) => tls,
+        };
+        RelayAbort::new(plain, tls)
+    }
+
+    /// [`Self::relay`], ended early (both peers reset) when `abort` fires.
+    pub fn relay_abortable(
+        self,
+        plain: TcpStream,
+        abort: &RelayAbort,
+    ) -> std::io::Result<RelayStats> {
+        self.relay_inner(plain, RecordBudget::default(), abort.flag())
+    }
+
+    fn relay_inner(
+        self,
+        plain: TcpStream,
+        budget: RecordBudget,
+        aborted: Arc<AtomicBool>,
+    ) -> std::io::Result<RelayStats> {
         match self {
-            Self::Kernel(tls) => relay::splice_relay_with_budget(plain, tls, Some(budget)),
-            Self::Userspace(connection, tls) => userspace_relay(plain, *connection, tls, budget),
+            Self::Kernel(tls) => relay::splice_relay_until(plain, tls, Some(budget), aborted),
+            Self::Userspace(connection, tls) => {
+                userspace_relay(plain, *connection, tls, budget, aborted)
+            }
         }
     }
 }
@@ -126,9 +156,9 @@ fn userspace_relay(
     connection: Connection,
     tls: TcpStream,
     budget: RecordBudget,
+    aborted: Arc<AtomicBool>,
 ) -> std::io::Result<RelayStats> {
     let connection = Arc::new(Mutex::new(connection));
-    let aborted = Arc::new(AtomicBool::new(false));
     let (plain2, tls2) = (plain.try_clone()?, tls.try_clone()?);
     let outbound = {
         let (connection, aborted) = (Arc::clone(&connection), Arc::clone(&aborted));

@@ -115,6 +115,51 @@ fn a_reset_crosses_the_session() {
 }
 
 #[test]
+fn an_abort_from_outside_resets_both_applications() {
+    let (client_session, server_session) = session_pair(&TlsSettings::default());
+    let mode = server_session.mode();
+    let app_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let front_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let back = TcpStream::connect(app_listener.local_addr().unwrap()).unwrap();
+    let (mut app_server, _) = app_listener.accept().unwrap();
+    let mut app_client = TcpStream::connect(front_listener.local_addr().unwrap()).unwrap();
+    let (front, _) = front_listener.accept().unwrap();
+    let abort = std::sync::Arc::new(server_session.abort_handle(&back).unwrap());
+    std::thread::spawn(move || client_session.relay(front));
+    let server_relay = {
+        let abort = std::sync::Arc::clone(&abort);
+        std::thread::spawn(move || server_session.relay_abortable(back, &abort))
+    };
+    app_client.write_all(b"hello").unwrap();
+    let mut hello = [0u8; 5];
+    app_server
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    app_server.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello, b"hello");
+
+    abort.abort();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(server_relay.join().is_ok()).unwrap());
+    assert_eq!(
+        finished.recv_timeout(Duration::from_secs(10)),
+        Ok(true),
+        "{} mode: the relay did not return after the abort",
+        mode.as_str()
+    );
+    drop(abort);
+    for (name, app) in [("client", &mut app_client), ("server", &mut app_server)] {
+        app.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let result = app.read(&mut [0u8; 16]);
+        assert!(
+            matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{} mode: the {name} application saw {result:?}, not a reset",
+            mode.as_str()
+        );
+    }
+}
+
+#[test]
 fn a_session_is_reset_before_its_record_budget_runs_out() {
     // 16 records of at most 16 KiB: a 16 MiB transfer cannot fit (nor can
     // the socket buffers on the way hold all of it).

@@ -44,7 +44,8 @@ pub struct Flow<'a> {
     pub source: Option<SocketAddr>,
     pub destination: Option<SocketAddr>,
     pub mode: &'static str,
-    pub result: &'static str,
+    /// `ok`, `ended_with_error`, why it was refused, or `reset: <why>`.
+    pub result: std::borrow::Cow<'static, str>,
     pub bytes_to_peer: u64,
     pub bytes_to_pod: u64,
     pub directory: &'a Directory,

@@ -9,18 +9,19 @@
 //! server application sees its real peer.
 
 use std::{
-    net::{TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use rustls::{Connection, ServerConnection};
 use tracing::{debug, warn};
-use veil_identity::verify::spiffe_id_of;
+use veil_identity::{SpiffeId, verify::LeafFacts};
 use veil_mtls::{handshake, session::Session};
 
 use super::{
-    MeshState,
+    MeshState, Peer,
+    directory::Directory,
     metrics::Direction,
     names::pod_ip_from_sni,
     refusal::Refusal,
@@ -44,8 +45,8 @@ fn handle(mesh: &MeshState, tcp: TcpStream) {
     let started = Instant::now();
     let peer = tcp.peer_addr().ok();
     match accept_session(mesh, tcp) {
-        Ok((session, pod, preface)) => {
-            mesh.relay(Direction::Inbound, session, pod, started, &preface);
+        Ok((session, pod, preface, peer)) => {
+            mesh.relay(Direction::Inbound, session, pod, started, &preface, peer);
         }
         Err((refusal, tcp)) => {
             warn!(
@@ -60,7 +61,7 @@ fn handle(mesh: &MeshState, tcp: TcpStream) {
                 source: peer,
                 destination: None,
                 mode: "none",
-                result: refusal.label(),
+                result: refusal.label().into(),
                 bytes_to_peer: 0,
                 bytes_to_pod: 0,
                 directory: &mesh.directory,
@@ -77,7 +78,7 @@ type Refused = (Refusal, Option<TcpStream>);
 fn accept_session(
     mesh: &MeshState,
     mut tcp: TcpStream,
-) -> Result<(Session, TcpStream, Preface), Refused> {
+) -> Result<(Session, TcpStream, Preface, Peer), Refused> {
     let _ = tcp.set_nodelay(true);
     let _ = tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let connection = match ServerConnection::new(Arc::clone(&mesh.server_config)) {
@@ -92,20 +93,20 @@ fn accept_session(
         };
     mesh.metrics.handshake(Direction::Inbound, &connection);
     let _ = tcp.set_read_timeout(None);
-    let checked = check(mesh, &tcp, &connection, &preface).and_then(|()| {
-        transparent_connect(
+    let checked = check(mesh, &tcp, &connection, &preface).and_then(|peer| {
+        let pod = transparent_connect(
             preface.source,
             preface.original_destination,
             POD_CONNECT_TIMEOUT,
-        )
-        .map_err(Refusal::from)
+        )?;
+        Ok((pod, peer))
     });
-    let pod = match checked {
-        Ok(pod) => pod,
+    let (pod, peer) = match checked {
+        Ok(checked) => checked,
         Err(refusal) => return Err((refusal, Some(tcp))),
     };
     match Session::from_handshaken(connection, tcp) {
-        Ok(session) => Ok((session, pod, preface)),
+        Ok(session) => Ok((session, pod, preface, peer)),
         Err(error) => {
             reset(pod);
             Err((error.into(), None))
@@ -113,18 +114,19 @@ fn accept_session(
     }
 }
 
-/// Everything that must hold before the pod sees a byte.
+/// Everything that must hold before the pod sees a byte; returns who the
+/// peer is.
 fn check(
     mesh: &MeshState,
     tcp: &TcpStream,
     connection: &Connection,
     preface: &Preface,
-) -> Result<(), Refusal> {
-    let peer_identity = connection
+) -> Result<Peer, Refusal> {
+    let certificate = connection
         .peer_certificates()
         .and_then(|chain| chain.first())
         .ok_or_else(|| Refusal::PeerIdentity("no client certificate".into()))
-        .and_then(|leaf| spiffe_id_of(leaf).map_err(|e| Refusal::PeerIdentity(e.to_string())))?;
+        .and_then(|leaf| LeafFacts::of(leaf).map_err(|e| Refusal::PeerIdentity(e.to_string())))?;
     let sni = match connection {
         Connection::Server(server) => server.server_name().map(str::to_owned),
         Connection::Client(_) => None,
@@ -137,31 +139,46 @@ fn check(
             sni,
         });
     }
-    let directory = &mesh.directory;
+    let node = *v4(tcp.peer_addr()?).ok_or(Refusal::NotIpv4)?.ip();
+    allowed(
+        &mesh.directory,
+        preface.source,
+        preface.original_destination,
+        &certificate.identity,
+        node,
+    )?;
+    debug!(
+        source = %preface.source,
+        destination = %preface.original_destination,
+        identity = %certificate.identity,
+        "inbound mTLS session accepted"
+    );
+    Ok(Peer { certificate, node })
+}
+
+/// Whether the agent at `peer_node`, proven to be `peer_identity`, may
+/// carry `source` → `destination`: the destination is a meshed pod here,
+/// the source a pod of that identity on that node, and the destination's
+/// allow rules admit it. Decided at the handshake, and again for a running
+/// session whenever the inventory changes ([`super::live`]).
+pub(super) fn allowed(
+    directory: &Directory,
+    source: SocketAddrV4,
+    destination: SocketAddrV4,
+    peer_identity: &SpiffeId,
+    peer_node: Ipv4Addr,
+) -> Result<(), Refusal> {
     let destination_pod = directory
-        .local_meshed_pod(destination)?
-        .ok_or_else(|| Refusal::DestinationNotMeshed(destination.to_string()))?;
-    let peer_ip = v4(tcp.peer_addr()?).ok_or(Refusal::NotIpv4)?;
-    let source = directory.meshed_pod(*preface.source.ip())?;
-    match source {
-        Some(pod) if pod.identity == peer_identity && pod.node_underlay_ip == *peer_ip.ip() => {
-            directory.authorize(
-                &destination_pod,
-                preface.original_destination.port(),
-                &peer_identity,
-            )?;
-            debug!(
-                source = %preface.source,
-                destination = %preface.original_destination,
-                identity = %peer_identity,
-                "inbound mTLS session accepted"
-            );
-            Ok(())
+        .local_meshed_pod(*destination.ip())?
+        .ok_or_else(|| Refusal::DestinationNotMeshed(destination.ip().to_string()))?;
+    match directory.meshed_pod(*source.ip())? {
+        Some(pod) if pod.identity == *peer_identity && pod.node_underlay_ip == peer_node => {
+            directory.authorize(&destination_pod, destination.port(), peer_identity)
         }
         _ => Err(Refusal::SourceMismatch {
-            address: preface.source.to_string(),
+            address: source.to_string(),
             identity: peer_identity.to_string(),
-            node: peer_ip.ip().to_string(),
+            node: peer_node.to_string(),
         }),
     }
 }

@@ -1,5 +1,5 @@
 //! The mesh's Prometheus metrics: connections by direction, mode and result,
-//! handshakes full or resumed, bytes relayed, handshake latency, open
+//! running sessions reset and why, handshakes full or resumed, bytes relayed, handshake latency, open
 //! connections, and when each workload certificate expires.
 
 use std::{
@@ -47,6 +47,13 @@ pub struct ConnectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResetLabels {
+    pub direction: Direction,
+    /// Why the running session is no longer allowed (`denied`, `revoked`, …).
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IdentityLabels {
     /// The workload's SPIFFE ID.
     pub identity: String,
@@ -88,6 +95,8 @@ pub struct MeshMetrics {
     /// The same counts, readable for the admin API.
     counts: Arc<Mutex<BTreeMap<CountKey, u64>>>,
     pub open: Family<DirectionLabels, Gauge>,
+    /// Running sessions reset because what allowed them changed.
+    pub sessions_reset: Family<ResetLabels, Counter>,
     pub handshakes: Family<HandshakeLabels, Counter>,
     pub bytes: Family<ByteLabels, Counter>,
     pub handshake_seconds: Family<DirectionLabels, Histogram>,
@@ -101,6 +110,7 @@ impl Default for MeshMetrics {
             connections: Family::default(),
             counts: Arc::default(),
             open: Family::default(),
+            sessions_reset: Family::default(),
             handshakes: Family::default(),
             bytes: Family::default(),
             handshake_seconds: Family::new_with_constructor(handshake_histogram),
@@ -120,6 +130,12 @@ impl MeshMetrics {
             "veil_mesh_open_connections",
             "Meshed TCP connections being relayed now",
             self.open.clone(),
+        );
+        registry.register(
+            "veil_mesh_sessions_reset",
+            "Running meshed sessions reset because what allowed them changed: a rule, \
+             a pod's identity or place, a revoked certificate",
+            self.sessions_reset.clone(),
         );
         registry.register(
             "veil_mesh_handshakes",

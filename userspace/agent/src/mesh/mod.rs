@@ -7,13 +7,15 @@
 //! come from [`workloads`]; who is who from [`directory`]. After the
 //! handshake, the session moves into the kernel (kTLS + splice) where the
 //! kernel has TLS, else stays in rustls; the choice is per connection and
-//! visible in the metrics' `mode` label.
+//! visible in the metrics' `mode` label. Running sessions are checked again
+//! when the inventory changes or a revocation arrives ([`live`]).
 
 pub mod answers;
 pub mod client_configs;
 pub mod directory;
 pub mod flows;
 pub mod inbound;
+pub mod live;
 pub mod metrics;
 pub mod names;
 pub mod outbound;
@@ -35,7 +37,7 @@ use std::{
 use rustls::{ServerConfig, pki_types::CertificateDer, pki_types::pem::PemObject};
 use tracing::{debug, info, warn};
 use veil_common::overlay::OUTBOUND_PROXY_PORT;
-use veil_identity::{CertificateAuthority, SpiffeId};
+use veil_identity::{CertificateAuthority, SpiffeId, verify::LeafFacts};
 use veil_mtls::{
     Preface, TlsSettings,
     session::{Mode, Session},
@@ -98,6 +100,17 @@ pub struct MeshState {
     pub flows: flows::FlowLog,
     /// Outbound rustls configurations, per source certificate and destination.
     pub client_configs: client_configs::ClientConfigs,
+    /// The sessions being relayed, checked again when what allowed them changes.
+    pub live: live::LiveSessions,
+}
+
+/// Who is at the other end of a session, as its handshake proved.
+#[derive(Debug)]
+pub struct Peer {
+    /// The certificate the other agent presented (the peer workload's).
+    pub certificate: LeafFacts,
+    /// The other agent's underlay address.
+    pub node: Ipv4Addr,
 }
 
 /// The running mesh; dropping it removes its policy routing.
@@ -157,6 +170,7 @@ impl Mesh {
             metrics: MeshMetrics::default(),
             flows: flows::FlowLog::default(),
             client_configs: client_configs::ClientConfigs::default(),
+            live: live::LiveSessions::default(),
         });
 
         routing::install()?;
@@ -184,6 +198,14 @@ impl Mesh {
             .spawn(move || outbound::serve(outbound, out_state, &out_threads))
             .map_err(|source| MeshError::Threads {
                 what: "outbound accept",
+                source,
+            })?;
+        let sessions_state = Arc::clone(&state);
+        std::thread::Builder::new()
+            .name("mesh-sessions".into())
+            .spawn(move || recheck_sessions_on_inventory_changes(&sessions_state))
+            .map_err(|source| MeshError::Threads {
+                what: "session check",
                 source,
             })?;
         let renewal_state = Arc::clone(&state);
@@ -313,6 +335,7 @@ pub fn revoke(state: &Arc<MeshState>, revoked: &Revoked) {
                 .filter(|id| state.directory.store.forget_issued_before(id, instant))
         }
     };
+    state.reset_disallowed_sessions();
     let Some(identity) = ours else { return };
     warn!(%identity, ?revoked, "our own certificate was revoked; re-keying");
     let state = Arc::clone(state);
@@ -418,6 +441,35 @@ fn keep_certificates_fresh(state: &MeshState) {
     }
 }
 
+/// How long the session checker sleeps when nothing tells it of a change.
+const SESSION_CHECK_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Checks the running sessions again each time the inventory (pods, their
+/// identities, the policy) really changes; the overlay sync re-reads it
+/// every half second, usually to find it the same.
+fn recheck_sessions_on_inventory_changes(state: &MeshState) {
+    let mut seen = 0;
+    let mut checked: Option<Arc<crate::inventory::Inventory>> = None;
+    loop {
+        seen = state
+            .directory
+            .overlay
+            .inventory_changes
+            .wait_past(seen, SESSION_CHECK_IDLE);
+        let Ok(inventory) = state.directory.inventory() else {
+            continue;
+        };
+        if checked
+            .as_ref()
+            .is_some_and(|old| Arc::ptr_eq(old, &inventory) || **old == *inventory)
+        {
+            continue;
+        }
+        checked = Some(inventory);
+        state.reset_disallowed_sessions();
+    }
+}
+
 /// Accepts connections forever, each on a thread of the connection pool.
 fn accept_loop(
     listener: TcpListener,
@@ -442,7 +494,63 @@ fn accept_loop(
 }
 
 impl MeshState {
-    /// Relays a pod's connection through an established session, with metrics.
+    /// Whether a running session is still allowed: its peer's certificate
+    /// not revoked since, and the inventory's pods and rules admitting it as
+    /// they did at its handshake.
+    fn still_allowed(&self, session: &live::LiveSession) -> Result<(), refusal::Refusal> {
+        {
+            let revoked = self.trust.revoked.read().unwrap_or_else(|p| p.into_inner());
+            session
+                .peer
+                .check(&revoked)
+                .map_err(|rejection| refusal::Refusal::Revoked(rejection.to_string()))?;
+        }
+        let (directory, identity) = (&self.directory, &session.peer.identity);
+        match session.direction {
+            Direction::Inbound => inbound::allowed(
+                directory,
+                session.source,
+                session.destination,
+                identity,
+                session.peer_node,
+            ),
+            Direction::Outbound => outbound::still_allowed(
+                directory,
+                session.source,
+                session.destination,
+                identity,
+                session.peer_node,
+            ),
+        }
+    }
+
+    /// Resets the running sessions no longer allowed (see [`live`]).
+    pub fn reset_disallowed_sessions(&self) {
+        for (session, refusal) in self.live.reset_unless(|s| self.still_allowed(s)) {
+            self.count_reset(&session, &refusal);
+        }
+    }
+
+    fn count_reset(&self, session: &live::LiveSession, refusal: &refusal::Refusal) {
+        warn!(
+            direction = session.direction.as_str(),
+            source = %session.source,
+            destination = %session.destination,
+            peer = %session.peer.identity,
+            reason = refusal.label(),
+            "mesh session reset: {refusal}"
+        );
+        self.metrics
+            .sessions_reset
+            .get_or_create(&metrics::ResetLabels {
+                direction: session.direction,
+                reason: refusal.label(),
+            })
+            .inc();
+    }
+
+    /// Relays a pod's connection through an established session, with
+    /// metrics, registered in [`live`] while it runs.
     fn relay(
         &self,
         direction: Direction,
@@ -450,8 +558,33 @@ impl MeshState {
         pod: TcpStream,
         started: Instant,
         preface: &Preface,
+        peer: Peer,
     ) {
         let mode = session.mode();
+        let abort = match session.abort_handle(&pod) {
+            Ok(abort) => abort,
+            Err(error) => {
+                warn!(?direction, %error, "cannot relay: no descriptor for the session's abort handle");
+                self.metrics
+                    .connection(direction, mode.as_str(), "io_error");
+                sockets::reset(pod);
+                return;
+            }
+        };
+        let registered = self.live.register(live::LiveSession::new(
+            direction,
+            preface.source,
+            preface.original_destination,
+            peer.node,
+            peer.certificate,
+            abort,
+        ));
+        // A change that landed between the handshake's checks and now.
+        if let Err(refusal) = self.still_allowed(&registered.session)
+            && registered.session.reset(&refusal)
+        {
+            self.count_reset(&registered.session, &refusal);
+        }
         log_mode_once(mode);
         self.metrics
             .handshake_seconds
@@ -464,8 +597,10 @@ impl MeshState {
             .get_or_create(&DirectionLabels { direction })
             .clone();
         open.inc();
-        let result = session.relay(pod);
+        let result = session.relay_abortable(pod, registered.session.abort_handle());
         open.dec();
+        let reset = registered.session.reset_because().cloned();
+        drop(registered);
         let (to_peer, to_pod) = result
             .as_ref()
             .map_or((0, 0), |stats| (stats.a_to_b, stats.b_to_a));
@@ -474,9 +609,10 @@ impl MeshState {
             source: Some(preface.source.into()),
             destination: Some(preface.original_destination.into()),
             mode: mode.as_str(),
-            result: match &result {
-                Ok(_) => "ok",
-                Err(_) => "ended_with_error",
+            result: match (&reset, &result) {
+                (Some(reset), _) => format!("reset: {}", reset.label).into(),
+                (None, Ok(_)) => "ok".into(),
+                (None, Err(_)) => "ended_with_error".into(),
             },
             bytes_to_peer: to_peer,
             bytes_to_pod: to_pod,

@@ -8,17 +8,19 @@
 //! destination workload's identity, sends the preface and relays.
 
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use rustls::{ClientConnection, pki_types::ServerName};
 use tracing::{debug, warn};
+use veil_identity::{SpiffeId, verify::LeafFacts};
 use veil_mtls::{Preface, handshake, session::Session, verifier::ExpectedPeer};
 
 use super::{
-    MeshState,
+    MeshState, Peer,
+    directory::{Directory, MeshedPod},
     metrics::Direction,
     names::sni_for,
     refusal::Refusal,
@@ -39,8 +41,8 @@ fn handle(mesh: &MeshState, pod: TcpStream) {
     let started = Instant::now();
     let _ = pod.set_nodelay(true);
     match open_session(mesh, &pod) {
-        Ok((session, preface)) => {
-            mesh.relay(Direction::Outbound, session, pod, started, &preface);
+        Ok((session, preface, peer)) => {
+            mesh.relay(Direction::Outbound, session, pod, started, &preface, peer);
         }
         Err(refusal) => {
             warn!(
@@ -56,7 +58,7 @@ fn handle(mesh: &MeshState, pod: TcpStream) {
                 source: pod.peer_addr().ok(),
                 destination: pod.local_addr().ok(),
                 mode: "none",
-                result: refusal.label(),
+                result: refusal.label().into(),
                 bytes_to_peer: 0,
                 bytes_to_pod: 0,
                 directory: &mesh.directory,
@@ -66,18 +68,12 @@ fn handle(mesh: &MeshState, pod: TcpStream) {
     }
 }
 
-fn open_session(mesh: &MeshState, pod: &TcpStream) -> Result<(Session, Preface), Refusal> {
+fn open_session(mesh: &MeshState, pod: &TcpStream) -> Result<(Session, Preface, Peer), Refusal> {
     let (Some(client), Some(destination)) = (v4(pod.peer_addr()?), v4(pod.local_addr()?)) else {
         return Err(Refusal::NotIpv4);
     };
     let directory = &mesh.directory;
-    let source_pod = directory
-        .local_meshed_pod(*client.ip())?
-        .ok_or_else(|| Refusal::SourceNotMeshed(client.ip().to_string()))?;
-    let destination_pod = directory
-        .meshed_pod(*destination.ip())?
-        .filter(|pod| pod.node != directory.node_name)
-        .ok_or_else(|| Refusal::DestinationNotMeshed(destination.to_string()))?;
+    let (source_pod, destination_pod) = endpoints(directory, client, destination)?;
     let workload = directory
         .store
         .get(&source_pod.identity)
@@ -110,11 +106,64 @@ fn open_session(mesh: &MeshState, pod: &TcpStream) -> Result<(Session, Preface),
     let expected = ExpectedPeer::Identity(destination_pod.identity.clone());
     let connection = handshake::client(connection, &mut tcp, &preface, &mesh.trust, &expected)?;
     mesh.metrics.handshake(Direction::Outbound, &connection);
+    let certificate = connection
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or_else(|| Refusal::PeerIdentity("no server certificate".into()))
+        .and_then(|leaf| LeafFacts::of(leaf).map_err(|e| Refusal::PeerIdentity(e.to_string())))?;
     debug!(
         client = %client,
         destination = %destination,
         peer_identity = %destination_pod.identity,
         "outbound mTLS session established"
     );
-    Ok((Session::from_handshaken(connection, tcp)?, preface))
+    let peer = Peer {
+        certificate,
+        node: destination_pod.node_underlay_ip,
+    };
+    Ok((Session::from_handshaken(connection, tcp)?, preface, peer))
+}
+
+/// The two pods of an intercepted connection: the source a meshed pod
+/// here, the destination a meshed pod on another node. Decided when the pod
+/// connects, and again for a running session whenever the inventory changes
+/// ([`super::live`]).
+pub(super) fn endpoints(
+    directory: &Directory,
+    client: SocketAddrV4,
+    destination: SocketAddrV4,
+) -> Result<(MeshedPod, MeshedPod), Refusal> {
+    let source_pod = directory
+        .local_meshed_pod(*client.ip())?
+        .ok_or_else(|| Refusal::SourceNotMeshed(client.ip().to_string()))?;
+    let destination_pod = directory
+        .meshed_pod(*destination.ip())?
+        .filter(|pod| pod.node != directory.node_name)
+        .ok_or_else(|| Refusal::DestinationNotMeshed(destination.to_string()))?;
+    Ok((source_pod, destination_pod))
+}
+
+/// Whether a running outbound session still goes where the inventory says:
+/// both pods still meshed, and the destination still the workload whose
+/// agent the session reached (an address now given to another workload, or
+/// a pod moved to another node, is not the peer this session proved).
+pub(super) fn still_allowed(
+    directory: &Directory,
+    client: SocketAddrV4,
+    destination: SocketAddrV4,
+    peer_identity: &SpiffeId,
+    peer_node: Ipv4Addr,
+) -> Result<(), Refusal> {
+    let (_, destination_pod) = endpoints(directory, client, destination)?;
+    if destination_pod.identity != *peer_identity || destination_pod.node_underlay_ip != peer_node {
+        return Err(Refusal::DestinationChanged {
+            destination: destination.to_string(),
+            was: format!("{peer_identity} on {peer_node}"),
+            now: format!(
+                "{} on {}",
+                destination_pod.identity, destination_pod.node_underlay_ip
+            ),
+        });
+    }
+    Ok(())
 }

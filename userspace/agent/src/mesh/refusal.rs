@@ -38,6 +38,14 @@ pub enum Refusal {
     },
     #[error("denied by policy: {0}")]
     Denied(String),
+    #[error("the peer's certificate was revoked: {0}")]
+    Revoked(String),
+    #[error("destination {destination} is now {now}, not {was} whose agent this session reached")]
+    DestinationChanged {
+        destination: String,
+        was: String,
+        now: String,
+    },
     #[error("cannot reach the destination pod: {0}")]
     DestinationUnreachable(#[from] SocketError),
     #[error("cannot set up the session: {0}")]
@@ -64,6 +72,8 @@ impl Refusal {
             Self::SniMismatch { .. } => "sni_mismatch",
             Self::SourceMismatch { .. } => "source_mismatch",
             Self::Denied(_) => "denied",
+            Self::Revoked(_) => "revoked",
+            Self::DestinationChanged { .. } => "destination_changed",
             Self::DestinationUnreachable(_) => "destination_unreachable",
             Self::Session(_) => "session_failed",
             Self::Io(_) => "io_error",
