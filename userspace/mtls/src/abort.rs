@@ -59,14 +59,7 @@ impl RelayAbort {
             return;
         }
         for stream in [&self.plain, &self.tls] {
-            let _ = nix::sys::socket::setsockopt(
-                stream,
-                nix::sys::socket::sockopt::Linger,
-                &libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                },
-            );
+            crate::relay::reset_on_close(stream);
         }
         let _ = disconnect(&self.plain);
         if disconnect(&self.tls).is_err() {

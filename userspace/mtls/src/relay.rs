@@ -144,15 +144,21 @@ pub(crate) fn abort_both(
 ) -> std::io::Error {
     aborted.store(true, Ordering::SeqCst);
     for stream in [a, b] {
-        let _ = nix::sys::socket::setsockopt(
-            stream,
-            nix::sys::socket::sockopt::Linger,
-            &libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            },
-        );
+        reset_on_close(stream);
         let _ = stream.shutdown(Shutdown::Read);
     }
     error
+}
+
+/// Makes the socket's final close send a RST rather than a FIN
+/// (SO_LINGER 0): the peer sees ECONNRESET, not a clean end of stream.
+pub fn reset_on_close(stream: &TcpStream) {
+    let _ = nix::sys::socket::setsockopt(
+        stream,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    );
 }

@@ -112,15 +112,8 @@ pub fn transparent_connect(
 /// Closes `stream` with a reset (the peer sees ECONNRESET, not a clean end):
 /// how a refused or denied connection ends.
 pub fn reset(stream: TcpStream) {
-    let _ = socket::setsockopt(&stream, sockopt::Linger, &libc_linger_zero());
+    veil_mtls::relay::reset_on_close(&stream);
     drop(stream);
-}
-
-fn libc_linger_zero() -> nix::libc::linger {
-    nix::libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    }
 }
 
 /// The IPv4 form of a socket address (the mesh is IPv4-only for now).
