@@ -216,18 +216,24 @@ impl HeldConnection {
         Ok(())
     }
 
+    /// How the client application's stream ends within `within`: `Ok` at
+    /// a clean end of stream, else the error (a reset, or a timeout).
+    fn client_end(&mut self, within: Duration) -> std::io::Result<()> {
+        let _ = self.client.set_read_timeout(Some(within));
+        let mut buffer = [0u8; 64];
+        loop {
+            match self.client.read(&mut buffer) {
+                Ok(0) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Whether both the client and the server application saw a reset
     /// (not a clean end of stream) within `within`; says what each saw.
     fn both_ends_reset(mut self, within: Duration) -> Result<(), String> {
-        let _ = self.client.set_read_timeout(Some(within));
-        let mut buffer = [0u8; 64];
-        let client = loop {
-            match self.client.read(&mut buffer) {
-                Ok(0) => break Ok(()),
-                Ok(_) => continue,
-                Err(e) => break Err(e),
-            }
-        };
+        let client = self.client_end(within);
         let server = self.server.join().expect("the echo server panicked");
         match (&client, &server) {
             (Err(c), Err(s))
@@ -763,6 +769,73 @@ from_identities = ["spiffe://cluster.local/ns/shop/sa/payments"]
         bed.agents[0]
             .log()
             .contains("is now spiffe://cluster.local/ns/shop/sa/checkout-v2"),
+        "{}",
+        bed.dump()
+    );
+}
+
+#[test]
+fn a_peer_agent_that_dies_mid_stream_resets_the_pod_instead_of_ending_its_stream() {
+    if !require_root("mesh truncation test") {
+        return;
+    }
+    let mut bed = MeshBed::start("meshcut");
+    let mut held = HeldConnection::open(&bed.topology, CART, CHECKOUT, 7820);
+    // Node 2's agent dies: its kernel ends the session's TCP stream with a
+    // FIN and no close_notify in it — what a FIN forged on the path looks
+    // like too. Cart must not take that for the server's end of stream.
+    // (Checkout's own socket was the dead agent's: it ends as the kernel
+    // closed it, which no agent can help.)
+    bed.agents[1].kill();
+    let cart = held.client_end(Duration::from_secs(5));
+    assert!(
+        matches!(&cart, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "cart saw {cart:?}, not a reset, when its peer agent died mid-stream\n{}",
+        bed.dump()
+    );
+    assert_eq!(
+        bed.metric(1, &reset_series("outbound", "truncated")),
+        1.0,
+        "{}",
+        bed.dump()
+    );
+    let log = bed.agents[0].log();
+    assert!(
+        log.contains("mesh session reset: the peer agent's TLS stream ended without close_notify"),
+        "{log}"
+    );
+    let flows = bed.agents[0].veilctl(&["flows"]).unwrap();
+    assert!(
+        flows
+            .lines()
+            .any(|l| l.contains("outbound") && l.contains("reset: truncated")),
+        "{flows}"
+    );
+}
+
+#[test]
+fn an_agent_that_stops_resets_its_running_sessions_at_both_ends() {
+    if !require_root("mesh agent stop test") {
+        return;
+    }
+    let mut bed = MeshBed::start("meshstop");
+    let held = HeldConnection::open(&bed.topology, CART, CHECKOUT, 7822);
+    assert!(
+        bed.agents[0].stop(),
+        "node 1's agent exits cleanly\n{}",
+        bed.dump()
+    );
+    held.both_ends_reset(Duration::from_secs(5))
+        .unwrap_or_else(|e| {
+            panic!(
+                "a session through a stopped agent did not end in resets: {e}\n{}",
+                bed.dump()
+            )
+        });
+    assert!(
+        bed.agents[0]
+            .log()
+            .contains("agent stopping: running mesh sessions reset at both ends"),
         "{}",
         bed.dump()
     );

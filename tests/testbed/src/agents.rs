@@ -239,6 +239,11 @@ impl Agent {
         self.process.stop().is_some_and(|status| status.success())
     }
 
+    /// Kills the agent (SIGKILL), as a crash would: it cleans nothing up.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
     fn wait_until_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {

@@ -67,6 +67,13 @@ impl ChildGuard {
         let _ = self.child.kill();
         self.child.wait().ok()
     }
+
+    /// SIGKILL, as a crash would end it: no handler runs, the kernel closes
+    /// its sockets. Waits until it has exited.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for ChildGuard {

@@ -3,14 +3,16 @@
 //! After the rustls handshake the traffic secrets are extracted and installed
 //! with `setsockopt(TCP_ULP, "tls")` and `SOL_TLS`/`TLS_TX`+`TLS_RX`; from then
 //! on the kernel encrypts and decrypts records and plain `read`/`write`/`splice`
-//! on the socket carry application bytes. This is the only module with
-//! `unsafe`: two `setsockopt` calls with kernel-defined structures.
+//! on the socket carry application bytes; other records (close_notify,
+//! session tickets) are [`crate::control_records`]. `unsafe` here: two
+//! `setsockopt` calls with kernel-defined structures.
 #![allow(unsafe_code)]
 //!
-//! Rules learnt the hard way (see ARCHITECTURE.md): the server must not send
-//! TLS 1.3 session tickets on a connection headed for the kernel (a ticket on
-//! the RX path stalls splice), rustls must not have read past the handshake,
-//! and no KeyUpdate may ever be sent (kernels before 6.13 cannot rekey RX).
+//! Rules learnt the hard way (see ARCHITECTURE.md): the client reads its
+//! session ticket before the keys move (a ticket on the RX path makes splice
+//! fail until [`crate::control_records::read_record`] takes it), rustls must
+//! not have read past the handshake, and no KeyUpdate may ever be sent
+//! (kernels before 6.13 cannot rekey RX).
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 

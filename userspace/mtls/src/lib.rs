@@ -12,6 +12,7 @@
 //! groups are chosen in one place, [`settings::TlsSettings`].
 
 pub mod abort;
+pub mod control_records;
 pub mod handshake;
 pub mod ktls;
 pub mod limits;

@@ -3,9 +3,16 @@
 //!
 //! One blocking thread per direction (the second from [`crate::workers`]): splice socket → pipe, then drain the
 //! pipe into the other socket before reading again (a pipe refilled before it
-//! is empty deadlocks request/response traffic). End of stream on one side
-//! becomes `shutdown(SHUT_WR)` on the other, so half-close propagates; an
-//! error (a reset) on either side aborts the relay and resets both peers.
+//! is empty deadlocks request/response traffic). An error (a reset) on either
+//! side aborts the relay and resets both peers.
+//!
+//! End of stream is authenticated (see [`crate::control_records`]): the pod
+//! ending its stream becomes a close_notify and then `shutdown(SHUT_WR)` on
+//! the kTLS socket; the peer's close_notify becomes `shutdown(SHUT_WR)` on
+//! the pod's socket, so half-close propagates. A FIN from the peer without
+//! a close_notify is [`Truncated`]: the pod is reset, never shown an end of
+//! stream that an attacker on the path could have forged. Session tickets
+//! that reach the kernel are skipped.
 //!
 //! `SPLICE_F_MORE` is never used: kTLS would hold the record back.
 
@@ -18,9 +25,15 @@ use std::{
     },
 };
 
-use nix::fcntl::{SpliceFFlags, splice};
+use nix::{
+    errno::Errno,
+    fcntl::{SpliceFFlags, splice},
+};
 
-use crate::limits::{RecordBudget, RecordLimitReached};
+use crate::{
+    control_records::{self, Record},
+    limits::{RecordBudget, RecordLimitReached},
+};
 
 /// Largest chunk moved per splice call.
 const CHUNK: usize = 64 * 1024;
@@ -32,24 +45,18 @@ pub struct RelayStats {
     pub b_to_a: u64,
 }
 
-/// Relays between `a` and `b` until both directions have ended.
-pub fn splice_relay(a: TcpStream, b: TcpStream) -> std::io::Result<RelayStats> {
-    splice_relay_with_budget(a, b, None)
-}
+/// The peer agent's TLS stream ended without a close_notify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the peer agent's TLS stream ended without close_notify (a FIN anyone on the path could \
+     forge, or the peer agent died): the pod is reset rather than shown a clean end of stream"
+)]
+pub struct Truncated;
 
-/// Like [`splice_relay`], counting the records written into `b` (a kTLS
-/// socket) against `budget`: past it, both peers are reset (see
-/// [`crate::limits`]).
-pub fn splice_relay_with_budget(
-    a: TcpStream,
-    b: TcpStream,
-    budget: Option<RecordBudget>,
-) -> std::io::Result<RelayStats> {
-    splice_relay_until(a, b, budget, Arc::new(AtomicBool::new(false)))
-}
-
-/// [`splice_relay_with_budget`] with the abort flag of a
-/// [`crate::abort::RelayAbort`].
+/// Relays between the pod's socket `a` and the kTLS socket `b` until both
+/// directions have ended, counting the records written into `b` against
+/// `budget`: past it, both peers are reset (see [`crate::limits`]).
+/// `aborted` is the flag of a [`crate::abort::RelayAbort`].
 pub(crate) fn splice_relay_until(
     a: TcpStream,
     b: TcpStream,
@@ -59,9 +66,9 @@ pub(crate) fn splice_relay_until(
     let (a2, b2) = (a.try_clone()?, b.try_clone()?);
     let forward = {
         let aborted = Arc::clone(&aborted);
-        crate::workers::spawn(move || one_way(&a, &b, &aborted, budget))?
+        crate::workers::spawn(move || to_peer(&a, &b, &aborted, budget))?
     };
-    let backward = one_way(&b2, &a2, &aborted, None);
+    let backward = from_peer(&b2, &a2, &aborted);
     let forward = forward.join()?;
     // Every descriptor of both sockets closes here; after an abort they carry
     // SO_LINGER 0, so both peers get a RST rather than a FIN.
@@ -71,32 +78,30 @@ pub(crate) fn splice_relay_until(
     })
 }
 
-/// Moves `from` → `to` until EOF (then half-closes `to`) or an error (then
-/// aborts the relay so both peers are reset).
-fn one_way(
-    from: &TcpStream,
-    to: &TcpStream,
+/// Pod → kTLS until the pod's EOF (then close_notify and half-close) or an
+/// error (then the relay is aborted so both peers are reset).
+fn to_peer(
+    pod: &TcpStream,
+    tls: &TcpStream,
     aborted: &AtomicBool,
     mut budget: Option<RecordBudget>,
 ) -> std::io::Result<u64> {
-    let (pipe_read, pipe_write): (OwnedFd, OwnedFd) = nix::unistd::pipe()?;
+    let pipe = Pipe::new()?;
     let mut total = 0u64;
     loop {
-        let filled = match splice(
-            from.as_fd(),
-            None,
-            pipe_write.as_fd(),
-            None,
-            CHUNK,
-            SpliceFFlags::SPLICE_F_MOVE,
-        ) {
+        let filled = match pipe.fill_from(pod) {
             Ok(0) if aborted.load(Ordering::SeqCst) => return Ok(total),
             Ok(0) => {
-                let _ = to.shutdown(Shutdown::Write);
+                // The close_notify is one more record; the budget keeps far
+                // more than one in hand below AES-GCM's limit.
+                if let Err(error) = control_records::send_close_notify(tls.as_fd()) {
+                    return Err(abort_both(pod, tls, aborted, error.into()));
+                }
+                let _ = tls.shutdown(Shutdown::Write);
                 return Ok(total);
             }
             Ok(n) => n,
-            Err(errno) => return Err(abort_both(from, to, aborted, errno.into())),
+            Err(errno) => return Err(abort_both(pod, tls, aborted, errno.into())),
         };
         let mut left = filled;
         while left > 0 {
@@ -107,28 +112,124 @@ fn one_way(
                 let limit = RecordLimitReached {
                     limit: budget.as_ref().map_or(0, |b| b.spent()),
                 };
-                return Err(abort_both(from, to, aborted, std::io::Error::other(limit)));
+                return Err(abort_both(pod, tls, aborted, std::io::Error::other(limit)));
             }
-            match splice(
-                pipe_read.as_fd(),
-                None,
-                to.as_fd(),
-                None,
-                allowed,
-                SpliceFFlags::SPLICE_F_MOVE,
-            ) {
+            match pipe.drain_into(tls, allowed) {
                 Ok(n) => {
                     if let Some(budget) = &mut budget
                         && let Err(limit) = budget.spend(n)
                     {
-                        return Err(abort_both(from, to, aborted, std::io::Error::other(limit)));
+                        return Err(abort_both(pod, tls, aborted, std::io::Error::other(limit)));
                     }
                     left -= n;
                 }
-                Err(errno) => return Err(abort_both(from, to, aborted, errno.into())),
+                Err(errno) => return Err(abort_both(pod, tls, aborted, errno.into())),
             }
         }
         total += filled as u64;
+    }
+}
+
+/// kTLS → pod until the peer's close_notify (then half-close), or a FIN
+/// without one or an error (then the relay is aborted so both peers are
+/// reset).
+fn from_peer(tls: &TcpStream, pod: &TcpStream, aborted: &AtomicBool) -> std::io::Result<u64> {
+    let pipe = Pipe::new()?;
+    // Only for the rare records splice refuses.
+    let mut record = Vec::new();
+    let mut total = 0u64;
+    loop {
+        let filled = match pipe.fill_from(tls) {
+            Ok(0) if aborted.load(Ordering::SeqCst) => return Ok(total),
+            Ok(0) => {
+                return Err(abort_both(
+                    tls,
+                    pod,
+                    aborted,
+                    std::io::Error::other(Truncated),
+                ));
+            }
+            Ok(n) => n,
+            // The next record is not application data.
+            Err(Errno::EINVAL) => match control_record(tls, pod, &mut record) {
+                Ok(Some(moved)) => {
+                    total += moved as u64;
+                    continue;
+                }
+                Ok(None) => {
+                    let _ = pod.shutdown(Shutdown::Write);
+                    return Ok(total);
+                }
+                Err(_) if aborted.load(Ordering::SeqCst) => return Ok(total),
+                Err(error) => return Err(abort_both(tls, pod, aborted, error)),
+            },
+            Err(errno) => return Err(abort_both(tls, pod, aborted, errno.into())),
+        };
+        let mut left = filled;
+        while left > 0 {
+            match pipe.drain_into(pod, left) {
+                Ok(n) => left -= n,
+                Err(errno) => return Err(abort_both(tls, pod, aborted, errno.into())),
+            }
+        }
+        total += filled as u64;
+    }
+}
+
+/// Reads the record splice refused from `tls`: `Some(bytes)` passed on to
+/// `pod` (0 for a skipped session ticket), `None` for the peer's
+/// close_notify.
+fn control_record(
+    tls: &TcpStream,
+    pod: &TcpStream,
+    buffer: &mut Vec<u8>,
+) -> std::io::Result<Option<usize>> {
+    buffer.resize(control_records::RECORD_BUFFER, 0);
+    match control_records::read_record(tls.as_fd(), buffer)? {
+        Record::Data(n) => {
+            std::io::Write::write_all(&mut &*pod, &buffer[..n])?;
+            Ok(Some(n))
+        }
+        Record::Skipped => Ok(Some(0)),
+        Record::CloseNotify => Ok(None),
+        Record::EndOfStream => Err(std::io::Error::other(Truncated)),
+    }
+}
+
+/// The pipe a relay direction splices through.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> std::io::Result<Self> {
+        let (read, write) = nix::unistd::pipe()?;
+        Ok(Self { read, write })
+    }
+
+    /// Moves up to [`CHUNK`] bytes from `socket` into the (empty) pipe.
+    fn fill_from(&self, socket: &TcpStream) -> nix::Result<usize> {
+        splice(
+            socket.as_fd(),
+            None,
+            self.write.as_fd(),
+            None,
+            CHUNK,
+            SpliceFFlags::SPLICE_F_MOVE,
+        )
+    }
+
+    /// Moves up to `len` of the pipe's bytes into `socket`.
+    fn drain_into(&self, socket: &TcpStream, len: usize) -> nix::Result<usize> {
+        splice(
+            self.read.as_fd(),
+            None,
+            socket.as_fd(),
+            None,
+            len,
+            SpliceFFlags::SPLICE_F_MOVE,
+        )
     }
 }
 

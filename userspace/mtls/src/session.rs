@@ -100,7 +100,9 @@ impl Session {
     }
 
     /// Relays between the pod's `plain` socket and this session until both
-    /// directions end; half-close and resets propagate either way.
+    /// directions end; half-close (as close_notify) and resets propagate
+    /// either way, and a peer's FIN without close_notify resets the pod
+    /// ([`relay::Truncated`]).
     pub fn relay(self, plain: TcpStream) -> std::io::Result<RelayStats> {
         self.relay_with_budget(plain, RecordBudget::default())
     }
@@ -227,7 +229,8 @@ fn encrypt_direction(
     }
 }
 
-/// TLS records → plain. close_notify or EOF half-closes the plain socket.
+/// TLS records → plain. close_notify half-closes the plain socket; a FIN
+/// without one is [`relay::Truncated`] and resets it.
 fn decrypt_direction(
     tls: &TcpStream,
     plain: &TcpStream,
@@ -243,8 +246,18 @@ fn decrypt_direction(
             Ok(n) => n,
             Err(error) => return Err(relay::abort_both(tls, plain, aborted, error)),
         };
+        if n == 0 {
+            // A FIN with no close_notify before it: rustls took every
+            // record so far, and none was the peer's close_notify.
+            return Err(relay::abort_both(
+                tls,
+                plain,
+                aborted,
+                std::io::Error::other(relay::Truncated),
+            ));
+        }
         let mut out = Vec::new();
-        let mut closed = n == 0;
+        let mut closed = false;
         {
             let mut connection = lock(connection);
             let mut input = &records[..n];

@@ -10,10 +10,12 @@ use std::{
     time::Duration,
 };
 
-use common::{Peers, SIXTEEN_MIB, pattern, session_pair};
+use common::{Peers, Placement, SIXTEEN_MIB, cut_after, pattern, session_pair};
 use veil_mtls::{
     TlsSettings,
+    abort::RelayAbort,
     limits::RecordBudget,
+    relay::RelayStats,
     session::{Mode, Session},
 };
 
@@ -36,15 +38,53 @@ fn relayed_apps_over(
 ) -> (TcpStream, TcpStream, Mode) {
     let mode = client_session.mode();
     assert_eq!(server_session.mode(), mode);
-    let app_listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let front_listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let back = TcpStream::connect(app_listener.local_addr().unwrap()).unwrap();
-    let (app_server, _) = app_listener.accept().unwrap();
-    let app_client = TcpStream::connect(front_listener.local_addr().unwrap()).unwrap();
-    let (front, _) = front_listener.accept().unwrap();
+    let (app_client, front) = socket_pair();
+    let (back, app_server) = socket_pair();
     std::thread::spawn(move || client_session.relay_with_budget(front, budget));
     std::thread::spawn(move || server_session.relay(back));
     (app_client, app_server, mode)
+}
+
+/// Two connected loopback sockets: (connecting side, accepted side).
+fn socket_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let connecting = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (accepted, _) = listener.accept().unwrap();
+    (connecting, accepted)
+}
+
+/// How `app`'s stream ends once it has read what was queued: a clean end
+/// of stream (`Ok`) or the error (a reset, or a timeout after 10 s).
+fn how_it_ends(app: &mut TcpStream) -> std::io::Result<()> {
+    app.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buffer = [0u8; 64 * 1024];
+    loop {
+        if app.read(&mut buffer)? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// app ⇄ relay ⇄ session ⇄ relay (abortable) ⇄ app: the two app sockets,
+/// the server side's abort handle and its relay thread, and the mode.
+fn relayed_apps_abortable() -> (
+    TcpStream,
+    TcpStream,
+    std::sync::Arc<RelayAbort>,
+    std::thread::JoinHandle<std::io::Result<RelayStats>>,
+    Mode,
+) {
+    let (client_session, server_session) = session_pair(&TlsSettings::default());
+    let mode = server_session.mode();
+    let (app_client, front) = socket_pair();
+    let (back, app_server) = socket_pair();
+    let abort = std::sync::Arc::new(server_session.abort_handle(&back).unwrap());
+    std::thread::spawn(move || client_session.relay(front));
+    let server_relay = {
+        let abort = std::sync::Arc::clone(&abort);
+        std::thread::spawn(move || server_session.relay_abortable(back, &abort))
+    };
+    (app_client, app_server, abort, server_relay, mode)
 }
 
 #[test]
@@ -116,20 +156,7 @@ fn a_reset_crosses_the_session() {
 
 #[test]
 fn an_abort_from_outside_resets_both_applications() {
-    let (client_session, server_session) = session_pair(&TlsSettings::default());
-    let mode = server_session.mode();
-    let app_listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let front_listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let back = TcpStream::connect(app_listener.local_addr().unwrap()).unwrap();
-    let (mut app_server, _) = app_listener.accept().unwrap();
-    let mut app_client = TcpStream::connect(front_listener.local_addr().unwrap()).unwrap();
-    let (front, _) = front_listener.accept().unwrap();
-    let abort = std::sync::Arc::new(server_session.abort_handle(&back).unwrap());
-    std::thread::spawn(move || client_session.relay(front));
-    let server_relay = {
-        let abort = std::sync::Arc::clone(&abort);
-        std::thread::spawn(move || server_session.relay_abortable(back, &abort))
-    };
+    let (mut app_client, mut app_server, abort, server_relay, mode) = relayed_apps_abortable();
     app_client.write_all(b"hello").unwrap();
     let mut hello = [0u8; 5];
     app_server
@@ -149,13 +176,135 @@ fn an_abort_from_outside_resets_both_applications() {
     );
     drop(abort);
     for (name, app) in [("client", &mut app_client), ("server", &mut app_server)] {
-        app.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let result = app.read(&mut [0u8; 16]);
+        let result = how_it_ends(app);
         assert!(
             matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
             "{} mode: the {name} application saw {result:?}, not a reset",
             mode.as_str()
         );
+    }
+}
+
+#[test]
+fn an_abort_after_the_relay_ended_leaves_both_clean_ends_alone() {
+    let (mut app_client, mut app_server, abort, server_relay, mode) = relayed_apps_abortable();
+    app_client.shutdown(Shutdown::Write).unwrap();
+    how_it_ends(&mut app_server).expect("half-close relayed to the server");
+    app_server.shutdown(Shutdown::Write).unwrap();
+    how_it_ends(&mut app_client).expect("half-close relayed to the client");
+    server_relay.join().unwrap().unwrap();
+    assert!(!abort.is_aborted());
+    abort.abort();
+    abort.abort();
+    assert!(abort.is_aborted());
+    for (name, app) in [("client", &mut app_client), ("server", &mut app_server)] {
+        let result = how_it_ends(app);
+        assert!(
+            result.is_ok(),
+            "{} mode: the {name} application lost its clean end of stream: {result:?}",
+            mode.as_str()
+        );
+    }
+}
+
+#[test]
+fn a_peer_stream_cut_without_close_notify_resets_the_pod() {
+    // What a forged FIN, or a peer agent that died, leaves: data, then the
+    // end of the TCP stream with no close_notify in it.
+    let (client_session, server_session) = session_pair(&TlsSettings::default());
+    let mode = server_session.mode();
+    let (back, mut app_server) = socket_pair();
+    let relay = std::thread::spawn(move || server_session.relay(back));
+    let peer = cut_after(client_session, b"partial");
+    app_server
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut partial = [0u8; 7];
+    app_server.read_exact(&mut partial).unwrap();
+    assert_eq!(&partial, b"partial");
+    let result = how_it_ends(&mut app_server);
+    assert!(
+        matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{} mode: a stream cut without close_notify must reset the pod, not end cleanly: {result:?}",
+        mode.as_str()
+    );
+    let error = relay
+        .join()
+        .unwrap()
+        .expect_err("the relay reports the cut");
+    assert!(
+        error
+            .get_ref()
+            .is_some_and(|inner| inner.is::<veil_mtls::relay::Truncated>()),
+        "{} mode: {error:?}",
+        mode.as_str()
+    );
+    drop(peer);
+}
+
+#[test]
+fn half_close_crosses_between_a_kernel_and_a_userspace_side_either_way() {
+    // Agents on kernels with and without TLS talk to each other: each end's
+    // close_notify must be understood by the other kind. In the kTLS VM one
+    // side of each pair runs in the kernel; on a host without TLS both run
+    // in rustls.
+    let peers = Peers::new(&TlsSettings::default());
+    for (client_placement, server_placement) in [
+        (Placement::Userspace, Placement::Auto),
+        (Placement::Auto, Placement::Userspace),
+    ] {
+        let (client, _, server) =
+            peers.connect_placed(Duration::ZERO, client_placement, server_placement);
+        let server = server.join().unwrap();
+        let modes = format!(
+            "client {}, server {}",
+            client.mode().as_str(),
+            server.mode().as_str()
+        );
+        let expected = if veil_mtls::ktls::kernel_supports_tls() {
+            Mode::Kernel
+        } else {
+            Mode::Userspace
+        };
+        let auto_side = if client_placement == Placement::Auto {
+            &client
+        } else {
+            &server
+        };
+        assert_eq!(auto_side.mode(), expected, "{modes}");
+        let (mut app_client, front) = socket_pair();
+        let (back, mut app_server) = socket_pair();
+        std::thread::spawn(move || client.relay(front));
+        std::thread::spawn(move || server.relay(back));
+        for app in [&app_client, &app_server] {
+            app.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        }
+        let request: Vec<u8> = (0..1 << 20).map(pattern).collect();
+        let writer = {
+            let (mut writer, request) = (app_client.try_clone().unwrap(), request.clone());
+            std::thread::spawn(move || {
+                writer.write_all(&request).unwrap();
+                writer.shutdown(Shutdown::Write).unwrap();
+            })
+        };
+        let mut received = Vec::new();
+        let end = app_server.read_to_end(&mut received);
+        assert!(
+            end.is_ok(),
+            "{modes}: the server app saw {end:?}, not a clean end"
+        );
+        assert!(received == request, "{modes}: request bytes differ");
+        writer.join().unwrap();
+        app_server.write_all(b"answer").unwrap();
+        app_server.shutdown(Shutdown::Write).unwrap();
+        let mut answer = Vec::new();
+        let end = app_client.read_to_end(&mut answer);
+        assert!(
+            end.is_ok(),
+            "{modes}: the client app saw {end:?}, not a clean end"
+        );
+        assert_eq!(answer, b"answer", "{modes}");
+        println!("{modes}: half-close both ways");
     }
 }
 

@@ -49,7 +49,9 @@ pub struct ConnectionLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResetLabels {
     pub direction: Direction,
-    /// Why the running session is no longer allowed (`denied`, `revoked`, …).
+    /// Why the running session was reset: no longer allowed (`denied`,
+    /// `revoked`, …), its stream cut (`truncated`) or its key worn out
+    /// (`record_limit`).
     pub reason: &'static str,
 }
 

@@ -193,36 +193,20 @@ impl Mesh {
             source,
         })?;
         let out_state = Arc::clone(&state);
-        std::thread::Builder::new()
-            .name("mesh-outbound".into())
-            .spawn(move || outbound::serve(outbound, out_state, &out_threads))
-            .map_err(|source| MeshError::Threads {
-                what: "outbound accept",
-                source,
-            })?;
+        spawn_named("mesh-outbound", "outbound accept", move || {
+            outbound::serve(outbound, out_state, &out_threads)
+        })?;
         let sessions_state = Arc::clone(&state);
-        std::thread::Builder::new()
-            .name("mesh-sessions".into())
-            .spawn(move || recheck_sessions_on_inventory_changes(&sessions_state))
-            .map_err(|source| MeshError::Threads {
-                what: "session check",
-                source,
-            })?;
+        spawn_named("mesh-sessions", "session check", move || {
+            recheck_sessions_on_inventory_changes(&sessions_state)
+        })?;
         let renewal_state = Arc::clone(&state);
-        std::thread::Builder::new()
-            .name("mesh-certs".into())
-            .spawn(move || keep_certificates_fresh(&renewal_state))
-            .map_err(|source| MeshError::Threads {
-                what: "certificate",
-                source,
-            })?;
-        std::thread::Builder::new()
-            .name("mesh-inbound".into())
-            .spawn(move || inbound::serve(inbound, state, &in_threads))
-            .map_err(|source| MeshError::Threads {
-                what: "inbound accept",
-                source,
-            })?;
+        spawn_named("mesh-certs", "certificate", move || {
+            keep_certificates_fresh(&renewal_state)
+        })?;
+        spawn_named("mesh-inbound", "inbound accept", move || {
+            inbound::serve(inbound, state, &in_threads)
+        })?;
         info!(
             trust_domain,
             outbound = %outbound_address,
@@ -233,8 +217,33 @@ impl Mesh {
     }
 }
 
+/// Starts one of the mesh's long-lived threads; `what` names it in the error.
+fn spawn_named(
+    name: &str,
+    what: &'static str,
+    work: impl FnOnce() + Send + 'static,
+) -> Result<(), MeshError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(work)
+        .map(drop)
+        .map_err(|source| MeshError::Threads { what, source })
+}
+
 impl Drop for Mesh {
     fn drop(&mut self) {
+        // Sessions this agent stops carrying end in a reset at both ends,
+        // never in an end of stream that could pass for a finished transfer.
+        let stopped = self
+            .state
+            .live
+            .reset_unless(|_| Err(refusal::Refusal::AgentStopping));
+        if !stopped.is_empty() {
+            info!(
+                sessions = stopped.len(),
+                "agent stopping: running mesh sessions reset at both ends"
+            );
+        }
         routing::remove();
         // Open connections keep their threads; the agent does not wait for them.
         if let Some(pool) = self.pool.take() {
@@ -604,22 +613,24 @@ impl MeshState {
         let (to_peer, to_pod) = result
             .as_ref()
             .map_or((0, 0), |stats| (stats.a_to_b, stats.b_to_a));
+        let relay_reset = result.as_ref().err().and_then(relay_reset_reason);
         self.flows.record(flows::Flow {
             direction,
             source: Some(preface.source.into()),
             destination: Some(preface.original_destination.into()),
             mode: mode.as_str(),
-            result: match (&reset, &result) {
-                (Some(reset), _) => format!("reset: {}", reset.label).into(),
-                (None, Ok(_)) => "ok".into(),
-                (None, Err(_)) => "ended_with_error".into(),
+            result: match (&reset, relay_reset, &result) {
+                (Some(reset), _, _) => format!("reset: {}", reset.label).into(),
+                (None, Some(reason), _) => format!("reset: {reason}").into(),
+                (None, None, Ok(_)) => "ok".into(),
+                (None, None, Err(_)) => "ended_with_error".into(),
             },
             bytes_to_peer: to_peer,
             bytes_to_pod: to_pod,
             directory: &self.directory,
         });
-        match result {
-            Ok(stats) => {
+        match (result, relay_reset) {
+            (Ok(stats), _) => {
                 self.metrics
                     .bytes
                     .get_or_create(&ByteLabels {
@@ -644,19 +655,20 @@ impl MeshState {
                     "mesh connection closed"
                 );
             }
-            Err(error)
-                if error
-                    .get_ref()
-                    .is_some_and(|inner| inner.is::<veil_mtls::limits::RecordLimitReached>()) =>
-            {
+            (Err(error), Some(reason)) => {
                 warn!(
-                    ?direction,
+                    direction = direction.as_str(),
                     source = %preface.source,
                     destination = %preface.original_destination,
-                    "mesh connection reset: {error}"
+                    reason,
+                    "mesh session reset: {error}"
                 );
+                self.metrics
+                    .sessions_reset
+                    .get_or_create(&metrics::ResetLabels { direction, reason })
+                    .inc();
             }
-            Err(error) => debug!(
+            (Err(error), None) => debug!(
                 ?direction,
                 source = %preface.source,
                 destination = %preface.original_destination,
@@ -664,6 +676,19 @@ impl MeshState {
                 "mesh connection ended with an error"
             ),
         }
+    }
+}
+
+/// Why a relay reset both of its ends itself, if it did: a stream cut
+/// without close_notify, or a sending key at its record limit.
+fn relay_reset_reason(error: &std::io::Error) -> Option<&'static str> {
+    let inner = error.get_ref()?;
+    if inner.is::<veil_mtls::relay::Truncated>() {
+        Some("truncated")
+    } else if inner.is::<veil_mtls::limits::RecordLimitReached>() {
+        Some("record_limit")
+    } else {
+        None
     }
 }
 

@@ -52,6 +52,8 @@ pub enum Refusal {
     Session(#[from] SessionError),
     #[error("socket error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("the agent is stopping")]
+    AgentStopping,
 }
 
 impl Refusal {
@@ -77,6 +79,7 @@ impl Refusal {
             Self::DestinationUnreachable(_) => "destination_unreachable",
             Self::Session(_) => "session_failed",
             Self::Io(_) => "io_error",
+            Self::AgentStopping => "agent_stopping",
         }
     }
 }

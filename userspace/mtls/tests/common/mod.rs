@@ -8,7 +8,7 @@ use std::{
 };
 
 use rustls::{
-    ClientConfig, ClientConnection, HandshakeKind, ServerConfig, ServerConnection,
+    ClientConfig, ClientConnection, Connection, HandshakeKind, ServerConfig, ServerConnection,
     pki_types::ServerName,
 };
 use veil_identity::{CertificateAuthority, SpiffeId, WorkloadKey, ca::DEFAULT_LEAF_LIFETIME};
@@ -81,6 +81,16 @@ impl Peers {
         &self,
         server_delay: Duration,
     ) -> (Session, HandshakeKind, std::thread::JoinHandle<Session>) {
+        self.connect_placed(server_delay, Placement::Auto, Placement::Auto)
+    }
+
+    /// [`Self::connect`] with each side's session placed as asked.
+    pub fn connect_placed(
+        &self,
+        server_delay: Duration,
+        client_placement: Placement,
+        server_placement: Placement,
+    ) -> (Session, HandshakeKind, std::thread::JoinHandle<Session>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap();
         // The agents' own path: handshake and preface read record by record,
@@ -93,7 +103,7 @@ impl Peers {
             let (connection, preface) =
                 handshake::server(connection, &mut tcp, &trust, TRUST_DOMAIN).unwrap();
             assert_eq!(preface, test_preface());
-            Session::from_handshaken(connection, tcp).unwrap()
+            server_placement.session(connection, tcp)
         });
         let mut tcp = TcpStream::connect(address).unwrap();
         let connection = ClientConnection::new(
@@ -111,9 +121,61 @@ impl Peers {
         )
         .unwrap();
         let kind = connection.handshake_kind().unwrap();
-        let client = Session::from_handshaken(connection, tcp).unwrap();
+        let client = client_placement.session(connection, tcp);
         (client, kind, server)
     }
+}
+
+/// Where a fixture's session runs.
+#[allow(
+    dead_code,
+    reason = "session_relay.rs uses it; ktls_vm.rs includes this module too"
+)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// As the agents place it: in the kernel where it has TLS.
+    Auto,
+    /// Kept in rustls even where the kernel has TLS: the other end of a
+    /// session between an agent with kTLS and one without.
+    Userspace,
+}
+
+impl Placement {
+    fn session(self, mut connection: Connection, mut tcp: TcpStream) -> Session {
+        match self {
+            Self::Auto => Session::from_handshaken(connection, tcp).unwrap(),
+            Self::Userspace => {
+                handshake::send_pending(&mut connection, &mut tcp).unwrap();
+                Session::Userspace(Box::new(connection), tcp)
+            }
+        }
+    }
+}
+
+/// Sends `bytes` through `session` as data, then ends its TCP stream with a
+/// FIN and no close_notify — what a peer agent that died, or an attacker
+/// forging a FIN, leaves. Returns the TCP socket, to be dropped later.
+#[allow(
+    dead_code,
+    reason = "session_relay.rs uses it; ktls_vm.rs includes this module too"
+)]
+pub fn cut_after(session: Session, bytes: &[u8]) -> TcpStream {
+    use std::io::Write;
+    let tcp = match session {
+        Session::Kernel(tcp) => {
+            (&tcp).write_all(bytes).unwrap();
+            tcp
+        }
+        Session::Userspace(mut connection, mut tcp) => {
+            connection.writer().write_all(bytes).unwrap();
+            while connection.wants_write() {
+                connection.write_tls(&mut tcp).unwrap();
+            }
+            tcp
+        }
+    };
+    tcp.shutdown(std::net::Shutdown::Write).unwrap();
+    tcp
 }
 
 /// A client session ready at once, and the server's session still being
