@@ -28,6 +28,13 @@ fn counters_move_when_pods_on_two_nodes_talk() {
             .expect("xdp program listed");
         assert_eq!(xdp.interface, "ul0");
         assert_eq!(xdp.mode, "native", "veth supports native XDP");
+        let sk_lookup: Vec<(&str, &str)> = status
+            .programs
+            .iter()
+            .filter(|p| p.hook == HookKind::SkLookup)
+            .map(|p| (p.name.as_str(), p.interface.as_str()))
+            .collect();
+        assert_eq!(sk_lookup, [("veil_mesh_time_wait", "netns")]);
         let tc: Vec<(&str, &str)> = status
             .programs
             .iter()

@@ -250,6 +250,8 @@ pub enum HookKind {
     Xdp,
     /// TC ingress (tcx or clsact) on a pod's host-side veth.
     TcIngress,
+    /// `sk_lookup` on the node's network namespace (no interface).
+    SkLookup,
 }
 
 impl std::fmt::Display for HookKind {
@@ -257,6 +259,7 @@ impl std::fmt::Display for HookKind {
         f.write_str(match self {
             Self::Xdp => "xdp",
             Self::TcIngress => "tc-ingress",
+            Self::SkLookup => "sk-lookup",
         })
     }
 }

@@ -78,6 +78,10 @@ pub enum DatapathError {
     LogWatch(std::io::Error),
 }
 
+/// What `veilctl status` shows as the interface of a program attached to
+/// the node's network namespace rather than to an interface.
+pub const NAMESPACE_INTERFACE: &str = "netns";
+
 /// The loaded and attached datapath of one node.
 pub struct Datapath {
     /// Owns the programs and their links; dropping it detaches them.
@@ -90,6 +94,8 @@ pub struct Datapath {
     xdp: AttachedProgram,
     /// TC ingress on the underlay, delivering what XDP decapsulated.
     deliver: AttachedProgram,
+    /// `sk_lookup` on the node's namespace, for the mesh's TIME_WAIT case.
+    time_wait: AttachedProgram,
     /// Pod veths with the pod-egress program, by name.
     pod_programs: BTreeMap<String, (SchedClassifierLinkId, AttachedProgram)>,
     /// Pod veths from the agent config: attached for the agent's whole life.
@@ -152,6 +158,14 @@ impl Datapath {
         time_wait
             .attach(&namespace)
             .map_err(refused(names::PROG_MESH_TIME_WAIT))?;
+        let time_wait = AttachedProgram {
+            name: names::PROG_MESH_TIME_WAIT.into(),
+            hook: HookKind::SkLookup,
+            interface: NAMESPACE_INTERFACE.into(),
+            ifindex: 0,
+            mode: "link".into(),
+            detached: None,
+        };
         let mesh_listener = SockMap::try_from(take_map(&mut ebpf, names::MAP_MESH_LISTENER)?)
             .map_err(map_error(names::MAP_MESH_LISTENER))?;
 
@@ -190,6 +204,7 @@ impl Datapath {
             mesh_listener,
             xdp,
             deliver,
+            time_wait,
             pod_programs: BTreeMap::new(),
             static_pod_interfaces: static_pod_interfaces.clone(),
         };
@@ -264,12 +279,17 @@ impl Datapath {
         &mut self.overlay
     }
 
-    /// The programs attached: the underlay's (XDP, then TC) first, then pod veths by name.
+    /// The programs attached: the underlay's (XDP, then TC) first, the
+    /// namespace's `sk_lookup`, then pod veths by name.
     pub fn programs(&self) -> Vec<AttachedProgram> {
-        [self.xdp.clone(), self.deliver.clone()]
-            .into_iter()
-            .chain(self.pod_programs.values().map(|(_, p)| p.clone()))
-            .collect()
+        [
+            self.xdp.clone(),
+            self.deliver.clone(),
+            self.time_wait.clone(),
+        ]
+        .into_iter()
+        .chain(self.pod_programs.values().map(|(_, p)| p.clone()))
+        .collect()
     }
 
     /// [`Self::programs`], each checked against the kernel now: the
@@ -283,7 +303,9 @@ impl Datapath {
     ) -> Vec<AttachedProgram> {
         let links = links::current();
         let mut programs = self.programs();
-        for program in &mut programs {
+        // An sk_lookup link is held by the namespace and the agent, not by
+        // an interface that could go away under it.
+        for program in programs.iter_mut().filter(|p| p.hook != HookKind::SkLookup) {
             program.detached = match links.get(&program.interface) {
                 None => Some(format!("interface {} is gone", program.interface)),
                 Some(link) if link.ifindex != program.ifindex => Some(format!(
@@ -312,6 +334,7 @@ impl Datapath {
         let names: HashMap<u32, String> = self
             .programs()
             .into_iter()
+            .filter(|p| p.hook != HookKind::SkLookup)
             .map(|p| (p.ifindex, p.interface))
             .collect();
         let mut report = Vec::new();
