@@ -26,9 +26,9 @@ const TLS_SET_RECORD_TYPE: libc::c_int = 1;
 const TLS_GET_RECORD_TYPE: libc::c_int = 2;
 
 /// TLS record content types (RFC 8446 §5.1).
-const CONTENT_ALERT: u8 = 21;
-const CONTENT_HANDSHAKE: u8 = 22;
-const CONTENT_APPLICATION_DATA: u8 = 23;
+pub const CONTENT_ALERT: u8 = 21;
+pub const CONTENT_HANDSHAKE: u8 = 22;
+pub const CONTENT_APPLICATION_DATA: u8 = 23;
 
 /// Alert descriptions (RFC 8446 §6).
 const ALERT_CLOSE_NOTIFY: u8 = 0;
@@ -99,16 +99,30 @@ type ControlBuffer = [u64; 4];
 /// Sends a close_notify alert on a kTLS socket: this side's direction of the
 /// stream ends here. Follow it with `shutdown(SHUT_WR)`.
 pub fn send_close_notify(socket: BorrowedFd<'_>) -> Result<(), ControlRecordError> {
-    let alert = [ALERT_LEVEL_WARNING, ALERT_CLOSE_NOTIFY];
+    send_record(
+        socket,
+        CONTENT_ALERT,
+        &[ALERT_LEVEL_WARNING, ALERT_CLOSE_NOTIFY],
+    )
+}
+
+/// Sends `payload` as one record of `content_type` on a kTLS socket (the
+/// relay sends only close_notify; tests also send what a peer might).
+pub fn send_record(
+    socket: BorrowedFd<'_>,
+    content_type: u8,
+    payload: &[u8],
+) -> Result<(), ControlRecordError> {
     let mut iov = libc::iovec {
-        iov_base: alert.as_ptr() as *mut libc::c_void,
-        iov_len: alert.len(),
+        iov_base: payload.as_ptr() as *mut libc::c_void,
+        iov_len: payload.len(),
     };
     let mut control: ControlBuffer = [0; 4];
     // SAFETY: a zeroed msghdr is valid (no iovecs, no control data); the
     // pointers set below point at locals that outlive the sendmsg call, with
-    // the lengths given, and CMSG_FIRSTHDR/CMSG_DATA stay inside `control`,
-    // which is larger than CMSG_SPACE(1).
+    // the lengths given (the kernel only reads the iovec's bytes), and
+    // CMSG_FIRSTHDR/CMSG_DATA stay inside `control`, which is larger than
+    // CMSG_SPACE(1).
     let sent = unsafe {
         let mut message: libc::msghdr = std::mem::zeroed();
         message.msg_iov = &mut iov;
@@ -119,18 +133,19 @@ pub fn send_close_notify(socket: BorrowedFd<'_>) -> Result<(), ControlRecordErro
         (*header).cmsg_level = SOL_TLS;
         (*header).cmsg_type = TLS_SET_RECORD_TYPE;
         (*header).cmsg_len = libc::CMSG_LEN(1) as _;
-        *libc::CMSG_DATA(header) = CONTENT_ALERT;
+        *libc::CMSG_DATA(header) = content_type;
         libc::sendmsg(socket.as_raw_fd(), &message, libc::MSG_NOSIGNAL)
     };
-    match sent {
-        2 => Ok(()),
-        -1 => Err(ControlRecordError::Os {
-            what: "sending close_notify",
-            source: std::io::Error::last_os_error(),
+    let what = "sending a TLS record";
+    match usize::try_from(sent) {
+        Ok(n) if n == payload.len() => Ok(()),
+        Ok(_) => Err(ControlRecordError::Os {
+            what,
+            source: std::io::Error::other("the kernel took part of the record"),
         }),
-        _ => Err(ControlRecordError::Os {
-            what: "sending close_notify",
-            source: std::io::Error::other("the kernel took part of the alert"),
+        Err(_) => Err(ControlRecordError::Os {
+            what,
+            source: std::io::Error::last_os_error(),
         }),
     }
 }

@@ -111,3 +111,71 @@ fn bytes_sent_right_after_the_preface_are_left_for_the_kernel() {
     );
     drop(writer.join().unwrap());
 }
+
+#[test]
+#[ignore = "needs a kernel with TLS: cargo xtask test runs it in a qemu VM"]
+fn the_kernel_relay_skips_a_late_session_ticket_and_resets_on_a_key_update() {
+    use std::os::fd::AsFd;
+    use veil_mtls::control_records::{self, CONTENT_HANDSHAKE};
+    // Veil's servers send their ticket before the hand-off, where the client
+    // reads it; a ticket sent later, or a KeyUpdate, reaches a kernel
+    // session's receive path, where splice refuses it. The peer here sends
+    // each through its own kernel socket.
+    let late_ticket: &[u8] = &[
+        4, 0, 0, 18, // NewSessionTicket, 18 bytes
+        0, 0, 0, 60, 1, 2, 3, 4, // lifetime, age_add
+        1, 0, // nonce
+        0, 4, 9, 9, 9, 9, // ticket
+        0, 0, // no extensions
+    ];
+    let key_update: &[u8] = &[24, 0, 0, 1, 0];
+    for (name, message, survives) in [
+        ("late ticket", late_ticket, true),
+        ("KeyUpdate", key_update, false),
+    ] {
+        let (client, server) = session_pair(&TlsSettings::default());
+        let Session::Kernel(peer) = server else {
+            panic!("the kernel has TLS here, yet the server session stayed in userspace");
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut app = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (front, _) = listener.accept().unwrap();
+        let relay = std::thread::spawn(move || client.relay(front));
+        control_records::send_record(peer.as_fd(), CONTENT_HANDSHAKE, message).unwrap();
+        (&peer).write_all(b"after").unwrap();
+        app.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut after = [0u8; 5];
+        let read = app.read_exact(&mut after);
+        if survives {
+            read.unwrap_or_else(|e| panic!("{name}: the data after it did not arrive: {e}"));
+            assert_eq!(&after, b"after", "{name}");
+            control_records::send_close_notify(peer.as_fd()).unwrap();
+            peer.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            let end = app.read_to_end(&mut rest);
+            assert!(
+                matches!(end, Ok(0)),
+                "{name}: the stream must end cleanly: {end:?}"
+            );
+            drop(app);
+            relay.join().unwrap().unwrap();
+        } else {
+            assert!(
+                matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+                "{name}: the pod must be reset: {read:?}"
+            );
+            let error = relay
+                .join()
+                .unwrap()
+                .expect_err("the relay ends with an error");
+            assert!(
+                error.get_ref().is_some_and(|inner| matches!(
+                    inner.downcast_ref(),
+                    Some(control_records::ControlRecordError::KeyUpdate)
+                )),
+                "{name}: {error:?}"
+            );
+        }
+        println!("{name}: {}", if survives { "skipped" } else { "reset" });
+    }
+}

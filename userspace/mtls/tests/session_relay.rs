@@ -276,34 +276,7 @@ fn half_close_crosses_between_a_kernel_and_a_userspace_side_either_way() {
         let (back, mut app_server) = socket_pair();
         std::thread::spawn(move || client.relay(front));
         std::thread::spawn(move || server.relay(back));
-        for app in [&app_client, &app_server] {
-            app.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        }
-        let request: Vec<u8> = (0..1 << 20).map(pattern).collect();
-        let writer = {
-            let (mut writer, request) = (app_client.try_clone().unwrap(), request.clone());
-            std::thread::spawn(move || {
-                writer.write_all(&request).unwrap();
-                writer.shutdown(Shutdown::Write).unwrap();
-            })
-        };
-        let mut received = Vec::new();
-        let end = app_server.read_to_end(&mut received);
-        assert!(
-            end.is_ok(),
-            "{modes}: the server app saw {end:?}, not a clean end"
-        );
-        assert!(received == request, "{modes}: request bytes differ");
-        writer.join().unwrap();
-        app_server.write_all(b"answer").unwrap();
-        app_server.shutdown(Shutdown::Write).unwrap();
-        let mut answer = Vec::new();
-        let end = app_client.read_to_end(&mut answer);
-        assert!(
-            end.is_ok(),
-            "{modes}: the client app saw {end:?}, not a clean end"
-        );
-        assert_eq!(answer, b"answer", "{modes}");
+        exchange_with_half_close(&mut app_client, &mut app_server, 1 << 20, &modes);
         println!("{modes}: half-close both ways");
     }
 }
@@ -374,27 +347,50 @@ fn resumed_sessions_carry_bytes_exactly_on_either_path() {
             relayed_apps_over(client, server.join().unwrap(), RecordBudget::default());
         let kernel = veil_mtls::ktls::kernel_supports_tls();
         assert_eq!(mode == Mode::Kernel, kernel, "connection {round}");
-        for socket in [&app_client, &app_server] {
-            socket
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
-        }
-        let request: Vec<u8> = (0..100_000).map(pattern).collect();
-        app_client.write_all(&request).unwrap();
-        app_client.shutdown(Shutdown::Write).unwrap();
-        let mut received = Vec::new();
-        app_server.read_to_end(&mut received).unwrap();
-        assert!(
-            received == request,
-            "connection {round}: request bytes differ"
-        );
-        app_server.write_all(&request[..4096]).unwrap();
-        app_server.shutdown(Shutdown::Write).unwrap();
-        let mut answer = Vec::new();
-        app_client.read_to_end(&mut answer).unwrap();
-        assert!(
-            answer == request[..4096],
-            "connection {round}: answer differs"
+        exchange_with_half_close(
+            &mut app_client,
+            &mut app_server,
+            100_000,
+            &format!("connection {round}"),
         );
     }
+}
+
+/// `request_len` pattern bytes client → server, then a half-close; an
+/// answer server → client, then a half-close. Every byte and both clean
+/// ends are checked; `what` names the case in failures.
+fn exchange_with_half_close(
+    app_client: &mut TcpStream,
+    app_server: &mut TcpStream,
+    request_len: usize,
+    what: &str,
+) {
+    for app in [&*app_client, &*app_server] {
+        app.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    let request: Vec<u8> = (0..request_len).map(pattern).collect();
+    let writer = {
+        let (mut writer, request) = (app_client.try_clone().unwrap(), request.clone());
+        std::thread::spawn(move || {
+            writer.write_all(&request).unwrap();
+            writer.shutdown(Shutdown::Write).unwrap();
+        })
+    };
+    let mut received = Vec::new();
+    let end = app_server.read_to_end(&mut received);
+    assert!(
+        end.is_ok(),
+        "{what}: the server app saw {end:?}, not a clean end"
+    );
+    assert!(received == request, "{what}: request bytes differ");
+    writer.join().unwrap();
+    app_server.write_all(&request[..4096]).unwrap();
+    app_server.shutdown(Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    let end = app_client.read_to_end(&mut answer);
+    assert!(
+        end.is_ok(),
+        "{what}: the client app saw {end:?}, not a clean end"
+    );
+    assert!(answer == request[..4096], "{what}: answer bytes differ");
 }
