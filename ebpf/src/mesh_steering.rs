@@ -17,8 +17,10 @@
 //!   them to the socket instead of forwarding them.
 //!
 //! With no listener (the agent is down) the SYN is dropped and counted:
-//! meshed traffic fails closed. Same-node traffic stays plaintext, except
-//! from a non-meshed pod to a STRICT one, which is dropped.
+//! meshed traffic fails closed. Same-node traffic stays plaintext and goes
+//! straight to the pod, except from a non-meshed pod to a STRICT one, which
+//! is dropped, and a meshed pod's connection that the allow rules refuse
+//! (the agent's `SAME_NODE_VERDICTS`), which the agent takes and resets.
 
 use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, TC_ACT_OK, bpf_sock_tuple},
@@ -32,7 +34,7 @@ use veil_common::overlay::{
 
 use crate::{
     headers::{ETH_HLEN, IPPROTO_TCP, IPV4_HLEN, Ipv4Hdr, TCP_FLAG_ACK, TCP_FLAG_SYN, TcpPorts},
-    overlay_maps::{MESH_PEERS, count_event, local_endpoint, port_mode},
+    overlay_maps::{MESH_PEERS, count_event, local_endpoint, port_mode, same_node_denied},
 };
 
 /// Offset of the flags byte in the TCP header.
@@ -63,7 +65,27 @@ pub fn steer(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<Result<i32, DatapathEvent>
     };
     if let Some(destination) = local_endpoint(&ip.daddr) {
         let mode = port_mode(&ip.daddr, ports.dest, destination.mode);
-        return same_node(&source, mode);
+        if let Some(verdict) = same_node(&source, mode) {
+            return Some(verdict);
+        }
+        if source.mode == MESH_MODE_DISABLED
+            || mode == MESH_MODE_DISABLED
+            || !same_node_denied(&ip.saddr, &ip.daddr, ports.dest)
+        {
+            return None;
+        }
+        // The allow rules refuse it: the agent takes the connection and
+        // resets it, counting why. A packet of a flow the agent does not
+        // hold goes on as it is: the way back of an admitted connection is
+        // looked up under the other pod's rules.
+        return to_agent(
+            ctx,
+            ip,
+            &ports,
+            flags,
+            DatapathEvent::MeshSameNodeDenied,
+            Stray::PassOn,
+        );
     }
     if source.mode == MESH_MODE_DISABLED {
         return None;
@@ -73,12 +95,43 @@ pub fn steer(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<Result<i32, DatapathEvent>
     if port_mode(&ip.daddr, ports.dest, unsafe { *peer_mode }) == MESH_MODE_DISABLED {
         return None;
     }
+    to_agent(
+        ctx,
+        ip,
+        &ports,
+        flags,
+        DatapathEvent::MeshSteered,
+        Stray::AnswerLocally,
+    )
+}
+
+/// What becomes of a segment of a flow the agent holds no socket for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stray {
+    /// The node answers it (RST) rather than letting it out in plaintext.
+    AnswerLocally,
+    /// It goes on to its destination untouched.
+    PassOn,
+}
+
+/// Hands a packet to the agent: to the socket it holds for the flow, or a
+/// new connection (a SYN) to its transparent listener, counted as
+/// `new_connection`. `None`: a stray the kernel handles as usual.
+#[inline(always)]
+fn to_agent(
+    ctx: &TcContext,
+    ip: &Ipv4Hdr,
+    ports: &TcpPorts,
+    flags: u8,
+    new_connection: DatapathEvent,
+    stray: Stray,
+) -> Option<Result<i32, DatapathEvent>> {
     let mut tuple = ipv4_tuple(ip, ports.source, ports.dest);
     if let Some(state) = assign(ctx, &mut tuple) {
         // The lookup finds the agent's listener itself for a new connection
-        // (through `veil_mesh_time_wait`, see `mesh_time_wait`).
+        // to a remote pod (through `veil_mesh_time_wait`, see `mesh_time_wait`).
         let event = if state == TCP_LISTEN {
-            DatapathEvent::MeshSteered
+            new_connection
         } else {
             DatapathEvent::MeshFlow
         };
@@ -98,11 +151,12 @@ pub fn steer(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<Result<i32, DatapathEvent>
         if assign(ctx, &mut listener).is_none() {
             return Some(Err(DatapathEvent::DropNoProxy));
         }
-        return Some(Ok(deliver_locally(ctx, DatapathEvent::MeshSteered)));
+        return Some(Ok(deliver_locally(ctx, new_connection)));
     }
-    // A stray segment of a flow nobody holds: the node answers it (RST)
-    // rather than letting it out in plaintext.
-    Some(Ok(deliver_locally(ctx, DatapathEvent::MeshFlow)))
+    match stray {
+        Stray::AnswerLocally => Some(Ok(deliver_locally(ctx, DatapathEvent::MeshFlow))),
+        Stray::PassOn => None,
+    }
 }
 
 /// Same-node pod to pod: plaintext is fine inside the mesh, but a STRICT pod

@@ -6,7 +6,8 @@ use aya_ebpf::{
 };
 use veil_common::overlay::{
     DATAPATH_EVENT_COUNT, DatapathEvent, LocalEndpoint, MAX_LOCAL_ENDPOINTS, MAX_MESH_PEERS,
-    MAX_NODE_ROUTES, MAX_PORT_MODES, OverlayConfig, PortKey, RemoteNode,
+    MAX_NODE_ROUTES, MAX_PORT_MODES, MAX_SAME_NODE_VERDICTS, OverlayConfig, PortKey, RemoteNode,
+    SAME_NODE_DENY, SameNodeKey,
 };
 
 /// This node's settings; index 0. Empty (all zero) until the agent writes it.
@@ -35,6 +36,13 @@ pub static MESH_PEERS: HashMap<[u8; 4], u32> = HashMap::with_max_entries(MAX_MES
 /// Port-level mTLS modes, overriding the pod's own mode on that port.
 #[map(name = "PORT_MODES")]
 static PORT_MODES: HashMap<PortKey, u32> = HashMap::with_max_entries(MAX_PORT_MODES, 0);
+
+/// Allow-rule verdicts for meshed pods of this node connecting to each
+/// other: an entry per port the rules name, and port 0 for the rest. No
+/// entry: admitted.
+#[map(name = "SAME_NODE_VERDICTS")]
+static SAME_NODE_VERDICTS: HashMap<SameNodeKey, u32> =
+    HashMap::with_max_entries(MAX_SAME_NODE_VERDICTS, 0);
 
 #[map(name = "DATAPATH_EVENTS")]
 static DATAPATH_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DATAPATH_EVENT_COUNT, 0);
@@ -79,4 +87,25 @@ pub fn port_mode(address: &[u8; 4], port_be: u16, pod_mode: u32) -> u32 {
     PORT_MODES
         .get_ptr(&key)
         .map_or(pod_mode, |mode| unsafe { *mode })
+}
+
+/// Whether the allow rules refuse `source` → `destination`'s TCP port
+/// `port_be` (network byte order), two meshed pods of this node: the
+/// port's own verdict if it has one, else the verdict for every port.
+#[inline(always)]
+pub fn same_node_denied(source: &[u8; 4], destination: &[u8; 4], port_be: u16) -> bool {
+    let mut key = SameNodeKey {
+        source: *source,
+        destination: *destination,
+        port_be,
+        _pad: 0,
+    };
+    // SAFETY: the pointers come from successful lookups and are read at once.
+    if let Some(verdict) = SAME_NODE_VERDICTS.get_ptr(&key) {
+        return unsafe { *verdict } == SAME_NODE_DENY;
+    }
+    key.port_be = 0;
+    SAME_NODE_VERDICTS
+        .get_ptr(&key)
+        .is_some_and(|verdict| unsafe { *verdict } == SAME_NODE_DENY)
 }

@@ -841,6 +841,87 @@ fn an_agent_that_stops_resets_its_running_sessions_at_both_ends() {
     );
 }
 
+#[test]
+fn connections_between_pods_of_one_node_meet_the_allow_rules_too() {
+    if !require_root("mesh same-node authorization test") {
+        return;
+    }
+    // reports:7840 admits only payments. Cart and reports share node 1, so
+    // their connections never reach a handshake: the datapath must apply
+    // the rules itself.
+    let mut bed = MeshBed::start_with_policy(
+        "meshsame",
+        r#"
+[policy]
+[[policy.allow]]
+namespace = "shop"
+service_account = "reports"
+port = 7840
+from_identities = ["spiffe://cluster.local/ns/shop/sa/payments"]
+"#,
+    );
+    bed.topology.set_mesh(
+        OUTSIDER,
+        Some(PodMesh::new("shop", "reports", "permissive")),
+    );
+    bed.topology.write_inventory().unwrap();
+    let topology = &bed.topology;
+    wait_for("node 1 to mesh reports", Duration::from_secs(10), || {
+        bed.agents[0]
+            .veilctl(&["workloads"])
+            .is_ok_and(|w| w.contains("sa/reports"))
+    });
+    let events = |bed: &MeshBed| -> std::collections::HashMap<String, u64> {
+        bed.agents[0]
+            .status()
+            .unwrap()
+            .events
+            .into_iter()
+            .map(|e| (e.event, e.packets))
+            .collect()
+    };
+
+    expect_refused(topology, CART, OUTSIDER, 7840);
+    wait_for_metric(
+        &bed,
+        1,
+        r#"veil_mesh_connections_total{direction="outbound",mode="none",result="denied"}"#,
+        1.0,
+    );
+    let log = bed.agents[0].log();
+    assert!(
+        log.contains("outbound mesh connection refused: denied by policy")
+            && log.contains("is not allowed to shop/reports port 7840"),
+        "{log}"
+    );
+    let flows = bed.agents[0].veilctl(&["flows"]).unwrap();
+    assert!(
+        flows
+            .lines()
+            .any(|l| l.contains("outbound") && l.contains("denied")),
+        "{flows}"
+    );
+    assert!(
+        events(&bed)["mesh-same-node-denied"] >= 1,
+        "{:?}",
+        events(&bed)
+    );
+
+    // A port no rule names: plaintext, straight to the pod, the real
+    // client address kept; the agent takes no part.
+    let before = events(&bed);
+    let seen = marker_exchange(topology, CART, OUTSIDER, 7841);
+    assert_eq!(seen.ip(), CART.ip());
+    let after = events(&bed);
+    assert_eq!(
+        after["mesh-same-node-denied"], before["mesh-same-node-denied"],
+        "an admitted same-node connection went to the agent"
+    );
+    assert!(after["same-node"] > before["same-node"]);
+    // payments on node 2 is admitted on 7840, through mTLS.
+    marker_exchange(topology, PAYMENTS, OUTSIDER, 7840);
+}
+
 /// `from` connects to `to`'s `port` (a server listens there) and must get
 /// no byte back: the connection is reset or closed.
 fn expect_refused(topology: &Topology, from: PodRef, to: PodRef, port: u16) {

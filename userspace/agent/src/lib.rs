@@ -114,6 +114,7 @@ pub async fn run(
                 underlay_interface: config.datapath.underlay_interface.clone(),
                 underlay_mtu: section.underlay_mtu,
                 tunnel_ifindex: tunnel.as_ref().map_or(0, |t| t.ifindex()),
+                trust_domain: config.mesh.as_ref().map(|m| m.trust_domain.clone()),
             },
             inventory: section.inventory.clone(),
             report: Mutex::default(),

@@ -167,6 +167,24 @@ impl Policy {
             .map(|p| (p.port, p.mode))
     }
 
+    /// The ports that allow rules for `destination` name; `None` when no
+    /// rule selects it at all (everything is allowed), an empty set when
+    /// its rules cover every port.
+    pub fn ports_with_allow_rules(
+        &self,
+        destination: Workload<'_>,
+    ) -> Option<std::collections::BTreeSet<u16>> {
+        let selecting: Vec<&AllowRule> = self
+            .allow
+            .iter()
+            .filter(|rule| {
+                rule.namespace == destination.namespace
+                    && rule.service_account == destination.service_account
+            })
+            .collect();
+        (!selecting.is_empty()).then(|| selecting.iter().filter_map(|rule| rule.port).collect())
+    }
+
     /// Whether `source` (a SPIFFE ID, whose namespace is `source_namespace`)
     /// may connect to `destination` on `port`.
     pub fn authorize(

@@ -11,7 +11,8 @@ use aya::{
 use veil_common::{
     names,
     overlay::{
-        DELIVERY_TAG_MAGIC, DatapathEvent, DeliveryTag, LocalEndpoint, OverlayConfig, RemoteNode,
+        DELIVERY_TAG_MAGIC, DatapathEvent, DeliveryTag, LocalEndpoint, MESH_MODE_PERMISSIVE,
+        OverlayConfig, RemoteNode, SAME_NODE_ALLOW, SAME_NODE_DENY, SameNodeKey,
     },
 };
 
@@ -118,6 +119,31 @@ impl Programs {
         Self { ebpf }
     }
 
+    /// Meshes both local pods (PERMISSIVE) and gives the same-node table
+    /// `verdicts`.
+    fn mesh_local_pods(&mut self, verdicts: &[(SameNodeKey, u32)]) {
+        let mut endpoints: HashMap<_, [u8; 4], LocalEndpoint> = self
+            .ebpf
+            .map_mut(names::MAP_LOCAL_ENDPOINTS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        for pod in [LOCAL_POD, OTHER_LOCAL_POD] {
+            let mut endpoint = endpoints.get(&pod, 0).unwrap();
+            endpoint.mode = MESH_MODE_PERMISSIVE;
+            endpoints.insert(pod, endpoint, 0).unwrap();
+        }
+        let mut table: HashMap<_, SameNodeKey, u32> = self
+            .ebpf
+            .map_mut(names::MAP_SAME_NODE_VERDICTS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        for (key, verdict) in verdicts {
+            table.insert(key, verdict, 0).unwrap();
+        }
+    }
+
     fn event(&self, event: DatapathEvent) -> u64 {
         let events: PerCpuArray<_, u64> = self
             .ebpf
@@ -180,6 +206,24 @@ fn ipv4_udp_frame(src: [u8; 4], dst: [u8; 4], dport: u16, payload_len: usize) ->
     frame.extend_from_slice(&((8 + payload_len) as u16).to_be_bytes());
     frame.extend_from_slice(&[0, 0]);
     frame.extend((0..payload_len).map(|i| i as u8));
+    frame
+}
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// An Ethernet + IPv4 + TCP frame (no payload) from port 40000 with `flags`.
+fn ipv4_tcp_frame(src: [u8; 4], dst: [u8; 4], dport: u16, flags: u8) -> Vec<u8> {
+    let mut frame = ipv4_udp_frame(src, dst, dport, 12);
+    frame[14 + 9] = 6; // TCP
+    frame[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+    let check = checksum(&frame[14..34]);
+    frame[14 + 10..14 + 12].copy_from_slice(&check.to_be_bytes());
+    let tcp = &mut frame[34..];
+    tcp[4..12].fill(0); // sequence and acknowledgement numbers
+    tcp[12] = 5 << 4; // 20-byte header
+    tcp[13] = flags;
+    tcp[14..20].copy_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
     frame
 }
 
@@ -270,6 +314,51 @@ fn egress_leaves_local_unknown_and_non_ipv4_traffic_to_the_kernel() {
     assert_eq!(
         programs.run(names::PROG_POD_EGRESS, &arp),
         (TC_ACT_OK, arp.clone(), None)
+    );
+}
+
+#[test]
+fn egress_hands_same_node_connections_the_allow_rules_refuse_to_the_agent() {
+    if !root() {
+        return;
+    }
+    // No agent here: a refused connection's SYN finds no listener and is
+    // dropped (fails closed), never delivered to the pod.
+    std::net::TcpListener::bind("127.0.0.1:15001")
+        .expect("nothing may listen on 127.0.0.1:15001 while this test runs");
+    let mut programs = Programs::load();
+    let key = |port: u16| SameNodeKey {
+        source: LOCAL_POD,
+        destination: OTHER_LOCAL_POD,
+        port_be: port.to_be(),
+        _pad: 0,
+    };
+    programs.mesh_local_pods(&[(key(0), SAME_NODE_DENY), (key(8080), SAME_NODE_ALLOW)]);
+    let syn = |port| ipv4_tcp_frame(LOCAL_POD, OTHER_LOCAL_POD, port, TCP_SYN);
+    let (verdict, _, event) = programs.run(names::PROG_POD_EGRESS, &syn(7000));
+    assert_eq!(
+        (verdict, event),
+        (TC_ACT_SHOT, Some(DatapathEvent::DropNoProxy)),
+        "refused on every port but 8080"
+    );
+    let allowed = syn(8080);
+    assert_eq!(
+        programs.run(names::PROG_POD_EGRESS, &allowed),
+        (TC_ACT_OK, allowed.clone(), Some(DatapathEvent::SameNode)),
+        "the port's own verdict wins"
+    );
+    // The way back of a connection the other pod opened is looked up under
+    // this pod's rules: a segment the agent holds no socket for goes on.
+    let ack = ipv4_tcp_frame(LOCAL_POD, OTHER_LOCAL_POD, 7000, TCP_ACK);
+    assert_eq!(
+        programs.run(names::PROG_POD_EGRESS, &ack),
+        (TC_ACT_OK, ack.clone(), Some(DatapathEvent::SameNode))
+    );
+    let reverse = ipv4_tcp_frame(OTHER_LOCAL_POD, LOCAL_POD, 7000, TCP_SYN);
+    assert_eq!(
+        programs.run(names::PROG_POD_EGRESS, &reverse),
+        (TC_ACT_OK, reverse.clone(), Some(DatapathEvent::SameNode)),
+        "no verdict for the other direction: allowed"
     );
 }
 

@@ -30,6 +30,10 @@ pub const MAP_MESH_PEERS: &str = "MESH_PEERS";
 /// Hash: [`crate::overlay::PortKey`] → the mTLS mode of that pod's port,
 /// where a port-level setting overrides the workload's.
 pub const MAP_PORT_MODES: &str = "PORT_MODES";
+/// Hash: [`crate::overlay::SameNodeKey`] → whether the allow rules admit
+/// that same-node connection ([`crate::overlay::SAME_NODE_DENY`] or
+/// [`crate::overlay::SAME_NODE_ALLOW`]); no entry: admitted.
+pub const MAP_SAME_NODE_VERDICTS: &str = "SAME_NODE_VERDICTS";
 /// Per-CPU array of packet counts per [`crate::overlay::DatapathEvent`].
 pub const MAP_DATAPATH_EVENTS: &str = "DATAPATH_EVENTS";
 /// Sock map, index 0: the agent's transparent outbound listener.

@@ -68,6 +68,27 @@ pub struct PortKey {
     pub _pad: u16,
 }
 
+/// Largest number of same-node authorization verdicts.
+pub const MAX_SAME_NODE_VERDICTS: u32 = 65536;
+/// A same-node connection the allow rules admit (an exception, on one port,
+/// to a [`SAME_NODE_DENY`] for every port).
+pub const SAME_NODE_ALLOW: u32 = 0;
+/// A same-node connection the allow rules refuse: the agent takes it and
+/// refuses it with a reset.
+pub const SAME_NODE_DENY: u32 = 1;
+
+/// Key of the same-node authorization table: a meshed local pod connecting
+/// to another on `port_be` (network byte order; 0 = every port without an
+/// entry of its own).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SameNodeKey {
+    pub source: [u8; 4],
+    pub destination: [u8; 4],
+    pub port_be: u16,
+    pub _pad: u16,
+}
+
 /// Value of the node route table (an LPM trie keyed by pod CIDR or pod /32).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -141,10 +162,14 @@ pub enum DatapathEvent {
     DropNoProxy = 14,
     /// Plaintext TCP from outside the mesh to a STRICT pod.
     DropPlaintextToStrict = 15,
+    /// Pod egress: a meshed pod's new TCP connection to a meshed pod on the
+    /// same node that the allow rules refuse, handed to the agent's
+    /// listener to be refused with a reset.
+    MeshSameNodeDenied = 16,
 }
 
 /// Number of [`DatapathEvent`] values (size of the event counter array).
-pub const DATAPATH_EVENT_COUNT: u32 = 16;
+pub const DATAPATH_EVENT_COUNT: u32 = 17;
 
 impl DatapathEvent {
     pub const ALL: [DatapathEvent; DATAPATH_EVENT_COUNT as usize] = [
@@ -164,6 +189,7 @@ impl DatapathEvent {
         Self::MeshFlow,
         Self::DropNoProxy,
         Self::DropPlaintextToStrict,
+        Self::MeshSameNodeDenied,
     ];
 
     /// Name shown by `veilctl` and in metrics.
@@ -185,6 +211,7 @@ impl DatapathEvent {
             Self::MeshFlow => "mesh-flow",
             Self::DropNoProxy => "drop-no-proxy",
             Self::DropPlaintextToStrict => "drop-plaintext-to-strict",
+            Self::MeshSameNodeDenied => "mesh-same-node-denied",
         }
     }
 
@@ -216,6 +243,8 @@ mod pod {
     unsafe impl aya::Pod for super::LocalEndpoint {}
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::PortKey {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::SameNodeKey {}
 }
 
 #[cfg(test)]
@@ -227,6 +256,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<OverlayConfig>(), 28);
         assert_eq!(core::mem::size_of::<RemoteNode>(), 12);
         assert_eq!(core::mem::size_of::<LocalEndpoint>(), 24);
+        assert_eq!(core::mem::size_of::<SameNodeKey>(), 12);
     }
 
     #[test]

@@ -190,6 +190,9 @@ impl Datapath {
             port_modes: take_map(&mut ebpf, names::MAP_PORT_MODES)?
                 .try_into()
                 .map_err(map_error(names::MAP_PORT_MODES))?,
+            same_node_verdicts: take_map(&mut ebpf, names::MAP_SAME_NODE_VERDICTS)?
+                .try_into()
+                .map_err(map_error(names::MAP_SAME_NODE_VERDICTS))?,
             events: take_map(&mut ebpf, names::MAP_DATAPATH_EVENTS)?
                 .try_into()
                 .map_err(map_error(names::MAP_DATAPATH_EVENTS))?,
@@ -417,6 +420,7 @@ mod tests {
             names::MAP_POD_DEVICES,
             names::MAP_MESH_PEERS,
             names::MAP_PORT_MODES,
+            names::MAP_SAME_NODE_VERDICTS,
             names::MAP_DATAPATH_EVENTS,
         ] {
             assert!(object.maps.contains_key(map), "missing map {map}");

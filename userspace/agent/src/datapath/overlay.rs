@@ -6,13 +6,18 @@ use std::{
     net::Ipv4Addr,
 };
 
-use aya::maps::{
-    Array, HashMap, MapData, MapError, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie,
-    xdp::DevMapHash,
+use aya::{
+    Pod,
+    maps::{
+        Array, HashMap, MapData, MapError, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie,
+        xdp::DevMapHash,
+    },
 };
 use veil_common::overlay::{
     DatapathEvent, LocalEndpoint, MESH_MODE_DISABLED, OverlayConfig, PortKey, RemoteNode,
+    SAME_NODE_ALLOW, SAME_NODE_DENY, SameNodeKey,
 };
+use veil_identity::SpiffeId;
 
 use super::links::LinkTable;
 use crate::inventory::Inventory;
@@ -27,6 +32,9 @@ pub struct OverlaySettings {
     /// The collect_md vxlan device that encapsulates (`encapsulation =
     /// "vxlan-device"`), or 0 when the pod-egress program does it.
     pub tunnel_ifindex: u32,
+    /// The mesh's trust domain, when the agent runs the mesh: allow rules
+    /// name sources by SPIFFE ID in it.
+    pub trust_domain: Option<String>,
 }
 
 /// Everything the overlay maps should hold.
@@ -40,6 +48,9 @@ pub struct OverlayPlan {
     pub mesh_peers: BTreeMap<Ipv4Addr, u32>,
     /// Port-level modes of meshed pods anywhere (they override the pod's mode).
     pub port_modes: BTreeMap<PortKey, u32>,
+    /// Allow-rule verdicts between meshed pods of this node (see
+    /// [`same_node_verdicts`]).
+    pub same_node_verdicts: BTreeMap<SameNodeKey, u32>,
     /// Host-side veths of local pods (they get the pod-egress program).
     pub local_interfaces: BTreeSet<String>,
     /// Local pods left out because their veth does not exist (yet).
@@ -133,7 +144,92 @@ pub fn plan(
             }
         }
     }
+    if let Some(trust_domain) = &settings.trust_domain {
+        plan.same_node_verdicts = same_node_verdicts(inventory, &me.name, trust_domain);
+    }
     Ok(plan)
+}
+
+/// The allow rules' verdicts for connections between meshed pods of `node`.
+///
+/// Such a connection never reaches an agent (it stays plaintext on the
+/// node), so the pod-egress program decides it from these: per (source,
+/// destination) pair, the verdict for the ports no rule names (port 0) when
+/// it refuses, and each port a rule names whose verdict differs from that.
+/// Computed with [`crate::policy::Policy::authorize`], the function the
+/// agents apply after a handshake, so both paths decide alike.
+fn same_node_verdicts(
+    inventory: &Inventory,
+    node: &str,
+    trust_domain: &str,
+) -> BTreeMap<SameNodeKey, u32> {
+    let meshed: Vec<_> = inventory
+        .pods
+        .iter()
+        .filter(|pod| pod.node == node)
+        .filter_map(|pod| Some((pod, inventory.meshed(pod)?.0)))
+        .collect();
+    let mut verdicts = BTreeMap::new();
+    for &(destination, to) in &meshed {
+        let workload = to.workload();
+        let Some(named_ports) = inventory.policy.ports_with_allow_rules(workload) else {
+            continue; // no rule selects it: everything is allowed
+        };
+        for &(source, from) in meshed.iter().filter(|(p, _)| p.ip != destination.ip) {
+            let Ok(identity) = SpiffeId::new(trust_domain, &from.namespace, &from.service_account)
+            else {
+                continue;
+            };
+            let identity = identity.to_string();
+            let verdict = |port: u16| match inventory.policy.authorize(
+                workload,
+                port,
+                &identity,
+                &from.namespace,
+            ) {
+                Ok(()) => SAME_NODE_ALLOW,
+                Err(_) => SAME_NODE_DENY,
+            };
+            let key = |port: u16| SameNodeKey {
+                source: source.ip.octets(),
+                destination: destination.ip.octets(),
+                port_be: port.to_be(),
+                _pad: 0,
+            };
+            let other_ports = verdict(0);
+            if other_ports == SAME_NODE_DENY {
+                verdicts.insert(key(0), SAME_NODE_DENY);
+            }
+            for &port in &named_ports {
+                let on_port = verdict(port);
+                if on_port != other_ports {
+                    verdicts.insert(key(port), on_port);
+                }
+            }
+        }
+    }
+    verdicts
+}
+
+/// Brings a hash map to `wanted`: writes new and changed entries, then
+/// removes the ones `wanted` lacks.
+fn sync_hash_map<K: Pod + Ord, V: Pod + PartialEq>(
+    map: &mut HashMap<MapData, K, V>,
+    wanted: &BTreeMap<K, V>,
+    stats: &mut ApplyStats,
+) -> Result<(), MapError> {
+    let current: BTreeMap<K, V> = map.iter().collect::<Result<_, _>>()?;
+    for (key, value) in wanted {
+        if current.get(key) != Some(value) {
+            map.insert(key, value, 0)?;
+            stats.written += 1;
+        }
+    }
+    for key in current.keys().filter(|key| !wanted.contains_key(key)) {
+        map.remove(key)?;
+        stats.removed += 1;
+    }
+    Ok(())
 }
 
 /// The overlay maps of the loaded object.
@@ -144,6 +240,7 @@ pub struct OverlayMaps {
     pub(super) devices: DevMapHash<MapData>,
     pub(super) mesh_peers: HashMap<MapData, [u8; 4], u32>,
     pub(super) port_modes: HashMap<MapData, PortKey, u32>,
+    pub(super) same_node_verdicts: HashMap<MapData, SameNodeKey, u32>,
     pub(super) events: PerCpuArray<MapData, u64>,
 }
 
@@ -203,35 +300,18 @@ impl OverlayMaps {
             }
         }
 
-        let current_peers: BTreeMap<[u8; 4], u32> =
-            self.mesh_peers.iter().collect::<Result<_, _>>()?;
-        for (ip, mode) in &plan.mesh_peers {
-            if current_peers.get(&ip.octets()) != Some(mode) {
-                self.mesh_peers.insert(ip.octets(), mode, 0)?;
-                stats.written += 1;
-            }
-        }
-        for ip in current_peers.keys() {
-            if !plan.mesh_peers.contains_key(&Ipv4Addr::from(*ip)) {
-                self.mesh_peers.remove(ip)?;
-                stats.removed += 1;
-            }
-        }
-
-        let current_ports: BTreeMap<PortKey, u32> =
-            self.port_modes.iter().collect::<Result<_, _>>()?;
-        for (key, mode) in &plan.port_modes {
-            if current_ports.get(key) != Some(mode) {
-                self.port_modes.insert(key, mode, 0)?;
-                stats.written += 1;
-            }
-        }
-        for key in current_ports.keys() {
-            if !plan.port_modes.contains_key(key) {
-                self.port_modes.remove(key)?;
-                stats.removed += 1;
-            }
-        }
+        let peers: BTreeMap<[u8; 4], u32> = plan
+            .mesh_peers
+            .iter()
+            .map(|(ip, mode)| (ip.octets(), *mode))
+            .collect();
+        sync_hash_map(&mut self.mesh_peers, &peers, &mut stats)?;
+        sync_hash_map(&mut self.port_modes, &plan.port_modes, &mut stats)?;
+        sync_hash_map(
+            &mut self.same_node_verdicts,
+            &plan.same_node_verdicts,
+            &mut stats,
+        )?;
 
         for &(network, prefix_len) in current_routes.keys() {
             if !plan.routes.contains_key(&(network, prefix_len)) {
@@ -316,6 +396,7 @@ interface = "vp1"
             underlay_interface: "ul0".into(),
             underlay_mtu: 1500,
             tunnel_ifindex: 0,
+            trust_domain: Some("cluster.local".into()),
         }
     }
 
@@ -401,6 +482,75 @@ mode = "disable"
         assert_eq!(plan.port_modes[&key], MESH_MODE_DISABLED);
         let local = plan.endpoints[&"198.19.1.1".parse().unwrap()];
         assert_eq!(local.mode, MESH_MODE_DISABLED, "no [pods.mesh]: not meshed");
+    }
+
+    #[test]
+    fn same_node_pairs_get_the_allow_rules_verdicts() {
+        let pods = r#"
+[[pods]]
+name = "cart"
+node = "node1"
+ip = "198.19.1.2"
+mac = "02:00:00:00:01:02"
+interface = "vp2"
+[pods.mesh]
+namespace = "shop"
+service_account = "cart"
+
+[[pods]]
+name = "checkout"
+node = "node1"
+ip = "198.19.1.3"
+mac = "02:00:00:00:01:03"
+interface = "vp3"
+[pods.mesh]
+namespace = "shop"
+service_account = "checkout"
+
+[policy]
+[[policy.allow]]
+namespace = "shop"
+service_account = "checkout"
+port = 8080
+from_identities = ["spiffe://cluster.local/ns/shop/sa/cart"]
+[[policy.allow]]
+namespace = "shop"
+service_account = "checkout"
+from_namespaces = ["ops"]
+[[policy.allow]]
+namespace = "shop"
+service_account = "cart"
+port = 9000
+from_identities = ["spiffe://cluster.local/ns/shop/sa/payments"]
+"#;
+        let key = |source: [u8; 4], destination: [u8; 4], port: u16| SameNodeKey {
+            source,
+            destination,
+            port_be: port.to_be(),
+            _pad: 0,
+        };
+        let (cart, checkout) = ([198, 19, 1, 2], [198, 19, 1, 3]);
+        let meshed = plan(&inventory(pods), &settings(), &links()).unwrap();
+        assert_eq!(
+            meshed.same_node_verdicts,
+            BTreeMap::from([
+                // Only ops may reach checkout on other ports; cart may on 8080.
+                (key(cart, checkout, 0), SAME_NODE_DENY),
+                (key(cart, checkout, 8080), SAME_NODE_ALLOW),
+                // cart's own rule names port 9000 only, and not checkout.
+                (key(checkout, cart, 9000), SAME_NODE_DENY),
+            ]),
+            "pod a is not meshed and n2p1 is on another node: neither is in a pair"
+        );
+        let without_mesh = OverlaySettings {
+            trust_domain: None,
+            ..settings()
+        };
+        let unmeshed = plan(&inventory(pods), &without_mesh, &links()).unwrap();
+        assert!(
+            unmeshed.same_node_verdicts.is_empty(),
+            "no mesh, no verdicts"
+        );
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! 127.0.0.1:15001, so the accepted socket's local address is where the pod
 //! was connecting to. The agent dials the agent of the destination's node on
 //! :15008, presents the source workload's certificate, insists on the
-//! destination workload's identity, sends the preface and relays.
+//! destination workload's identity, sends the preface and relays. A
+//! connection to a meshed pod of this same node arrives only when the allow
+//! rules refuse it, and is refused.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
@@ -73,6 +75,14 @@ fn open_session(mesh: &MeshState, pod: &TcpStream) -> Result<(Session, Preface, 
         return Err(Refusal::NotIpv4);
     };
     let directory = &mesh.directory;
+    if let Some(destination_pod) = directory.local_meshed_pod(*destination.ip())? {
+        return Err(refuse_same_node(
+            directory,
+            client,
+            destination,
+            &destination_pod,
+        ));
+    }
     let (source_pod, destination_pod) = endpoints(directory, client, destination)?;
     let workload = directory
         .store
@@ -122,6 +132,27 @@ fn open_session(mesh: &MeshState, pod: &TcpStream) -> Result<(Session, Preface, 
         node: destination_pod.node_underlay_ip,
     };
     Ok((Session::from_handshaken(connection, tcp)?, preface, peer))
+}
+
+/// Why a connection between two meshed pods of this node was refused. Such
+/// connections stay plaintext and go straight to the pod; one reaches the
+/// agent only when the datapath found the allow rules refusing it
+/// (`SAME_NODE_VERDICTS`, computed by the same [`Directory::authorize`]).
+fn refuse_same_node(
+    directory: &Directory,
+    client: SocketAddrV4,
+    destination: SocketAddrV4,
+    destination_pod: &MeshedPod,
+) -> Refusal {
+    let source_pod = match directory.local_meshed_pod(*client.ip()) {
+        Ok(Some(pod)) => pod,
+        Ok(None) => return Refusal::SourceNotMeshed(client.ip().to_string()),
+        Err(refusal) => return refusal,
+    };
+    match directory.authorize(destination_pod, destination.port(), &source_pod.identity) {
+        Err(refusal) => refusal,
+        Ok(()) => Refusal::SameNodeRulesChanged(destination.to_string()),
+    }
 }
 
 /// The two pods of an intercepted connection: the source a meshed pod

@@ -54,6 +54,10 @@ pub enum Refusal {
     Io(#[from] std::io::Error),
     #[error("the agent is stopping")]
     AgentStopping,
+    #[error(
+        "the allow rules admit {0} again (they changed while it connected): the next connection goes through"
+    )]
+    SameNodeRulesChanged(String),
 }
 
 impl Refusal {
@@ -80,6 +84,7 @@ impl Refusal {
             Self::Session(_) => "session_failed",
             Self::Io(_) => "io_error",
             Self::AgentStopping => "agent_stopping",
+            Self::SameNodeRulesChanged(_) => "rules_changed",
         }
     }
 }
