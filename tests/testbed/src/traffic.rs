@@ -21,6 +21,15 @@ pub struct TransferReport {
     pub elapsed: Duration,
 }
 
+/// Two connected TCP sockets over loopback in the calling thread's network
+/// namespace: (the connecting side, the accepted side).
+pub fn loopback_pair() -> std::io::Result<(TcpStream, TcpStream)> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let connecting = TcpStream::connect(listener.local_addr()?)?;
+    let (accepted, _) = listener.accept()?;
+    Ok((connecting, accepted))
+}
+
 /// The byte at offset `i` of every test stream: cheap, and a shifted or
 /// dropped byte breaks the pattern.
 pub fn pattern_byte(i: u64) -> u8 {

@@ -174,15 +174,19 @@ impl Policy {
         &self,
         destination: Workload<'_>,
     ) -> Option<std::collections::BTreeSet<u16>> {
-        let selecting: Vec<&AllowRule> = self
-            .allow
-            .iter()
-            .filter(|rule| {
-                rule.namespace == destination.namespace
-                    && rule.service_account == destination.service_account
-            })
-            .collect();
+        let selecting: Vec<&AllowRule> = self.allow_rules_for(destination).collect();
         (!selecting.is_empty()).then(|| selecting.iter().filter_map(|rule| rule.port).collect())
+    }
+
+    /// The allow rules that select `destination`, on any port.
+    fn allow_rules_for<'a>(
+        &'a self,
+        destination: Workload<'a>,
+    ) -> impl Iterator<Item = &'a AllowRule> + 'a {
+        self.allow.iter().filter(move |rule| {
+            rule.namespace == destination.namespace
+                && rule.service_account == destination.service_account
+        })
     }
 
     /// Whether `source` (a SPIFFE ID, whose namespace is `source_namespace`)
@@ -195,13 +199,8 @@ impl Policy {
         source_namespace: &str,
     ) -> Result<(), String> {
         let selecting: Vec<&AllowRule> = self
-            .allow
-            .iter()
-            .filter(|rule| {
-                rule.namespace == destination.namespace
-                    && rule.service_account == destination.service_account
-                    && rule.port.is_none_or(|p| p == port)
-            })
+            .allow_rules_for(destination)
+            .filter(|rule| rule.port.is_none_or(|p| p == port))
             .collect();
         if selecting.is_empty() {
             return Ok(());

@@ -100,19 +100,14 @@ fn disconnect(stream: &TcpStream) -> std::io::Result<()> {
 mod tests {
     use std::{
         io::{ErrorKind, Read, Write},
-        net::TcpListener,
         time::Duration,
     };
 
     use super::*;
     use crate::relay;
 
-    /// Two connected loopback sockets: (ours, the peer's).
     fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (theirs, _) = listener.accept().unwrap();
-        (ours, theirs)
+        veil_testbed::traffic::loopback_pair().unwrap()
     }
 
     /// How the peer's stream ends once it has read what was queued: a clean

@@ -137,9 +137,7 @@ fn the_kernel_relay_skips_a_late_session_ticket_and_resets_on_a_key_update() {
         let Session::Kernel(peer) = server else {
             panic!("the kernel has TLS here, yet the server session stayed in userspace");
         };
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut app = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (front, _) = listener.accept().unwrap();
+        let (mut app, front) = veil_testbed::traffic::loopback_pair().unwrap();
         let relay = std::thread::spawn(move || client.relay(front));
         control_records::send_record(peer.as_fd(), CONTENT_HANDSHAKE, message).unwrap();
         (&peer).write_all(b"after").unwrap();

@@ -6,7 +6,7 @@ mod common;
 
 use std::{
     io::{Read, Write},
-    net::{Shutdown, TcpListener, TcpStream},
+    net::{Shutdown, TcpStream},
     time::Duration,
 };
 
@@ -47,10 +47,7 @@ fn relayed_apps_over(
 
 /// Two connected loopback sockets: (connecting side, accepted side).
 fn socket_pair() -> (TcpStream, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let connecting = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (accepted, _) = listener.accept().unwrap();
-    (connecting, accepted)
+    veil_testbed::traffic::loopback_pair().unwrap()
 }
 
 /// How `app`'s stream ends once it has read what was queued: a clean end

@@ -165,7 +165,7 @@ impl LiveSessions {
 mod tests {
     use std::{
         io::{ErrorKind, Read},
-        net::{TcpListener, TcpStream},
+        net::TcpStream,
         time::Duration,
     };
 
@@ -177,10 +177,7 @@ mod tests {
     use super::*;
 
     fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (theirs, _) = listener.accept().unwrap();
-        (ours, theirs)
+        veil_testbed::traffic::loopback_pair().unwrap()
     }
 
     fn facts(service_account: &str) -> LeafFacts {
