@@ -18,9 +18,10 @@
 //!
 //! With no listener (the agent is down) the SYN is dropped and counted:
 //! meshed traffic fails closed. Same-node traffic stays plaintext and goes
-//! straight to the pod, except from a non-meshed pod to a STRICT one, which
-//! is dropped, and a meshed pod's connection that the allow rules refuse
-//! (the agent's `SAME_NODE_VERDICTS`), which the agent takes and resets.
+//! straight to the pod, except from a non-meshed pod to a STRICT one or to
+//! a port that allow rules select (`PLAINTEXT_VERDICTS`), which is dropped,
+//! and a meshed pod's connection that the allow rules refuse
+//! (`SAME_NODE_VERDICTS`), which the agent takes and resets.
 
 use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, TC_ACT_OK, bpf_sock_tuple},
@@ -34,7 +35,9 @@ use veil_common::overlay::{
 
 use crate::{
     headers::{ETH_HLEN, IPPROTO_TCP, IPV4_HLEN, Ipv4Hdr, TCP_FLAG_ACK, TCP_FLAG_SYN, TcpPorts},
-    overlay_maps::{MESH_PEERS, count_event, local_endpoint, port_mode, same_node_denied},
+    overlay_maps::{
+        MESH_PEERS, count_event, local_endpoint, plaintext_denied, port_mode, same_node_denied,
+    },
 };
 
 /// Offset of the flags byte in the TCP header.
@@ -65,7 +68,7 @@ pub fn steer(ctx: &TcContext, ip: &Ipv4Hdr) -> Option<Result<i32, DatapathEvent>
     };
     if let Some(destination) = local_endpoint(&ip.daddr) {
         let mode = port_mode(&ip.daddr, ports.dest, destination.mode);
-        if let Some(verdict) = same_node(&source, mode) {
+        if let Some(verdict) = same_node(&source, mode, &ip.daddr, ports.dest) {
             return Some(verdict);
         }
         if source.mode == MESH_MODE_DISABLED
@@ -160,11 +163,23 @@ fn to_agent(
 }
 
 /// Same-node pod to pod: plaintext is fine inside the mesh, but a STRICT pod
-/// (or STRICT port) takes no plaintext from a pod outside it.
+/// (or STRICT port) takes no plaintext from a pod outside it, nor does a
+/// port that allow rules select (such a pod proves no identity).
 #[inline(always)]
-fn same_node(source: &LocalEndpoint, destination_mode: u32) -> Option<Result<i32, DatapathEvent>> {
-    if destination_mode == MESH_MODE_STRICT && source.mode == MESH_MODE_DISABLED {
+fn same_node(
+    source: &LocalEndpoint,
+    destination_mode: u32,
+    destination: &[u8; 4],
+    port_be: u16,
+) -> Option<Result<i32, DatapathEvent>> {
+    if source.mode != MESH_MODE_DISABLED {
+        return None;
+    }
+    if destination_mode == MESH_MODE_STRICT {
         return Some(Err(DatapathEvent::DropPlaintextToStrict));
+    }
+    if plaintext_denied(destination, port_be) {
+        return Some(Err(DatapathEvent::DropPlaintextUnauthorized));
     }
     None
 }

@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use veil_common::overlay::{
     DATAPATH_EVENT_COUNT, DatapathEvent, LocalEndpoint, MAX_LOCAL_ENDPOINTS, MAX_MESH_PEERS,
-    MAX_NODE_ROUTES, MAX_PORT_MODES, MAX_SAME_NODE_VERDICTS, OverlayConfig, PortKey, RemoteNode,
-    SAME_NODE_DENY, SameNodeKey,
+    MAX_NODE_ROUTES, MAX_PLAINTEXT_VERDICTS, MAX_PORT_MODES, MAX_SAME_NODE_VERDICTS, OverlayConfig,
+    PortKey, RemoteNode, SameNodeKey, VERDICT_DENY,
 };
 
 /// This node's settings; index 0. Empty (all zero) until the agent writes it.
@@ -43,6 +43,13 @@ static PORT_MODES: HashMap<PortKey, u32> = HashMap::with_max_entries(MAX_PORT_MO
 #[map(name = "SAME_NODE_VERDICTS")]
 static SAME_NODE_VERDICTS: HashMap<SameNodeKey, u32> =
     HashMap::with_max_entries(MAX_SAME_NODE_VERDICTS, 0);
+
+/// Allow-rule verdicts for plaintext TCP (which proves no identity) to
+/// meshed pods of this node: an entry per port, and port 0 for the rest.
+/// No entry: admitted.
+#[map(name = "PLAINTEXT_VERDICTS")]
+static PLAINTEXT_VERDICTS: HashMap<PortKey, u32> =
+    HashMap::with_max_entries(MAX_PLAINTEXT_VERDICTS, 0);
 
 #[map(name = "DATAPATH_EVENTS")]
 static DATAPATH_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DATAPATH_EVENT_COUNT, 0);
@@ -90,22 +97,40 @@ pub fn port_mode(address: &[u8; 4], port_be: u16, pod_mode: u32) -> u32 {
 }
 
 /// Whether the allow rules refuse `source` → `destination`'s TCP port
-/// `port_be` (network byte order), two meshed pods of this node: the
-/// port's own verdict if it has one, else the verdict for every port.
+/// `port_be` (network byte order), two meshed pods of this node.
 #[inline(always)]
 pub fn same_node_denied(source: &[u8; 4], destination: &[u8; 4], port_be: u16) -> bool {
-    let mut key = SameNodeKey {
+    let key = SameNodeKey {
         source: *source,
         destination: *destination,
         port_be,
         _pad: 0,
     };
+    refused_on_port(&SAME_NODE_VERDICTS, key, |key| &mut key.port_be)
+}
+
+/// Whether the allow rules refuse plaintext TCP to `destination`'s port
+/// `port_be` (network byte order), a meshed pod of this node.
+#[inline(always)]
+pub fn plaintext_denied(destination: &[u8; 4], port_be: u16) -> bool {
+    let key = PortKey {
+        ip: *destination,
+        port_be,
+        _pad: 0,
+    };
+    refused_on_port(&PLAINTEXT_VERDICTS, key, |key| &mut key.port_be)
+}
+
+/// Whether a verdict table refuses `key`: the port's own verdict if it has
+/// one, else the verdict for every port (the key with port 0).
+#[inline(always)]
+fn refused_on_port<K>(table: &HashMap<K, u32>, mut key: K, port: fn(&mut K) -> &mut u16) -> bool {
     // SAFETY: the pointers come from successful lookups and are read at once.
-    if let Some(verdict) = SAME_NODE_VERDICTS.get_ptr(&key) {
-        return unsafe { *verdict } == SAME_NODE_DENY;
+    if let Some(verdict) = table.get_ptr(&key) {
+        return unsafe { *verdict } == VERDICT_DENY;
     }
-    key.port_be = 0;
-    SAME_NODE_VERDICTS
+    *port(&mut key) = 0;
+    table
         .get_ptr(&key)
-        .is_some_and(|verdict| unsafe { *verdict } == SAME_NODE_DENY)
+        .is_some_and(|verdict| unsafe { *verdict } == VERDICT_DENY)
 }

@@ -24,7 +24,9 @@ use crate::{
         ENCAP_ROOM, ETH_HLEN, ETH_P_IPV4, EthHdr, IP_MF_AND_OFFSET, IPPROTO_TCP, IPPROTO_UDP,
         IPV4_HLEN, Ipv4Hdr, TcpPorts, UDP_HLEN, UdpHdr, VXLAN_FLAG_VNI, VXLAN_HLEN, VxlanHdr,
     },
-    overlay_maps::{POD_DEVICES, count_event, local_endpoint, overlay_config, port_mode},
+    overlay_maps::{
+        POD_DEVICES, count_event, local_endpoint, overlay_config, plaintext_denied, port_mode,
+    },
 };
 
 /// Offsets of the headers inside an overlay frame.
@@ -129,6 +131,9 @@ fn try_underlay_ingress(ctx: &XdpContext) -> Result<u32, DatapathEvent> {
         let destination_port = unsafe { (*ports).dest };
         if port_mode(&inner_ip.daddr, destination_port, endpoint.mode) == MESH_MODE_STRICT {
             return Err(DatapathEvent::DropPlaintextToStrict);
+        }
+        if plaintext_denied(&inner_ip.daddr, destination_port) {
+            return Err(DatapathEvent::DropPlaintextUnauthorized);
         }
     }
 

@@ -575,6 +575,24 @@ fn strict_pods_refuse_plaintext_and_agents_refuse_bad_peers() {
     assert!(node2.event("drop-plaintext-to-strict") > 0, "{node2:#?}");
     // A port-level PERMISSIVE overrides the STRICT workload on that port.
     traffic::tcp_echo(topology, OUTSIDER, CHECKOUT, 7603, 4096).unwrap();
+    // A PERMISSIVE port that an allow rule selects admits only the sources
+    // it names, and plaintext names none: dropped; cart, named, gets in
+    // through mTLS.
+    let selected = SocketAddr::from((PAYMENTS.ip(), 7850));
+    let selected_listener = listen_in(topology, PAYMENTS, selected);
+    let attempt = topology
+        .pod(OUTSIDER)
+        .run(move || TcpStream::connect_timeout(&selected, Duration::from_secs(2)))
+        .unwrap();
+    assert!(
+        attempt.is_err(),
+        "plaintext reached a port an allow rule selects"
+    );
+    let node2 = bed.agents[1].status().unwrap();
+    assert!(node2.event("drop-plaintext-unauthorized") > 0, "{node2:#?}");
+    drop(selected_listener);
+    traffic::tcp_echo(topology, CART, PAYMENTS, 7850, 4096)
+        .unwrap_or_else(|e| panic!("cart is named by the rule: {e}\n{}", bed.dump()));
 
     // Authorization: only payments may reach checkout:7800; cart is reset.
     traffic::tcp_echo(topology, PAYMENTS, CHECKOUT, 7800, 4096)
@@ -620,6 +638,7 @@ fn strict_pods_refuse_plaintext_and_agents_refuse_bad_peers() {
     let (code, check) = bed.agents[1].veilctl_exit(&["check"]).unwrap();
     assert_eq!(code, 3, "{check}");
     assert!(check.contains("plaintext TCP to STRICT pods"), "{check}");
+    assert!(check.contains("ports that allow rules select"), "{check}");
     assert!(check.contains("inbound denied"), "{check}");
 
     // Peers that are not what they claim, straight at node 2's :15008.
@@ -945,7 +964,8 @@ fn expect_refused(topology: &Topology, from: PodRef, to: PodRef, port: u16) {
 }
 
 /// The policy of the refusal test: a PERMISSIVE port on the STRICT
-/// checkout, and an allow rule on checkout:7800 for payments only.
+/// checkout, an allow rule on checkout:7800 for payments only, and one on
+/// the PERMISSIVE payments:7850 for cart only.
 const POLICY: &str = r#"
 [policy]
 [[policy.ports]]
@@ -958,6 +978,11 @@ namespace = "shop"
 service_account = "checkout"
 port = 7800
 from_identities = ["spiffe://cluster.local/ns/shop/sa/payments"]
+[[policy.allow]]
+namespace = "shop"
+service_account = "payments"
+port = 7850
+from_identities = ["spiffe://cluster.local/ns/shop/sa/cart"]
 "#;
 
 fn reset_series(direction: &str, reason: &str) -> String {

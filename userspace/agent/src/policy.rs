@@ -11,7 +11,10 @@
 //! per port): sources by SPIFFE ID or by namespace. Until a rule selects a
 //! workload (and port) everything is allowed; from then on only what a
 //! selecting rule allows. Checked by the destination's agent after the mTLS
-//! handshake, on the identity the client proved.
+//! handshake, on the identity the client proved; between meshed pods of one
+//! node, and for plaintext (which proves no identity, so a selected port
+//! admits none), by the datapath from tables the agent computes with the
+//! same [`Policy::authorize`] (`datapath::overlay`).
 //!
 //! ```toml
 //! [policy]

@@ -12,7 +12,7 @@ use veil_common::{
     names,
     overlay::{
         DELIVERY_TAG_MAGIC, DatapathEvent, DeliveryTag, LocalEndpoint, MESH_MODE_PERMISSIVE,
-        OverlayConfig, RemoteNode, SAME_NODE_ALLOW, SAME_NODE_DENY, SameNodeKey,
+        OverlayConfig, PortKey, RemoteNode, SameNodeKey, VERDICT_ALLOW, VERDICT_DENY,
     },
 };
 
@@ -140,6 +140,24 @@ impl Programs {
             .try_into()
             .unwrap();
         for (key, verdict) in verdicts {
+            table.insert(key, verdict, 0).unwrap();
+        }
+    }
+
+    /// Gives the plaintext table `verdicts`, keyed by (pod, port).
+    fn refuse_plaintext(&mut self, verdicts: &[([u8; 4], u16, u32)]) {
+        let mut table: HashMap<_, PortKey, u32> = self
+            .ebpf
+            .map_mut(names::MAP_PLAINTEXT_VERDICTS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        for &(ip, port, verdict) in verdicts {
+            let key = PortKey {
+                ip,
+                port_be: port.to_be(),
+                _pad: 0,
+            };
             table.insert(key, verdict, 0).unwrap();
         }
     }
@@ -333,7 +351,7 @@ fn egress_hands_same_node_connections_the_allow_rules_refuse_to_the_agent() {
         port_be: port.to_be(),
         _pad: 0,
     };
-    programs.mesh_local_pods(&[(key(0), SAME_NODE_DENY), (key(8080), SAME_NODE_ALLOW)]);
+    programs.mesh_local_pods(&[(key(0), VERDICT_DENY), (key(8080), VERDICT_ALLOW)]);
     let syn = |port| ipv4_tcp_frame(LOCAL_POD, OTHER_LOCAL_POD, port, TCP_SYN);
     let (verdict, _, event) = programs.run(names::PROG_POD_EGRESS, &syn(7000));
     assert_eq!(
@@ -455,6 +473,48 @@ fn ingress_decapsulates_into_the_local_pod() {
         "inner source is the node's veth"
     );
     assert_eq!(frame[12..], inner[12..]);
+}
+
+#[test]
+fn plaintext_to_a_port_allow_rules_select_is_dropped_from_the_overlay_and_the_node() {
+    if !root() {
+        return;
+    }
+    let mut programs = Programs::load();
+    programs.refuse_plaintext(&[
+        (LOCAL_POD, 0, VERDICT_DENY),
+        (LOCAL_POD, 8080, VERDICT_ALLOW),
+    ]);
+    let overlay = |port| {
+        vxlan_frame(
+            0x08,
+            VNI,
+            &ipv4_tcp_frame(REMOTE_POD, LOCAL_POD, port, TCP_SYN),
+        )
+    };
+    let (verdict, _, event) = programs.run(names::PROG_UNDERLAY_INGRESS, &overlay(7000));
+    assert_eq!(
+        (verdict, event),
+        (XDP_DROP, Some(DatapathEvent::DropPlaintextUnauthorized))
+    );
+    let (verdict, _, event) = programs.run(names::PROG_UNDERLAY_INGRESS, &overlay(8080));
+    assert_eq!(
+        (verdict, event),
+        (XDP_PASS, Some(DatapathEvent::Decapsulated)),
+        "the port's own verdict wins"
+    );
+    // From a pod of this node that is not meshed.
+    let local = |port| ipv4_tcp_frame(OTHER_LOCAL_POD, LOCAL_POD, port, TCP_SYN);
+    let (verdict, _, event) = programs.run(names::PROG_POD_EGRESS, &local(7000));
+    assert_eq!(
+        (verdict, event),
+        (TC_ACT_SHOT, Some(DatapathEvent::DropPlaintextUnauthorized))
+    );
+    let allowed = local(8080);
+    assert_eq!(
+        programs.run(names::PROG_POD_EGRESS, &allowed),
+        (TC_ACT_OK, allowed.clone(), Some(DatapathEvent::SameNode))
+    );
 }
 
 #[test]

@@ -31,9 +31,15 @@ pub const MAP_MESH_PEERS: &str = "MESH_PEERS";
 /// where a port-level setting overrides the workload's.
 pub const MAP_PORT_MODES: &str = "PORT_MODES";
 /// Hash: [`crate::overlay::SameNodeKey`] → whether the allow rules admit
-/// that same-node connection ([`crate::overlay::SAME_NODE_DENY`] or
-/// [`crate::overlay::SAME_NODE_ALLOW`]); no entry: admitted.
+/// that same-node connection ([`crate::overlay::VERDICT_DENY`] or
+/// [`crate::overlay::VERDICT_ALLOW`]); no entry: admitted.
 pub const MAP_SAME_NODE_VERDICTS: &str = "SAME_NODE_VERDICTS";
+/// Hash: [`crate::overlay::PortKey`] of a meshed local pod (port 0 for
+/// every port without an entry of its own) → whether plaintext TCP, which
+/// proves no identity, is refused there by allow rules
+/// ([`crate::overlay::VERDICT_DENY`]) or not ([`crate::overlay::VERDICT_ALLOW`]);
+/// no entry: admitted.
+pub const MAP_PLAINTEXT_VERDICTS: &str = "PLAINTEXT_VERDICTS";
 /// Per-CPU array of packet counts per [`crate::overlay::DatapathEvent`].
 pub const MAP_DATAPATH_EVENTS: &str = "DATAPATH_EVENTS";
 /// Sock map, index 0: the agent's transparent outbound listener.

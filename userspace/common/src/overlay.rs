@@ -70,12 +70,13 @@ pub struct PortKey {
 
 /// Largest number of same-node authorization verdicts.
 pub const MAX_SAME_NODE_VERDICTS: u32 = 65536;
-/// A same-node connection the allow rules admit (an exception, on one port,
-/// to a [`SAME_NODE_DENY`] for every port).
-pub const SAME_NODE_ALLOW: u32 = 0;
-/// A same-node connection the allow rules refuse: the agent takes it and
-/// refuses it with a reset.
-pub const SAME_NODE_DENY: u32 = 1;
+/// Largest number of plaintext verdicts (local pod address and port).
+pub const MAX_PLAINTEXT_VERDICTS: u32 = 16384;
+/// An allow-rule verdict that admits (an exception, on one port, to a
+/// [`VERDICT_DENY`] for every port).
+pub const VERDICT_ALLOW: u32 = 0;
+/// An allow-rule verdict that refuses.
+pub const VERDICT_DENY: u32 = 1;
 
 /// Key of the same-node authorization table: a meshed local pod connecting
 /// to another on `port_be` (network byte order; 0 = every port without an
@@ -166,10 +167,13 @@ pub enum DatapathEvent {
     /// same node that the allow rules refuse, handed to the agent's
     /// listener to be refused with a reset.
     MeshSameNodeDenied = 16,
+    /// Plaintext TCP (no proven identity) to a pod's port that allow rules
+    /// select: only the sources they name are admitted, through mTLS.
+    DropPlaintextUnauthorized = 17,
 }
 
 /// Number of [`DatapathEvent`] values (size of the event counter array).
-pub const DATAPATH_EVENT_COUNT: u32 = 17;
+pub const DATAPATH_EVENT_COUNT: u32 = 18;
 
 impl DatapathEvent {
     pub const ALL: [DatapathEvent; DATAPATH_EVENT_COUNT as usize] = [
@@ -190,6 +194,7 @@ impl DatapathEvent {
         Self::DropNoProxy,
         Self::DropPlaintextToStrict,
         Self::MeshSameNodeDenied,
+        Self::DropPlaintextUnauthorized,
     ];
 
     /// Name shown by `veilctl` and in metrics.
@@ -212,6 +217,7 @@ impl DatapathEvent {
             Self::DropNoProxy => "drop-no-proxy",
             Self::DropPlaintextToStrict => "drop-plaintext-to-strict",
             Self::MeshSameNodeDenied => "mesh-same-node-denied",
+            Self::DropPlaintextUnauthorized => "drop-plaintext-unauthorized",
         }
     }
 
@@ -227,6 +233,7 @@ impl DatapathEvent {
                 | Self::DropTooBig
                 | Self::DropNoProxy
                 | Self::DropPlaintextToStrict
+                | Self::DropPlaintextUnauthorized
         )
     }
 }

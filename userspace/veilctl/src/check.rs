@@ -85,6 +85,12 @@ pub fn findings(status: &AgentStatus) -> Vec<Finding> {
                 "mesh those clients ([pods.mesh]), or make the port PERMISSIVE ([[policy.ports]]) \
                  while they migrate; `veilctl mtls <pod> --port <p>` shows why a port is STRICT",
             ),
+            "drop-plaintext-unauthorized" => (
+                "clients without a mesh identity send plaintext TCP to ports that allow rules \
+                 select and are dropped",
+                "mesh those clients and list their identity or namespace in the rule \
+                 ([[policy.allow]]); plaintext proves no identity, so a selected port admits none",
+            ),
             "drop-no-proxy" => (
                 "meshed connections found no agent listener and were dropped (fail closed)",
                 "check that the agent's mesh is running (`veilctl status`, the agent log)",

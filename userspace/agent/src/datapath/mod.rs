@@ -193,6 +193,9 @@ impl Datapath {
             same_node_verdicts: take_map(&mut ebpf, names::MAP_SAME_NODE_VERDICTS)?
                 .try_into()
                 .map_err(map_error(names::MAP_SAME_NODE_VERDICTS))?,
+            plaintext_verdicts: take_map(&mut ebpf, names::MAP_PLAINTEXT_VERDICTS)?
+                .try_into()
+                .map_err(map_error(names::MAP_PLAINTEXT_VERDICTS))?,
             events: take_map(&mut ebpf, names::MAP_DATAPATH_EVENTS)?
                 .try_into()
                 .map_err(map_error(names::MAP_DATAPATH_EVENTS))?,
@@ -421,6 +424,7 @@ mod tests {
             names::MAP_MESH_PEERS,
             names::MAP_PORT_MODES,
             names::MAP_SAME_NODE_VERDICTS,
+            names::MAP_PLAINTEXT_VERDICTS,
             names::MAP_DATAPATH_EVENTS,
         ] {
             assert!(object.maps.contains_key(map), "missing map {map}");

@@ -15,12 +15,12 @@ use aya::{
 };
 use veil_common::overlay::{
     DatapathEvent, LocalEndpoint, MESH_MODE_DISABLED, OverlayConfig, PortKey, RemoteNode,
-    SAME_NODE_ALLOW, SAME_NODE_DENY, SameNodeKey,
+    SameNodeKey, VERDICT_ALLOW, VERDICT_DENY,
 };
 use veil_identity::SpiffeId;
 
 use super::links::LinkTable;
-use crate::inventory::Inventory;
+use crate::inventory::{Inventory, MeshMode};
 
 /// Settings of this node's overlay that do not come from the inventory.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,6 +51,9 @@ pub struct OverlayPlan {
     /// Allow-rule verdicts between meshed pods of this node (see
     /// [`same_node_verdicts`]).
     pub same_node_verdicts: BTreeMap<SameNodeKey, u32>,
+    /// Allow-rule verdicts for plaintext to meshed pods of this node (see
+    /// [`plaintext_verdicts`]).
+    pub plaintext_verdicts: BTreeMap<PortKey, u32>,
     /// Host-side veths of local pods (they get the pod-egress program).
     pub local_interfaces: BTreeSet<String>,
     /// Local pods left out because their veth does not exist (yet).
@@ -146,8 +149,61 @@ pub fn plan(
     }
     if let Some(trust_domain) = &settings.trust_domain {
         plan.same_node_verdicts = same_node_verdicts(inventory, &me.name, trust_domain);
+        plan.plaintext_verdicts = plaintext_verdicts(inventory, &me.name);
     }
     Ok(plan)
+}
+
+/// The allow rules' verdicts for plaintext TCP to meshed pods of `node`.
+///
+/// Plaintext proves no identity, so a port that a rule selects refuses it
+/// (whatever the mode: PERMISSIVE admits plaintext only where no rule
+/// asks who the client is); a DISABLE port has the mesh, rules included,
+/// turned off. Per pod: the verdict for ports no rule names (port 0) when
+/// it refuses, and each named or DISABLE port whose verdict differs. The
+/// underlay's XDP applies them to overlay traffic, the pod-egress program
+/// to a non-meshed pod of this node.
+fn plaintext_verdicts(inventory: &Inventory, node: &str) -> BTreeMap<PortKey, u32> {
+    let mut verdicts = BTreeMap::new();
+    for pod in inventory.pods.iter().filter(|pod| pod.node == node) {
+        let Some((mesh, _)) = inventory.meshed(pod) else {
+            continue;
+        };
+        let workload = mesh.workload();
+        let Some(mut ports) = inventory.policy.ports_with_allow_rules(workload) else {
+            continue;
+        };
+        ports.extend(inventory.policy.port_modes(workload).map(|(port, _)| port));
+        let verdict = |port: u16| {
+            let disabled = port != 0
+                && inventory
+                    .policy
+                    .effective_mode(workload, mesh.mode, Some(port))
+                    .mode
+                    == MeshMode::Disable;
+            if disabled || inventory.policy.authorize(workload, port, "", "").is_ok() {
+                VERDICT_ALLOW
+            } else {
+                VERDICT_DENY
+            }
+        };
+        let key = |port: u16| PortKey {
+            ip: pod.ip.octets(),
+            port_be: port.to_be(),
+            _pad: 0,
+        };
+        let other_ports = verdict(0);
+        if other_ports == VERDICT_DENY {
+            verdicts.insert(key(0), VERDICT_DENY);
+        }
+        for port in ports {
+            let on_port = verdict(port);
+            if on_port != other_ports {
+                verdicts.insert(key(port), on_port);
+            }
+        }
+    }
+    verdicts
 }
 
 /// The allow rules' verdicts for connections between meshed pods of `node`.
@@ -187,8 +243,8 @@ fn same_node_verdicts(
                 &identity,
                 &from.namespace,
             ) {
-                Ok(()) => SAME_NODE_ALLOW,
-                Err(_) => SAME_NODE_DENY,
+                Ok(()) => VERDICT_ALLOW,
+                Err(_) => VERDICT_DENY,
             };
             let key = |port: u16| SameNodeKey {
                 source: source.ip.octets(),
@@ -197,8 +253,8 @@ fn same_node_verdicts(
                 _pad: 0,
             };
             let other_ports = verdict(0);
-            if other_ports == SAME_NODE_DENY {
-                verdicts.insert(key(0), SAME_NODE_DENY);
+            if other_ports == VERDICT_DENY {
+                verdicts.insert(key(0), VERDICT_DENY);
             }
             for &port in &named_ports {
                 let on_port = verdict(port);
@@ -241,6 +297,7 @@ pub struct OverlayMaps {
     pub(super) mesh_peers: HashMap<MapData, [u8; 4], u32>,
     pub(super) port_modes: HashMap<MapData, PortKey, u32>,
     pub(super) same_node_verdicts: HashMap<MapData, SameNodeKey, u32>,
+    pub(super) plaintext_verdicts: HashMap<MapData, PortKey, u32>,
     pub(super) events: PerCpuArray<MapData, u64>,
 }
 
@@ -310,6 +367,11 @@ impl OverlayMaps {
         sync_hash_map(
             &mut self.same_node_verdicts,
             &plan.same_node_verdicts,
+            &mut stats,
+        )?;
+        sync_hash_map(
+            &mut self.plaintext_verdicts,
+            &plan.plaintext_verdicts,
             &mut stats,
         )?;
 
@@ -484,9 +546,10 @@ mode = "disable"
         assert_eq!(local.mode, MESH_MODE_DISABLED, "no [pods.mesh]: not meshed");
     }
 
-    #[test]
-    fn same_node_pairs_get_the_allow_rules_verdicts() {
-        let pods = r#"
+    /// Two meshed pods on node1 (cart .2, checkout .3) and allow rules:
+    /// checkout:8080 from cart, checkout on every port from namespace ops,
+    /// cart:9000 from payments; checkout's port 9090 is DISABLE.
+    const RULED_PODS: &str = r#"
 [[pods]]
 name = "cart"
 node = "node1"
@@ -522,7 +585,16 @@ namespace = "shop"
 service_account = "cart"
 port = 9000
 from_identities = ["spiffe://cluster.local/ns/shop/sa/payments"]
+[[policy.ports]]
+namespace = "shop"
+service_account = "checkout"
+port = 9090
+mode = "disable"
 "#;
+
+    #[test]
+    fn same_node_pairs_get_the_allow_rules_verdicts() {
+        let pods = RULED_PODS;
         let key = |source: [u8; 4], destination: [u8; 4], port: u16| SameNodeKey {
             source,
             destination,
@@ -535,10 +607,10 @@ from_identities = ["spiffe://cluster.local/ns/shop/sa/payments"]
             meshed.same_node_verdicts,
             BTreeMap::from([
                 // Only ops may reach checkout on other ports; cart may on 8080.
-                (key(cart, checkout, 0), SAME_NODE_DENY),
-                (key(cart, checkout, 8080), SAME_NODE_ALLOW),
+                (key(cart, checkout, 0), VERDICT_DENY),
+                (key(cart, checkout, 8080), VERDICT_ALLOW),
                 // cart's own rule names port 9000 only, and not checkout.
-                (key(checkout, cart, 9000), SAME_NODE_DENY),
+                (key(checkout, cart, 9000), VERDICT_DENY),
             ]),
             "pod a is not meshed and n2p1 is on another node: neither is in a pair"
         );
@@ -550,6 +622,27 @@ from_identities = ["spiffe://cluster.local/ns/shop/sa/payments"]
         assert!(
             unmeshed.same_node_verdicts.is_empty(),
             "no mesh, no verdicts"
+        );
+    }
+
+    #[test]
+    fn plaintext_is_refused_where_allow_rules_select_a_port() {
+        let key = |ip: [u8; 4], port: u16| PortKey {
+            ip,
+            port_be: port.to_be(),
+            _pad: 0,
+        };
+        let (cart, checkout) = ([198, 19, 1, 2], [198, 19, 1, 3]);
+        let meshed = plan(&inventory(RULED_PODS), &settings(), &links()).unwrap();
+        assert_eq!(
+            meshed.plaintext_verdicts,
+            BTreeMap::from([
+                // Every port of checkout is selected, but DISABLE turns 9090 off.
+                (key(checkout, 0), VERDICT_DENY),
+                (key(checkout, 9090), VERDICT_ALLOW),
+                // Only cart's 9000 is.
+                (key(cart, 9000), VERDICT_DENY),
+            ])
         );
     }
 
