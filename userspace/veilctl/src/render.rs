@@ -1,7 +1,7 @@
 //! Tables for people.
 
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
-use veil_api::AgentStatus;
+use veil_api::{AgentStatus, HookKind};
 
 /// `veilctl status` as text: a header line, the programs, the counters.
 pub fn status(status: &AgentStatus) -> String {
@@ -18,7 +18,12 @@ pub fn status(status: &AgentStatus) -> String {
             program.name.clone(),
             program.hook.to_string(),
             program.interface.clone(),
-            program.ifindex.to_string(),
+            // A program on the namespace has no interface index.
+            if program.hook == HookKind::SkLookup {
+                "-".to_string()
+            } else {
+                program.ifindex.to_string()
+            },
             program.mode.clone(),
         ]);
     }
