@@ -192,18 +192,30 @@ fn plaintext_verdicts(inventory: &Inventory, node: &str) -> BTreeMap<PortKey, u3
             port_be: port.to_be(),
             _pad: 0,
         };
-        let other_ports = verdict(0);
-        if other_ports == VERDICT_DENY {
-            verdicts.insert(key(0), VERDICT_DENY);
-        }
-        for port in ports {
-            let on_port = verdict(port);
-            if on_port != other_ports {
-                verdicts.insert(key(port), on_port);
-            }
-        }
+        insert_port_verdicts(&mut verdicts, &ports, verdict, key);
     }
     verdicts
+}
+
+/// Writes one destination's verdicts in the tables' form: the verdict for
+/// every port no rule names (port 0) when it refuses, then each of `ports`
+/// whose verdict differs from it.
+fn insert_port_verdicts<K: Ord>(
+    verdicts: &mut BTreeMap<K, u32>,
+    ports: &BTreeSet<u16>,
+    verdict: impl Fn(u16) -> u32,
+    key: impl Fn(u16) -> K,
+) {
+    let other_ports = verdict(0);
+    if other_ports == VERDICT_DENY {
+        verdicts.insert(key(0), VERDICT_DENY);
+    }
+    for &port in ports {
+        let on_port = verdict(port);
+        if on_port != other_ports {
+            verdicts.insert(key(port), on_port);
+        }
+    }
 }
 
 /// The allow rules' verdicts for connections between meshed pods of `node`.
@@ -252,16 +264,7 @@ fn same_node_verdicts(
                 port_be: port.to_be(),
                 _pad: 0,
             };
-            let other_ports = verdict(0);
-            if other_ports == VERDICT_DENY {
-                verdicts.insert(key(0), VERDICT_DENY);
-            }
-            for &port in &named_ports {
-                let on_port = verdict(port);
-                if on_port != other_ports {
-                    verdicts.insert(key(port), on_port);
-                }
-            }
+            insert_port_verdicts(&mut verdicts, &named_ports, verdict, key);
         }
     }
     verdicts
