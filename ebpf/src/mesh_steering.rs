@@ -178,7 +178,8 @@ fn same_node(
     if destination_mode == MESH_MODE_STRICT {
         return Some(Err(DatapathEvent::DropPlaintextToStrict));
     }
-    if plaintext_denied(destination, port_be) {
+    // Only meshed pods' open ports have verdicts: skip the lookup for the rest.
+    if destination_mode != MESH_MODE_DISABLED && plaintext_denied(destination, port_be) {
         return Some(Err(DatapathEvent::DropPlaintextUnauthorized));
     }
     None

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use veil_common::{
     counters::Hook,
-    overlay::{DatapathEvent, MESH_MODE_STRICT, VXLAN_PORT},
+    overlay::{DatapathEvent, MESH_MODE_DISABLED, MESH_MODE_STRICT, VXLAN_PORT},
 };
 
 use crate::{
@@ -132,7 +132,10 @@ fn try_underlay_ingress(ctx: &XdpContext) -> Result<u32, DatapathEvent> {
         if port_mode(&inner_ip.daddr, destination_port, endpoint.mode) == MESH_MODE_STRICT {
             return Err(DatapathEvent::DropPlaintextToStrict);
         }
-        if plaintext_denied(&inner_ip.daddr, destination_port) {
+        // Only meshed pods have verdicts: skip the lookup for the others.
+        if endpoint.mode != MESH_MODE_DISABLED
+            && plaintext_denied(&inner_ip.daddr, destination_port)
+        {
             return Err(DatapathEvent::DropPlaintextUnauthorized);
         }
     }

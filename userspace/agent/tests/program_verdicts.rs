@@ -122,16 +122,8 @@ impl Programs {
     /// Meshes both local pods (PERMISSIVE) and gives the same-node table
     /// `verdicts`.
     fn mesh_local_pods(&mut self, verdicts: &[(SameNodeKey, u32)]) {
-        let mut endpoints: HashMap<_, [u8; 4], LocalEndpoint> = self
-            .ebpf
-            .map_mut(names::MAP_LOCAL_ENDPOINTS)
-            .unwrap()
-            .try_into()
-            .unwrap();
         for pod in [LOCAL_POD, OTHER_LOCAL_POD] {
-            let mut endpoint = endpoints.get(&pod, 0).unwrap();
-            endpoint.mode = MESH_MODE_PERMISSIVE;
-            endpoints.insert(pod, endpoint, 0).unwrap();
+            self.mesh(pod);
         }
         let mut table: HashMap<_, SameNodeKey, u32> = self
             .ebpf
@@ -142,6 +134,19 @@ impl Programs {
         for (key, verdict) in verdicts {
             table.insert(key, verdict, 0).unwrap();
         }
+    }
+
+    /// Makes the local pod at `pod` meshed (PERMISSIVE).
+    fn mesh(&mut self, pod: [u8; 4]) {
+        let mut endpoints: HashMap<_, [u8; 4], LocalEndpoint> = self
+            .ebpf
+            .map_mut(names::MAP_LOCAL_ENDPOINTS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let mut endpoint = endpoints.get(&pod, 0).unwrap();
+        endpoint.mode = MESH_MODE_PERMISSIVE;
+        endpoints.insert(pod, endpoint, 0).unwrap();
     }
 
     /// Gives the plaintext table `verdicts`, keyed by (pod, port).
@@ -481,6 +486,8 @@ fn plaintext_to_a_port_allow_rules_select_is_dropped_from_the_overlay_and_the_no
         return;
     }
     let mut programs = Programs::load();
+    // The agent writes plaintext verdicts for meshed pods only.
+    programs.mesh(LOCAL_POD);
     programs.refuse_plaintext(&[
         (LOCAL_POD, 0, VERDICT_DENY),
         (LOCAL_POD, 8080, VERDICT_ALLOW),

@@ -597,7 +597,6 @@ mode = "disable"
 
     #[test]
     fn same_node_pairs_get_the_allow_rules_verdicts() {
-        let pods = RULED_PODS;
         let key = |source: [u8; 4], destination: [u8; 4], port: u16| SameNodeKey {
             source,
             destination,
@@ -605,7 +604,7 @@ mode = "disable"
             _pad: 0,
         };
         let (cart, checkout) = ([198, 19, 1, 2], [198, 19, 1, 3]);
-        let meshed = plan(&inventory(pods), &settings(), &links()).unwrap();
+        let meshed = plan(&inventory(RULED_PODS), &settings(), &links()).unwrap();
         assert_eq!(
             meshed.same_node_verdicts,
             BTreeMap::from([
@@ -621,7 +620,7 @@ mode = "disable"
             trust_domain: None,
             ..settings()
         };
-        let unmeshed = plan(&inventory(pods), &without_mesh, &links()).unwrap();
+        let unmeshed = plan(&inventory(RULED_PODS), &without_mesh, &links()).unwrap();
         assert!(
             unmeshed.same_node_verdicts.is_empty(),
             "no mesh, no verdicts"
