@@ -16,6 +16,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
+        admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
         apps::v1::{DaemonSet, Deployment},
         core::v1::{ConfigMap, Container, Namespace, PodSpec, ServiceAccount},
         policy::v1::PodDisruptionBudget,
@@ -68,6 +69,8 @@ struct Objects {
     deployments: Vec<Deployment>,
     disruption_budgets: Vec<PodDisruptionBudget>,
     crds: Vec<CustomResourceDefinition>,
+    admission_policies: Vec<ValidatingAdmissionPolicy>,
+    admission_bindings: Vec<ValidatingAdmissionPolicyBinding>,
     /// (kind, namespace or None) of each object, for the namespace checks.
     placements: Vec<(String, String, Option<String>)>,
 }
@@ -94,6 +97,8 @@ fn parse(stream: &str) -> Objects {
             "Deployment" => objects.deployments.push(typed(&value)),
             "PodDisruptionBudget" => objects.disruption_budgets.push(typed(&value)),
             "CustomResourceDefinition" => objects.crds.push(typed(&value)),
+            "ValidatingAdmissionPolicy" => objects.admission_policies.push(typed(&value)),
+            "ValidatingAdmissionPolicyBinding" => objects.admission_bindings.push(typed(&value)),
             other => panic!("unexpected kind {other}: add it to this test"),
         }
     }
@@ -208,10 +213,26 @@ fn default_render_is_well_typed_and_complete() {
     assert_eq!(objects.daemon_sets.len(), 1);
     assert_eq!(objects.deployments.len(), 1);
     assert_eq!(objects.disruption_budgets.len(), 1);
+    assert_eq!(
+        objects.admission_policies.len(),
+        1,
+        "the policy binding agents to their own node"
+    );
+    let bound = objects.admission_bindings[0].spec.as_ref().unwrap();
+    assert_eq!(bound.policy_name.as_deref(), Some("veil-agent-own-node"));
+    assert_eq!(
+        bound.validation_actions.as_deref(),
+        Some(&["Deny".to_owned()][..])
+    );
     for (kind, name, namespace) in &objects.placements {
         let cluster_scoped = matches!(
             kind.as_str(),
-            "Namespace" | "ClusterRole" | "ClusterRoleBinding" | "CustomResourceDefinition"
+            "Namespace"
+                | "ClusterRole"
+                | "ClusterRoleBinding"
+                | "CustomResourceDefinition"
+                | "ValidatingAdmissionPolicy"
+                | "ValidatingAdmissionPolicyBinding"
         );
         let expected = (!cluster_scoped).then(|| "veil-system".to_owned());
         assert_eq!(namespace, &expected, "{kind} {name}");
@@ -492,6 +513,19 @@ fn custom_values_land_everywhere_and_secret_writing_is_opt_in() {
             assert_eq!(subject.namespace.as_deref(), Some("mesh"));
         }
     }
+    // The admission policy applies to the agent of this namespace.
+    let agent_only = &objects.admission_policies[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .match_conditions
+        .as_ref()
+        .unwrap()[0]
+        .expression;
+    assert!(
+        agent_only.contains("'system:serviceaccount:mesh:veil-agent'"),
+        "{agent_only}"
+    );
     let spec = pod_spec(&objects, "Deployment");
     assert_eq!(
         spec.containers[0].image.as_deref(),

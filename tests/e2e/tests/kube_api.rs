@@ -1,7 +1,8 @@
 //! Veil's Kubernetes objects against a real kube-apiserver (and etcd) on
-//! loopback: the `ECDSACert` CRD, the deploy manifests, and the RBAC they
-//! grant. No cluster, no kubelet: what the API server itself validates,
-//! admits, stores and authorizes.
+//! loopback: the `ECDSACert` CRD, the deploy manifests, the RBAC they grant
+//! and the admission policy that binds each agent to its own node (with a
+//! real pod-bound service account token). No cluster, no kubelet: what the
+//! API server itself validates, admits, stores and authorizes.
 //!
 //! The binaries come from `cargo xtask kube-binaries` (`cargo xtask test`
 //! builds them); without them each test prints `SKIPPED:` (under `CI=true` it
@@ -81,6 +82,7 @@ async fn the_ecdsacert_crd_is_served_with_its_printer_columns() {
             dns_names: Vec::new(),
             ip_addresses: Vec::new(),
             csr: Some("-----BEGIN CERTIFICATE REQUEST-----\n…\n".into()),
+            node_name: Some("node1".into()),
             issuer_ref: IssuerRef {
                 kind: IssuerKind::LocalCA,
                 name: "mesh-root".into(),
@@ -505,6 +507,39 @@ fn condition<'a>(status: &'a ECDSACertStatus, type_: &str) -> Option<&'a veil_cr
     status.conditions.iter().find(|c| c.type_ == type_)
 }
 
+/// A meshed pod of `service_account` in `namespace`, scheduled on `node` as
+/// the scheduler would leave it (no kubelet runs here): what entitles that
+/// node's agent to the identity. Makes the namespace and service account too.
+async fn schedule_meshed_pod(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    service_account: &str,
+    node: &str,
+) {
+    let objects = [
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": {"name": service_account, "namespace": namespace}}),
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace,
+                         "annotations": {"veil.dev/mtls": "enabled"}},
+            "spec": {
+                "nodeName": node,
+                "serviceAccountName": service_account,
+                "automountServiceAccountToken": false,
+                "containers": [{"name": "app", "image": "registry.invalid/app:1"}]
+            }
+        }),
+    ];
+    for object in &objects {
+        apply(client, object, false)
+            .await
+            .unwrap_or_else(|error| panic!("{}: {error}", describe(object)));
+    }
+}
+
 /// `veil-controller`'s reconciler, in this process, signing with a new mesh CA.
 struct Controller {
     root_pem: String,
@@ -578,12 +613,15 @@ async fn the_controller_signs_an_agents_csr_and_refuses_a_foreign_one() {
 
     let controller = Controller::start(&client);
     let root = controller.root_pem.clone();
+    // node1 runs cart and admin.
+    schedule_meshed_pod(&client, "shop", "cart-1", "cart", "node1").await;
+    schedule_meshed_pod(&client, "shop", "admin-1", "admin", "node1").await;
 
     // What a node agent does: a key that stays home, a CSR in the spec.
     let identity: SpiffeId = "spiffe://cluster.local/ns/shop/sa/cart".parse().unwrap();
     let key = WorkloadKey::generate().unwrap();
     let request = |name: &str, identity: &str, csr: String| {
-        ECDSACert::new(name, ECDSACertSpec::workload(identity, Some(csr)))
+        ECDSACert::new(name, ECDSACertSpec::workload(identity, "node1", Some(csr)))
     };
     let certs: Api<ECDSACert> = Api::all(client.clone());
     certs
@@ -670,17 +708,22 @@ async fn the_agent_gets_its_workload_certificates_from_the_controller() {
     use veil_identity::SpiffeId;
 
     let _serial = ONE_AT_A_TIME.lock().await;
+    let Some(stream) = rendered_deploy_manifests(&[]) else {
+        return;
+    };
     let Some(kube) = veil_kubebed::start_or_skip("the agent's Kubernetes issuer test").await else {
         return;
     };
     let client = kube.client().await.expect("an admin client");
-    install_ecdsacert_crd(&client).await;
+    // The agent acts with its pod's token, under the deployed RBAC and
+    // admission policy.
+    let config = deploy_with_agent_on_node1(&kube, &client, &stream).await;
     let controller = Controller::start(&client);
     let root = controller.root_pem.clone();
 
     // The agent's side runs on plain threads (as in the agent); its signer
     // has its own runtime, made and dropped off this test's async runtime.
-    let config = kube.config();
+    schedule_meshed_pod(&client, "shop", "cart-1", "cart", "node1").await;
     let identity: SpiffeId = "spiffe://cluster.local/ns/shop/sa/cart".parse().unwrap();
     let wanted = identity.clone();
     let (serial, issuer, object) = tokio::task::spawn_blocking(move || {
@@ -764,6 +807,8 @@ async fn a_tls_secret_is_written_only_when_asked_and_goes_with_its_ecdsacert() {
         .expect("namespace shop");
     let controller = Controller::start(&client);
     let root = controller.root_pem.clone();
+    schedule_meshed_pod(&client, "shop", "cart-1", "cart", "node1").await;
+    schedule_meshed_pod(&client, "shop", "checkout-1", "checkout", "node1").await;
 
     // cart's store writes Secrets (opted in); checkout's does not (default).
     let config = kube.config();
@@ -877,5 +922,284 @@ async fn a_tls_secret_is_written_only_when_asked_and_goes_with_its_ecdsacert() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("ECDSACert deleted → Secret gone: {:?}", started.elapsed());
+    controller.stop().await;
+}
+
+/// Deploys the rendered manifests (CRDs, RBAC, the admission policy), two
+/// Nodes and the agent DaemonSet's pod on node1 (no kubelet runs it: its
+/// token is bound to the object, which names the node), and waits (bounded)
+/// until the policy is in force — it takes effect a moment after it is
+/// stored. Returns the client configuration of node1's agent: a real
+/// pod-bound service account token.
+async fn deploy_with_agent_on_node1(
+    kube: &veil_kubebed::KubeApi,
+    admin: &Client,
+    manifests: &str,
+) -> kube::Config {
+    apply_all(admin, manifests).await;
+    install_ecdsacert_crd(admin).await;
+    for node in ["node1", "node2"] {
+        let object = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}});
+        apply(admin, &object, false).await.expect("a node");
+    }
+    let agent_pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "veil-agent-node1", "namespace": "veil-system"},
+        "spec": {
+            "nodeName": "node1",
+            "serviceAccountName": "veil-agent",
+            "hostNetwork": true,
+            "containers": [{"name": "agent", "image": "registry.invalid/veil:1"}]
+        }
+    });
+    apply(admin, &agent_pod, false)
+        .await
+        .expect("the agent's pod");
+    let config = kube
+        .config_as_pod("veil-system", "veil-agent-node1")
+        .await
+        .expect("a token bound to the agent's pod");
+    // In force once a dry run of a request for node2 is refused.
+    let certs: Api<ECDSACert> = Api::all(Client::try_from(config.clone()).unwrap());
+    let foreign = ECDSACert::new(
+        "probe.shop.node2",
+        ECDSACertSpec::workload("spiffe://cluster.local/ns/shop/sa/probe", "node2", None),
+    );
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let started = std::time::Instant::now();
+    loop {
+        match certs.create(&dry_run, &foreign).await {
+            Err(kube::Error::Api(response))
+                if response.code == 403 && response.message.contains("veil-agent-own-node") =>
+            {
+                return config;
+            }
+            Ok(_) => {}
+            Err(error) => panic!("unexpected answer to the agent's dry run: {error}"),
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "the admission policy took no effect within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What the API server answered a request the admission policy should
+/// refuse: its message, or a panic naming what happened instead.
+fn refused_by_policy<T: std::fmt::Debug>(what: &str, result: Result<T, kube::Error>) -> String {
+    match result {
+        Err(kube::Error::Api(response))
+            if response.code == 403 && response.message.contains("veil-agent-own-node") =>
+        {
+            response.message
+        }
+        other => panic!("{what}: expected a refusal by veil-agent-own-node, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_agent_acts_only_for_its_own_node_and_gets_only_the_identities_scheduled_there() {
+    use veil_identity::{SpiffeId, WorkloadKey};
+
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let Some(stream) = rendered_deploy_manifests(&[]) else {
+        return;
+    };
+    let Some(kube) = veil_kubebed::start_or_skip("the agent's own-node test").await else {
+        return;
+    };
+    let admin = kube.client().await.expect("an admin client");
+    let agent = Client::try_from(deploy_with_agent_on_node1(&kube, &admin, &stream).await)
+        .expect("a client with the agent's token");
+    // cart runs on node1, checkout on node2.
+    schedule_meshed_pod(&admin, "shop", "cart-1", "cart", "node1").await;
+    schedule_meshed_pod(&admin, "shop", "checkout-1", "checkout", "node2").await;
+    let controller = Controller::start(&admin);
+
+    let key = WorkloadKey::generate().unwrap();
+    let request = |service_account: &str, name: &str, node: &str| {
+        let identity: SpiffeId = format!("spiffe://cluster.local/ns/shop/sa/{service_account}")
+            .parse()
+            .unwrap();
+        let mut cert = ECDSACert::new(
+            name,
+            ECDSACertSpec::workload(
+                identity.to_string(),
+                node,
+                Some(key.csr_pem(&identity).unwrap()),
+            ),
+        );
+        cert.metadata.labels = Some([(veil_crd::NODE_LABEL.to_owned(), node.to_owned())].into());
+        cert
+    };
+    let certs: Api<ECDSACert> = Api::all(agent.clone());
+    let create = PostParams::default();
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let message = refused_by_policy(
+        "another node's request",
+        certs
+            .create(
+                &dry_run,
+                &request("checkout", "checkout.shop.node2", "node2"),
+            )
+            .await,
+    );
+    assert!(
+        message.contains("may only write ECDSACerts named <service account>.<namespace>.node1"),
+        "{message}"
+    );
+
+    // Its own node's request, for a workload running there: admitted and signed.
+    certs
+        .create(&create, &request("cart", "cart.shop.node1", "node1"))
+        .await
+        .expect("the agent writes its own node's request");
+    let signed = wait_for_status(&Api::all(admin.clone()), "cart.shop.node1", |s| {
+        condition(s, "Ready").is_some_and(|c| c.status == "True")
+    })
+    .await;
+    assert!(signed.status.unwrap().certificate_chain.is_some());
+
+    // Its own node's name, another node in the spec: refused.
+    let message = refused_by_policy(
+        "spec.nodeName of another node",
+        certs
+            .create(
+                &create,
+                &request("checkout", "checkout.shop.node1", "node2"),
+            )
+            .await,
+    );
+    assert!(message.contains("spec.nodeName: node1"), "{message}");
+
+    // Asking for a workload of another node under its own name: admitted,
+    // but the controller refuses to sign (checkout runs on node2).
+    certs
+        .create(
+            &create,
+            &request("checkout", "checkout.shop.node1", "node1"),
+        )
+        .await
+        .expect("admitted: the request names the agent's own node");
+    let refused = wait_for_status(&Api::all(admin.clone()), "checkout.shop.node1", |s| {
+        condition(s, "Failed").is_some_and(|c| c.status == "True")
+    })
+    .await
+    .status
+    .unwrap();
+    let failed = condition(&refused, "Failed").unwrap();
+    assert_eq!(failed.reason, "WorkloadNotOnNode", "{}", failed.message);
+    assert!(
+        failed.message.contains("checkout") && failed.message.contains("node1"),
+        "{}",
+        failed.message
+    );
+    assert!(refused.certificate_chain.is_none());
+
+    // node2's own request, made by its agent (here the admin): node1's agent
+    // may neither change nor delete it.
+    Api::<ECDSACert>::all(admin.clone())
+        .create(
+            &create,
+            &request("checkout", "checkout.shop.node2", "node2"),
+        )
+        .await
+        .expect("the admin writes node2's request");
+    let relabel = json!({"spec": {"nodeName": "node1"}});
+    refused_by_policy(
+        "changing node2's request",
+        certs
+            .patch(
+                "checkout.shop.node2",
+                &PatchParams::default(),
+                &Patch::Merge(&relabel),
+            )
+            .await,
+    );
+    refused_by_policy(
+        "deleting node2's request",
+        certs
+            .delete("checkout.shop.node2", &Default::default())
+            .await,
+    );
+    // Its own it may delete (a pod that left the node).
+    certs
+        .delete("checkout.shop.node1", &Default::default())
+        .await
+        .expect("the agent deletes its own node's request");
+
+    // Credentials that name no node (the service account impersonated, not
+    // a pod's token) are refused outright.
+    let unbound = kube
+        .client_as_service_account("veil-system", "veil-agent")
+        .await
+        .unwrap();
+    let message = refused_by_policy(
+        "a token without a node",
+        Api::<ECDSACert>::all(unbound)
+            .create(&dry_run, &request("cart", "cart.shop.node1", "node1"))
+            .await,
+    );
+    assert!(message.contains("name no node"), "{message}");
+
+    // Nodes: Veil's annotations on its own Node, nothing else.
+    let nodes: Api<Node> = Api::all(agent.clone());
+    let annotate = |key: &str| json!({"metadata": {"annotations": {key: "198.18.0.1"}}});
+    nodes
+        .patch(
+            "node1",
+            &PatchParams::default(),
+            &Patch::Merge(&annotate("veil.dev/underlay-ip")),
+        )
+        .await
+        .expect("the agent announces its underlay address on its own Node");
+    let message = refused_by_policy(
+        "another node's annotation",
+        nodes
+            .patch(
+                "node2",
+                &PatchParams::default(),
+                &Patch::Merge(&annotate("veil.dev/underlay-ip")),
+            )
+            .await,
+    );
+    assert!(message.contains("its own Node, not node2"), "{message}");
+    refused_by_policy(
+        "a foreign annotation on its own Node",
+        nodes
+            .patch(
+                "node1",
+                &PatchParams::default(),
+                &Patch::Merge(&annotate("example.com/owner")),
+            )
+            .await,
+    );
+    refused_by_policy(
+        "a label on its own Node",
+        nodes
+            .patch(
+                "node1",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"metadata": {"labels": {"role": "ingress"}}})),
+            )
+            .await,
+    );
+    refused_by_policy(
+        "its own Node's spec",
+        nodes
+            .patch(
+                "node1",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"unschedulable": true}})),
+            )
+            .await,
+    );
     controller.stop().await;
 }

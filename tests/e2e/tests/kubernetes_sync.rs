@@ -2,8 +2,9 @@
 //!
 //! The API server (etcd + kube-apiserver from `cargo xtask kube-binaries`)
 //! runs on the host's loopback; a relay in node 1's namespace on the underlay
-//! (198.18.0.1:6443) lets every node's agent reach it, each acting as the
-//! `veil-agent` ServiceAccount under the RBAC of `deploy/kubernetes`. There
+//! (198.18.0.1:6443) lets every node's agent reach it, each with a token
+//! bound to its own DaemonSet pod object, as the `veil-agent` ServiceAccount
+//! under the RBAC and admission policy of `deploy/kubernetes`. There
 //! is no kubelet: the test creates Node and Pod objects and writes pod
 //! status (the address) as a kubelet would, against the test bed's real pods.
 //!
@@ -57,14 +58,16 @@ fn repo_root() -> &'static Path {
         .expect("tests/e2e is two levels below the repository root")
 }
 
-/// The namespace, service accounts and RBAC of `deploy/kubernetes`, and the
-/// namespace and service accounts the test's pods use.
+/// The namespace, service accounts, RBAC and admission policy of
+/// `deploy/kubernetes`, and the namespace and service accounts the test's
+/// pods use.
 async fn install_cluster_objects(client: &Client) {
     for file in [
         "00-namespace.yaml",
         "10-serviceaccounts.yaml",
         "20-rbac-agent.yaml",
         "21-rbac-controller.yaml",
+        "22-admission-agent.yaml",
     ] {
         let text = std::fs::read_to_string(repo_root().join("deploy/kubernetes").join(file))
             .unwrap()
@@ -173,13 +176,22 @@ fn route(agent: &Agent, cidr: &str) -> Option<String> {
         .map(|r| r.node_ip)
 }
 
-/// The relay to the API server and one kubeconfig per node (as `veil-agent`).
+/// The relay to the API server and one kubeconfig per node for its agent.
 struct ApiAccess {
     _relay: TcpRelay,
     kubeconfigs: Vec<PathBuf>,
 }
 
-fn api_access(kube: &veil_kubebed::KubeApi, topology: &Topology, account: &str) -> ApiAccess {
+/// The relay, and per node the agent DaemonSet's pod (an object only: the
+/// agent runs as a test process) and a kubeconfig with a token bound to it,
+/// as the kubelet would project it: the agent authenticates as `veil-agent`
+/// on its node, so the admission policy binds it to that node. The nodes
+/// must be registered.
+async fn agent_access(
+    kube: &veil_kubebed::KubeApi,
+    client: &Client,
+    topology: &Topology,
+) -> ApiAccess {
     let port: u16 = kube
         .url()
         .rsplit(':')
@@ -192,21 +204,34 @@ fn api_access(kube: &veil_kubebed::KubeApi, topology: &Topology, account: &str) 
         SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
     )
     .unwrap();
-    let kubeconfigs = (1..=topology.spec().nodes)
-        .map(|node| {
-            let path = topology
-                .workdir()
-                .join(format!("kubeconfig-{account}-n{node}"));
-            kube.write_service_account_kubeconfig(
-                &path,
-                &format!("https://{API_ADDRESS}"),
-                "veil-system",
-                account,
-            )
-            .unwrap();
-            path
-        })
-        .collect();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "veil-system");
+    let mut kubeconfigs = Vec::new();
+    for node in 1..=topology.spec().nodes {
+        let name = format!("veil-agent-node{node}");
+        let object: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {
+                "nodeName": format!("node{node}"),
+                "serviceAccountName": "veil-agent",
+                "hostNetwork": true,
+                "containers": [{"name": "agent", "image": "registry.invalid/veil:1"}]
+            }
+        }))
+        .unwrap();
+        pods.create(&PostParams::default(), &object).await.unwrap();
+        let path = topology
+            .workdir()
+            .join(format!("kubeconfig-veil-agent-n{node}"));
+        kube.write_pod_kubeconfig(
+            &path,
+            &format!("https://{API_ADDRESS}"),
+            "veil-system",
+            &name,
+        )
+        .await
+        .unwrap();
+        kubeconfigs.push(path);
+    }
     ApiAccess {
         _relay: relay,
         kubeconfigs,
@@ -238,10 +263,10 @@ async fn agents_build_the_overlay_from_nodes_and_pods_in_the_api_server() {
             .routing(Routing::None),
     )
     .unwrap();
-    let access = api_access(&kube, &topology, "veil-agent");
     for node in 1..=2 {
         register_node(&client, node).await;
     }
+    let access = agent_access(&kube, &client, &topology).await;
     // The mesh too (its root on the nodes): pods annotated veil.dev/mtls
     // become workloads with the identity of their service account.
     let (ca_cert, ca_key) =
@@ -424,7 +449,10 @@ async fn the_controller_announces_pods_on_kafka_to_the_nodes_that_do_not_watch_t
     else {
         return;
     };
-    let agent_access = api_access(&kube, &topology, "veil-agent");
+    for node in 1..=2 {
+        register_node(&client, node).await;
+    }
+    let agent_access = agent_access(&kube, &client, &topology).await;
     let controller_kubeconfig = topology.workdir().join("kubeconfig-controller");
     kube.write_service_account_kubeconfig(
         &controller_kubeconfig,
@@ -433,9 +461,6 @@ async fn the_controller_announces_pods_on_kafka_to_the_nodes_that_do_not_watch_t
         "veil-controller",
     )
     .unwrap();
-    for node in 1..=2 {
-        register_node(&client, node).await;
-    }
 
     // The controller, as a process on node 1 (where the relay and broker are).
     let (ca_cert, ca_key) =

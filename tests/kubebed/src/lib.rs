@@ -96,6 +96,8 @@ pub enum KubeBedError {
         #[source]
         source: kube::config::KubeconfigError,
     },
+    #[error("the API server issued no token for the pod {0}")]
+    TokenMissing(String),
     #[error("cannot build a Kubernetes client: {0}")]
     Client(#[from] kube::Error),
 }
@@ -288,6 +290,83 @@ impl KubeApi {
         .await
     }
 
+    /// A client holding a ServiceAccount token bound to the pod
+    /// `namespace/pod`, as the kubelet projects one into it: the API server
+    /// authenticates it as the pod's service account and, the pod being
+    /// scheduled, names its node in the user's extra
+    /// `authentication.kubernetes.io/node-name` (what admission policies
+    /// bind node agents with). The pod must exist; no kubelet needs to run.
+    pub async fn client_as_pod(&self, namespace: &str, pod: &str) -> Result<Client> {
+        Ok(Client::try_from(self.config_as_pod(namespace, pod).await?)?)
+    }
+
+    /// The client configuration of [`Self::client_as_pod`], for code that
+    /// makes its own clients (the agent's signer).
+    pub async fn config_as_pod(&self, namespace: &str, pod: &str) -> Result<Config> {
+        let token = self.pod_token(namespace, pod).await?;
+        let path = self
+            .dir
+            .path()
+            .join(format!("kubeconfig-pod-{namespace}-{pod}"));
+        write_token_kubeconfig(&path, &self.url, None, &self.pki, &token)?;
+        load_kubeconfig(&path).await
+    }
+
+    /// Writes a kubeconfig at `path` with a token bound to the pod
+    /// `namespace/pod` (see [`Self::client_as_pod`]) for reaching this API
+    /// server at `server` (e.g. a relay inside a test bed's namespace); the
+    /// serving certificate is checked as `localhost`.
+    pub async fn write_pod_kubeconfig(
+        &self,
+        path: &Path,
+        server: &str,
+        namespace: &str,
+        pod: &str,
+    ) -> Result<()> {
+        let token = self.pod_token(namespace, pod).await?;
+        write_token_kubeconfig(path, server, Some("localhost"), &self.pki, &token)
+    }
+
+    /// A service account token bound to the pod `namespace/pod` (an hour).
+    async fn pod_token(&self, namespace: &str, pod: &str) -> Result<String> {
+        use k8s_openapi::api::{
+            authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
+            core::v1::{Pod, ServiceAccount},
+        };
+        use kube::{Api, api::PostParams};
+
+        let admin = self.client().await?;
+        let bound = Api::<Pod>::namespaced(admin.clone(), namespace)
+            .get(pod)
+            .await?;
+        let account = bound
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.service_account_name.clone())
+            .unwrap_or_else(|| "default".to_owned());
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: Vec::new(),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: Some(pod.to_owned()),
+                    uid: bound.metadata.uid.clone(),
+                }),
+                expiration_seconds: Some(3600),
+            },
+            ..TokenRequest::default()
+        };
+        let answer = Api::<ServiceAccount>::namespaced(admin, namespace)
+            .create_token_request(&account, &PostParams::default(), &request)
+            .await?;
+        answer
+            .status
+            .map(|status| status.token)
+            .filter(|token| !token.is_empty())
+            .ok_or_else(|| KubeBedError::TokenMissing(format!("{namespace}/{pod}")))
+    }
+
     /// The last lines of kube-apiserver's log (for assertion messages).
     pub fn apiserver_log_tail(&self) -> String {
         self.apiserver.log_tail()
@@ -442,6 +521,46 @@ fn write_kubeconfig(
         what: format!("cannot write {}", path.display()),
         source,
     })
+}
+
+/// A kubeconfig authenticating with a bearer `token` (written 0600: it is a
+/// credential).
+fn write_token_kubeconfig(
+    path: &Path,
+    url: &str,
+    server_name: Option<&str>,
+    pki: &certs::Pki,
+    token: &str,
+) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let server_name = server_name
+        .map(|name| format!("    tls-server-name: {name}\n"))
+        .unwrap_or_default();
+    let text = format!(
+        "apiVersion: v1\n\
+         kind: Config\n\
+         clusters:\n\
+         - name: veil-kubebed\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\n{server_name}\
+         users:\n\
+         - name: pod\n  user:\n    token: {token}\n\
+         contexts:\n\
+         - name: veil-kubebed\n  context:\n    cluster: veil-kubebed\n    user: pod\n\
+         current-context: veil-kubebed\n",
+        ca = pki.ca_cert.display(),
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(text.as_bytes()))
+        .map_err(|source| KubeBedError::Io {
+            what: format!("cannot write {}", path.display()),
+            source,
+        })
 }
 
 async fn load_kubeconfig(path: &Path) -> Result<Config> {

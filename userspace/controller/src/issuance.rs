@@ -2,13 +2,17 @@
 //! server: wait for a CSR, refuse a bad request with a reason, issue, or
 //! leave a current certificate alone until its renewal time.
 //!
-//! Kept pure (spec, status and clock in, decision out) so every branch is a
-//! unit test; the reconciler only carries the result to the API server.
+//! Kept pure (spec, status, clock and where the workload runs in, decision
+//! out) so every branch is a unit test; the reconciler only looks the
+//! workload up ([`crate::placement`]) when [`LocalIssuer::plan`] says a
+//! certificate is to be signed, and carries the result to the API server.
 
 use std::time::{Duration, SystemTime};
 
 use veil_crd::{Condition, ECDSACertSpec, ECDSACertStatus, IssuerKind, csr_sha256};
 use veil_identity::{CertificateAuthority, SpiffeId, renewal::RenewalPolicy};
+
+use crate::placement::{self, Placement};
 
 /// Lifetime when the spec asks for none.
 pub const DEFAULT_DURATION: Duration = Duration::from_secs(24 * 3600);
@@ -32,6 +36,43 @@ pub enum Decision {
         recheck_after: Duration,
     },
 }
+
+/// The first half of a decision: done already, or a certificate to sign
+/// once the controller knows where the workload runs.
+#[derive(Debug)]
+pub enum Step {
+    Decided(Decision),
+    Sign(SignRequest),
+}
+
+/// A request that passed every check that needs no API server.
+#[derive(Debug)]
+pub struct SignRequest {
+    identity: SpiffeId,
+    node: String,
+    csr: String,
+    digest: String,
+    lifetime: Duration,
+    renew_before: Option<Duration>,
+}
+
+impl SignRequest {
+    pub fn identity(&self) -> &SpiffeId {
+        &self.identity
+    }
+
+    /// The node that holds the key (a valid node name).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+}
+
+/// How long until a refused request is looked at again: a spec only
+/// changes when someone edits it (which triggers a reconcile anyway).
+const RECHECK_REFUSED: Duration = Duration::from_secs(600);
+/// How long until a request whose workload was not on its node is looked at
+/// again (the pod may still be scheduled there).
+const RECHECK_NOT_ON_NODE: Duration = Duration::from_secs(30);
 
 /// The mesh CA as the controller uses it.
 pub struct LocalIssuer {
@@ -91,18 +132,34 @@ fn not_issued(
 }
 
 impl LocalIssuer {
-    /// Decides, and for an issue signs, at time `now`.
+    /// Decides at time `now`, given where the workload runs: [`Self::plan`]
+    /// then, for a request to sign, [`Self::sign`].
     pub fn decide(
         &self,
         spec: &ECDSACertSpec,
         status: Option<&ECDSACertStatus>,
         now: SystemTime,
+        placement: Placement,
     ) -> Decision {
-        let refuse = |reason: &str, message: String| Decision::Write {
-            status: not_issued(status, true, reason, &message, now),
-            // A refused spec only changes when someone edits it (which
-            // triggers a reconcile); look again now and then regardless.
-            recheck_after: Duration::from_secs(600),
+        match self.plan(spec, status, now) {
+            Step::Decided(decision) => decision,
+            Step::Sign(request) => self.sign(&request, status, now, placement),
+        }
+    }
+
+    /// Everything that needs no API server: refusals, waiting for the CSR,
+    /// a certificate that is current; else a request to sign.
+    pub fn plan(
+        &self,
+        spec: &ECDSACertSpec,
+        status: Option<&ECDSACertStatus>,
+        now: SystemTime,
+    ) -> Step {
+        let refuse = |reason: &str, message: String| {
+            Step::Decided(Decision::Write {
+                status: not_issued(status, true, reason, &message, now),
+                recheck_after: RECHECK_REFUSED,
+            })
         };
         if spec.issuer_ref.kind != IssuerKind::LocalCA {
             return refuse(
@@ -122,6 +179,24 @@ impl LocalIssuer {
         let identity: SpiffeId = match identity.parse() {
             Ok(id) => id,
             Err(error) => return refuse("InvalidIdentity", format!("spec.identity: {error}")),
+        };
+        let node = match spec.node_name.as_deref() {
+            None => {
+                return refuse(
+                    "NodeNotNamed",
+                    "spec.nodeName must name the node whose agent holds the key: a workload \
+                     identity is signed only for a node that runs a meshed pod of its service \
+                     account (the node agents set it)"
+                        .into(),
+                );
+            }
+            Some(node) if !placement::valid_node_name(node) => {
+                return refuse(
+                    "InvalidNodeName",
+                    format!("spec.nodeName {node:?} is not a Kubernetes node name"),
+                );
+            }
+            Some(node) => node.to_owned(),
         };
         let lifetime = match spec.duration.as_deref().map(humantime::parse_duration) {
             None => DEFAULT_DURATION,
@@ -158,7 +233,7 @@ impl LocalIssuer {
             }
         };
         let Some(csr) = spec.csr.as_deref() else {
-            return Decision::Write {
+            return Step::Decided(Decision::Write {
                 status: not_issued(
                     status,
                     false,
@@ -167,7 +242,7 @@ impl LocalIssuer {
                     now,
                 ),
                 recheck_after: Duration::from_secs(300),
-            };
+            });
         };
         let digest = csr_sha256(csr);
         if let Some(current) = status
@@ -175,20 +250,66 @@ impl LocalIssuer {
             && let Some(renew_at) = current.next_renewal.as_deref().and_then(parse_time)
             && now < renew_at
         {
-            return Decision::UpToDate { renew_at };
+            return Step::Decided(Decision::UpToDate { renew_at });
+        }
+        Step::Sign(SignRequest {
+            identity,
+            node,
+            csr: csr.to_owned(),
+            digest,
+            lifetime,
+            renew_before,
+        })
+    }
+
+    /// Signs `request` at time `now` if its workload runs on its node.
+    pub fn sign(
+        &self,
+        request: &SignRequest,
+        status: Option<&ECDSACertStatus>,
+        now: SystemTime,
+        placement: Placement,
+    ) -> Decision {
+        let refuse = |reason: &str, message: String, recheck_after| Decision::Write {
+            status: not_issued(status, true, reason, &message, now),
+            recheck_after,
+        };
+        if placement == Placement::NotOnNode {
+            return refuse(
+                "WorkloadNotOnNode",
+                format!(
+                    "no meshed pod of service account {} in namespace {} is scheduled on node {}: \
+                     a workload identity is signed only for a node that runs it (pods need the \
+                     {} annotation)",
+                    request.identity.service_account(),
+                    request.identity.namespace(),
+                    request.node,
+                    veil_crd::pods::MTLS_ANNOTATION,
+                ),
+                RECHECK_NOT_ON_NODE,
+            );
         }
         let not_before = now - CLOCK_SKEW;
-        let not_after = now + lifetime;
-        let issued = match self.ca.sign_valid(csr, &identity, not_before, not_after) {
-            Ok(issued) => issued,
-            Err(error) => return refuse("SigningRefused", error.to_string()),
-        };
-        let renew_at = match renew_before {
+        let not_after = now + request.lifetime;
+        let issued =
+            match self
+                .ca
+                .sign_valid(&request.csr, &request.identity, not_before, not_after)
+            {
+                Ok(issued) => issued,
+                Err(error) => {
+                    return refuse("SigningRefused", error.to_string(), RECHECK_REFUSED);
+                }
+            };
+        let renew_at = match request.renew_before {
             Some(before) => issued.not_after - before,
             // From now, not from the back-dated `not_before`.
             None => self.renewal.renew_at(now, issued.not_after),
         };
-        let message = format!("issued serial {} by the local CA", issued.serial);
+        let message = format!(
+            "issued serial {} by the local CA for node {}",
+            issued.serial, request.node
+        );
         Decision::Write {
             status: ECDSACertStatus {
                 conditions: vec![
@@ -201,7 +322,7 @@ impl LocalIssuer {
                 not_before: Some(rfc3339(issued.not_before)),
                 not_after: Some(rfc3339(issued.not_after)),
                 next_renewal: Some(rfc3339(renew_at)),
-                csr_sha256: Some(digest),
+                csr_sha256: Some(request.digest.clone()),
             },
             recheck_after: renew_at.duration_since(now).unwrap_or_default(),
         }
@@ -224,7 +345,7 @@ mod tests {
     }
 
     fn spec(csr: Option<String>) -> ECDSACertSpec {
-        ECDSACertSpec::workload(CART, csr)
+        ECDSACertSpec::workload(CART, "node1", csr)
     }
 
     fn csr_for(identity: &str) -> String {
@@ -250,7 +371,8 @@ mod tests {
 
     #[test]
     fn without_a_csr_it_waits_for_the_agent() {
-        let (status, _) = written(issuer().decide(&spec(None), None, SystemTime::now()));
+        let (status, _) =
+            written(issuer().decide(&spec(None), None, SystemTime::now(), Placement::OnNode));
         assert_eq!(condition_of(&status, "Ready").status, "False");
         let issuing = condition_of(&status, "Issuing");
         assert_eq!(
@@ -264,7 +386,7 @@ mod tests {
         let issuer = issuer();
         let now = SystemTime::now();
         let spec = spec(Some(csr_for(CART)));
-        let (status, recheck) = written(issuer.decide(&spec, None, now));
+        let (status, recheck) = written(issuer.decide(&spec, None, now, Placement::OnNode));
         assert_eq!(condition_of(&status, "Ready").status, "True");
         assert!(
             status
@@ -277,17 +399,27 @@ mod tests {
         let hours = recheck.as_secs_f64() / 3600.0;
         assert!((15.9..16.1).contains(&hours), "{hours}");
         assert!(matches!(
-            issuer.decide(&spec, Some(&status), now + Duration::from_secs(3600)),
+            issuer.decide(
+                &spec,
+                Some(&status),
+                now + Duration::from_secs(3600),
+                Placement::OnNode
+            ),
             Decision::UpToDate { .. }
         ));
-        let (renewed, _) =
-            written(issuer.decide(&spec, Some(&status), now + Duration::from_secs(17 * 3600)));
+        let (renewed, _) = written(issuer.decide(
+            &spec,
+            Some(&status),
+            now + Duration::from_secs(17 * 3600),
+            Placement::OnNode,
+        ));
         assert_ne!(renewed.serial, status.serial);
         let rekeyed = ECDSACertSpec {
             csr: Some(csr_for(CART)),
             ..spec
         };
-        let (rekeyed_status, _) = written(issuer.decide(&rekeyed, Some(&status), now));
+        let (rekeyed_status, _) =
+            written(issuer.decide(&rekeyed, Some(&status), now, Placement::OnNode));
         assert_ne!(rekeyed_status.serial, status.serial);
     }
 
@@ -295,10 +427,11 @@ mod tests {
     fn bad_requests_are_refused_with_a_reason_keeping_a_valid_certificate() {
         let issuer = issuer();
         let now = SystemTime::now();
-        let (good, _) = written(issuer.decide(&spec(Some(csr_for(CART))), None, now));
+        let (good, _) =
+            written(issuer.decide(&spec(Some(csr_for(CART))), None, now, Placement::OnNode));
         // A CSR for another identity than the spec names.
         let stolen = spec(Some(csr_for("spiffe://cluster.local/ns/shop/sa/admin")));
-        let (status, _) = written(issuer.decide(&stolen, Some(&good), now));
+        let (status, _) = written(issuer.decide(&stolen, Some(&good), now, Placement::OnNode));
         let failed = condition_of(&status, "Failed");
         assert_eq!(
             (failed.status.as_str(), failed.reason.as_str()),
@@ -313,26 +446,86 @@ mod tests {
 
         let mut other_domain = spec(Some(csr_for("spiffe://evil.example/ns/shop/sa/cart")));
         other_domain.identity = Some("spiffe://evil.example/ns/shop/sa/cart".into());
-        let (status, _) = written(issuer.decide(&other_domain, None, now));
+        let (status, _) = written(issuer.decide(&other_domain, None, now, Placement::OnNode));
         assert_eq!(condition_of(&status, "Failed").reason, "SigningRefused");
 
         let mut short = spec(Some(csr_for(CART)));
         short.duration = Some("1m".into());
-        let (status, _) = written(issuer.decide(&short, None, now));
+        let (status, _) = written(issuer.decide(&short, None, now, Placement::OnNode));
         assert_eq!(condition_of(&status, "Failed").reason, "InvalidDuration");
         assert_eq!(condition_of(&status, "Ready").status, "False");
 
         let mut acme = spec(None);
         acme.issuer_ref.kind = IssuerKind::ACME;
-        let (status, _) = written(issuer.decide(&acme, None, now));
+        let (status, _) = written(issuer.decide(&acme, None, now, Placement::OnNode));
         assert_eq!(condition_of(&status, "Failed").reason, "IssuerNotServed");
+    }
+
+    #[test]
+    fn a_node_gets_an_identity_only_while_it_runs_the_workload() {
+        let issuer = issuer();
+        let now = SystemTime::now();
+        let spec = spec(Some(csr_for(CART)));
+        let (refused, recheck) = written(issuer.decide(&spec, None, now, Placement::NotOnNode));
+        let failed = condition_of(&refused, "Failed");
+        assert_eq!(
+            (failed.status.as_str(), failed.reason.as_str()),
+            ("True", "WorkloadNotOnNode")
+        );
+        assert!(
+            failed.message.contains("cart") && failed.message.contains("node1"),
+            "{}",
+            failed.message
+        );
+        assert!(refused.certificate_chain.is_none());
+        assert_eq!(recheck, RECHECK_NOT_ON_NODE, "the pod may still arrive");
+
+        // Renewal checks again: a node whose pod left keeps what it has
+        // until expiry, and gets no new certificate.
+        let (issued, _) = written(issuer.decide(&spec, None, now, Placement::OnNode));
+        let later = now + Duration::from_secs(17 * 3600);
+        let (not_renewed, _) =
+            written(issuer.decide(&spec, Some(&issued), later, Placement::NotOnNode));
+        assert_eq!(
+            condition_of(&not_renewed, "Failed").reason,
+            "WorkloadNotOnNode"
+        );
+        assert_eq!(not_renewed.serial, issued.serial);
+
+        // The workload is looked up only when something is to be signed.
+        assert!(matches!(
+            issuer.plan(&spec, Some(&issued), now + Duration::from_secs(60)),
+            Step::Decided(Decision::UpToDate { .. })
+        ));
+        match issuer.plan(&spec, None, now) {
+            Step::Sign(request) => {
+                assert_eq!(request.node(), "node1");
+                assert_eq!(request.identity().to_string(), CART);
+            }
+            other => panic!("expected a request to sign, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_request_must_name_a_valid_node() {
+        let issuer = issuer();
+        let now = SystemTime::now();
+        let mut unnamed = spec(Some(csr_for(CART)));
+        unnamed.node_name = None;
+        let (status, _) = written(issuer.decide(&unnamed, None, now, Placement::OnNode));
+        assert_eq!(condition_of(&status, "Failed").reason, "NodeNotNamed");
+        let mut widened = spec(Some(csr_for(CART)));
+        widened.node_name = Some("node1,metadata.name=x".into());
+        let (status, _) = written(issuer.decide(&widened, None, now, Placement::OnNode));
+        assert_eq!(condition_of(&status, "Failed").reason, "InvalidNodeName");
     }
 
     #[test]
     fn renew_before_sets_the_renewal_time() {
         let mut spec = spec(Some(csr_for(CART)));
         spec.renew_before = Some("1h".into());
-        let (status, recheck) = written(issuer().decide(&spec, None, SystemTime::now()));
+        let (status, recheck) =
+            written(issuer().decide(&spec, None, SystemTime::now(), Placement::OnNode));
         assert!(status.next_renewal.is_some());
         let hours = recheck.as_secs_f64() / 3600.0;
         assert!((22.9..23.1).contains(&hours), "{hours}");

@@ -1,7 +1,9 @@
 //! The kube-rs controller loop for `ECDSACert`.
 //!
-//! Each reconcile asks [`crate::issuance`] what to do and carries the answer
-//! to the API server as a status patch, requeueing at the renewal time. A
+//! Each reconcile asks [`crate::issuance`] what to do — looking up where the
+//! workload runs ([`crate::placement`]) only when a certificate is to be
+//! signed — and carries the answer to the API server as a status patch,
+//! requeueing at the renewal time. A
 //! status is written only when it says something new (conditions keep their
 //! transition times), so the controller's own writes do not loop. A
 //! finalizer removes the optional `kubernetes.io/tls` Secret when the object
@@ -29,7 +31,10 @@ use tracing::{info, warn};
 use veil_crd::{ECDSACert, ECDSACertStatus};
 use veil_identity::SpiffeId;
 
-use crate::issuance::{Decision, LocalIssuer};
+use crate::{
+    issuance::{Decision, LocalIssuer, Step},
+    placement,
+};
 
 /// The finalizer Veil puts on every `ECDSACert` it manages.
 pub const FINALIZER: &str = "veil.dev/ecdsacert-cleanup";
@@ -98,7 +103,17 @@ async fn apply(
     context: &Context,
 ) -> Result<Action, ReconcileError> {
     let now = SystemTime::now();
-    match context.issuer.decide(&cert.spec, cert.status.as_ref(), now) {
+    let decision = match context.issuer.plan(&cert.spec, cert.status.as_ref(), now) {
+        Step::Decided(decision) => decision,
+        Step::Sign(request) => {
+            let placement =
+                placement::find(&context.client, request.node(), request.identity()).await?;
+            context
+                .issuer
+                .sign(&request, cert.status.as_ref(), SystemTime::now(), placement)
+        }
+    };
+    match decision {
         Decision::UpToDate { renew_at } => Ok(Action::requeue(
             renew_at
                 .duration_since(now)
@@ -180,7 +195,10 @@ mod tests {
     const CART: &str = "spiffe://cluster.local/ns/shop/sa/cart";
 
     fn cert(csr: Option<String>) -> ECDSACert {
-        let mut cert = ECDSACert::new("shop.cart.node1", ECDSACertSpec::workload(CART, csr));
+        let mut cert = ECDSACert::new(
+            "shop.cart.node1",
+            ECDSACertSpec::workload(CART, "node1", csr),
+        );
         cert.metadata.resource_version = Some("1".into());
         cert
     }
@@ -195,38 +213,69 @@ mod tests {
         }
     }
 
-    /// Runs `apply` against a mock API server that answers the one expected
-    /// status patch; returns the patch body it received.
-    async fn apply_and_capture(cert: ECDSACert) -> (Action, Option<serde_json::Value>) {
+    /// The pods the mock API server lists in `shop` on node1.
+    fn cart_pod_on_node1() -> serde_json::Value {
+        serde_json::json!({
+            "metadata": {"name": "cart-1", "namespace": "shop",
+                         "annotations": {"veil.dev/mtls": "enabled"}},
+            "spec": {"nodeName": "node1", "serviceAccountName": "cart", "containers": []}
+        })
+    }
+
+    /// Runs `apply` against a mock API server that answers a list of the
+    /// pods in `shop` on node1 with `pods` and the status patch; returns the
+    /// patch body it received and the pod list's query, if there was one.
+    async fn apply_and_capture(
+        cert: ECDSACert,
+        pods: Vec<serde_json::Value>,
+    ) -> (Action, Option<serde_json::Value>, Option<String>) {
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");
         let context = context(client.clone());
         let api: Api<ECDSACert> = Api::all(client);
         let server = tokio::spawn(async move {
-            let (request, send) = handle.next_request().await?;
-            assert_eq!(request.method(), http::Method::PATCH);
-            assert_eq!(
-                request.uri().path(),
-                "/apis/veil.dev/v1alpha1/ecdsacerts/shop.cart.node1/status"
-            );
-            let body = request.into_body().collect_bytes().await.unwrap();
-            let patch: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            let mut answer = serde_json::to_value(cert_for_answer()).unwrap();
-            answer["status"] = patch["status"].clone();
-            send.send_response(
-                Response::builder()
-                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
-                    .unwrap(),
-            );
-            Some(patch)
+            let mut pod_query = None;
+            loop {
+                let (request, send) = handle.next_request().await?;
+                if request.method() == http::Method::GET {
+                    assert_eq!(request.uri().path(), "/api/v1/namespaces/shop/pods");
+                    pod_query = request.uri().query().map(str::to_owned);
+                    let list = serde_json::json!({
+                        "apiVersion": "v1", "kind": "PodList",
+                        "metadata": {"resourceVersion": "7"}, "items": pods,
+                    });
+                    send.send_response(
+                        Response::builder()
+                            .body(Body::from(serde_json::to_vec(&list).unwrap()))
+                            .unwrap(),
+                    );
+                    continue;
+                }
+                assert_eq!(request.method(), http::Method::PATCH);
+                assert_eq!(
+                    request.uri().path(),
+                    "/apis/veil.dev/v1alpha1/ecdsacerts/shop.cart.node1/status"
+                );
+                let body = request.into_body().collect_bytes().await.unwrap();
+                let patch: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let mut answer = serde_json::to_value(cert_for_answer()).unwrap();
+                answer["status"] = patch["status"].clone();
+                send.send_response(
+                    Response::builder()
+                        .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                        .unwrap(),
+                );
+                return Some((patch, pod_query));
+            }
         });
         let action = apply(&api, &cert, &context).await.unwrap();
         // No request at all is fine too (nothing to write): drop the handle.
-        let patch = tokio::time::timeout(Duration::from_millis(200), server)
+        let captured = tokio::time::timeout(Duration::from_millis(200), server)
             .await
             .ok()
             .and_then(|joined| joined.unwrap());
-        (action, patch)
+        let (patch, pod_query) = captured.unzip();
+        (action, patch, pod_query.flatten())
     }
 
     fn cert_for_answer() -> ECDSACert {
@@ -239,8 +288,16 @@ mod tests {
             .unwrap()
             .csr_pem(&CART.parse().unwrap())
             .unwrap();
-        let (action, patch) = apply_and_capture(cert(Some(csr))).await;
+        let (action, patch, pod_query) =
+            apply_and_capture(cert(Some(csr)), vec![cart_pod_on_node1()]).await;
         let patch = patch.expect("the status was not written");
+        let query = pod_query.expect("the pods were looked up");
+        assert!(
+            query
+                .split('&')
+                .any(|pair| pair == "fieldSelector=spec.nodeName%3Dnode1"),
+            "the pods on the request's node, selected by the API server: {query}"
+        );
         let status = &patch["status"];
         assert!(
             status["certificateChain"]
@@ -271,14 +328,42 @@ mod tests {
     #[tokio::test]
     async fn an_unchanged_status_is_not_written_again() {
         let mut waiting = cert(None);
-        let (_, patch) = apply_and_capture(waiting.clone()).await;
+        let (_, patch, pod_query) = apply_and_capture(waiting.clone(), Vec::new()).await;
+        assert!(
+            pod_query.is_none(),
+            "no pod lookup while there is nothing to sign"
+        );
         let status: ECDSACertStatus =
             serde_json::from_value(patch.expect("first write")["status"].clone()).unwrap();
         waiting.status = Some(status);
-        let (_, again) = apply_and_capture(waiting).await;
+        let (_, again, _) = apply_and_capture(waiting, Vec::new()).await;
         assert!(
             again.is_none(),
             "the same state was written twice: {again:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_csr_from_a_node_without_the_workload_is_refused() {
+        let csr = WorkloadKey::generate()
+            .unwrap()
+            .csr_pem(&CART.parse().unwrap())
+            .unwrap();
+        let mut elsewhere = cart_pod_on_node1();
+        elsewhere["spec"]["serviceAccountName"] = "admin".into();
+        let (_, patch, pod_query) = apply_and_capture(cert(Some(csr)), vec![elsewhere]).await;
+        assert!(pod_query.is_some(), "the pods were looked up");
+        let status: ECDSACertStatus =
+            serde_json::from_value(patch.expect("a refusal is written")["status"].clone()).unwrap();
+        assert!(status.certificate_chain.is_none());
+        let failed = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Failed")
+            .unwrap();
+        assert_eq!(
+            (failed.status.as_str(), failed.reason.as_str()),
+            ("True", "WorkloadNotOnNode")
         );
     }
 }

@@ -49,6 +49,12 @@ pub struct ECDSACertSpec {
     /// PKCS#10 request (PEM) written by the node agent that holds the key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub csr: Option<String>,
+    /// The node whose agent holds the key (workload identities). The
+    /// controller signs only while a meshed pod of the identity's service
+    /// account is scheduled there, and the admission policy in
+    /// `deploy/kubernetes` lets an agent write only its own node's requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
     pub issuer_ref: IssuerRef,
     /// Requested lifetime, e.g. `24h` (the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -67,15 +73,24 @@ pub struct ECDSACertSpec {
 /// Name of the local CA issuer in `issuerRef` (the mesh's one CA).
 pub const LOCAL_CA_ISSUER: &str = "mesh";
 
+/// The label naming the node whose agent wrote an `ECDSACert` (where the
+/// node's name can be a label value): each agent watches its own on it.
+pub const NODE_LABEL: &str = "veil.dev/node";
+
 impl ECDSACertSpec {
-    /// A workload identity from the local CA: what a node agent asks for,
-    /// with `csr` once it has made the key. Defaults for everything else.
-    pub fn workload(identity: impl Into<String>, csr: Option<String>) -> Self {
+    /// A workload identity from the local CA: what the agent of `node` asks
+    /// for, with `csr` once it has made the key. Defaults for everything else.
+    pub fn workload(
+        identity: impl Into<String>,
+        node: impl Into<String>,
+        csr: Option<String>,
+    ) -> Self {
         Self {
             identity: Some(identity.into()),
             dns_names: Vec::new(),
             ip_addresses: Vec::new(),
             csr,
+            node_name: Some(node.into()),
             issuer_ref: IssuerRef {
                 kind: IssuerKind::LocalCA,
                 name: LOCAL_CA_ISSUER.into(),

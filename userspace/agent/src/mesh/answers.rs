@@ -18,8 +18,7 @@ use tokio::sync::Notify;
 use tracing::warn;
 use veil_crd::ECDSACert;
 
-/// The label naming the node whose agent wrote an `ECDSACert`.
-pub const NODE_LABEL: &str = "veil.dev/node";
+pub use veil_crd::NODE_LABEL;
 
 pub struct Answers {
     store: reflector::Store<ECDSACert>,

@@ -164,7 +164,8 @@ impl KubernetesSigner {
         let api: Api<ECDSACert> = Api::all(self.client.clone());
         let name = self.object_name(identity);
         let digest = csr_sha256(csr_pem);
-        let mut spec = ECDSACertSpec::workload(identity.to_string(), Some(csr_pem.into()));
+        let mut spec =
+            ECDSACertSpec::workload(identity.to_string(), &self.node, Some(csr_pem.into()));
         // Named in the request so the controller's finalizer removes it.
         spec.secret_name = self.tls_secrets.then(|| self.secret_name(identity));
         let mut request = ECDSACert::new(&name, spec);
