@@ -12,8 +12,9 @@
 //!
 //! The pods are read from the API server when a certificate is about to be
 //! signed (issue or renewal), never for a reconcile that changes nothing:
-//! one list of the identity's namespace, narrowed by the server to the node
-//! (field selector `spec.nodeName`). The read is consistent (no
+//! one list of the identity's namespace, narrowed by the server to the
+//! running pods of the service account on the node (field selectors), so it
+//! returns one pod or a few, not the namespace. The read is consistent (no
 //! `resourceVersion`), so a pod the agent has seen is always found.
 
 use k8s_openapi::api::core::v1::Pod;
@@ -58,6 +59,18 @@ pub fn entitles(pod: &Pod, node: &str, identity: &SpiffeId) -> bool {
         && !pods::finished(pod)
 }
 
+/// The pods that could entitle `node` to `identity`, as a field selector:
+/// the API server sends only those (usually one pod, not the node's whole
+/// namespace). `node` must have passed [`valid_node_name`]; a SPIFFE ID's
+/// service account is a Kubernetes name already.
+fn field_selector(node: &str, identity: &SpiffeId) -> String {
+    format!(
+        "spec.nodeName={node},spec.serviceAccountName={},spec.hostNetwork=false,\
+         status.phase!=Succeeded,status.phase!=Failed",
+        identity.service_account()
+    )
+}
+
 /// Looks up where `identity`'s workload runs relative to `node` (a name
 /// [`valid_node_name`] accepted).
 pub async fn find(
@@ -67,7 +80,7 @@ pub async fn find(
 ) -> Result<Placement, kube::Error> {
     let api: Api<Pod> = Api::namespaced(client.clone(), identity.namespace());
     let on_node = api
-        .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+        .list(&ListParams::default().fields(&field_selector(node, identity)))
         .await?;
     Ok(
         if on_node
@@ -147,6 +160,15 @@ mod tests {
         let mut host = pod("node1", "cart", Some("enabled"));
         host.spec.as_mut().unwrap().host_network = Some(true);
         assert!(!entitles(&host, "node1", &identity));
+    }
+
+    #[test]
+    fn the_server_sends_only_the_running_pods_of_the_service_account_on_the_node() {
+        assert_eq!(
+            field_selector("node1", &cart()),
+            "spec.nodeName=node1,spec.serviceAccountName=cart,spec.hostNetwork=false,\
+             status.phase!=Succeeded,status.phase!=Failed"
+        );
     }
 
     #[test]

@@ -295,7 +295,7 @@ mod tests {
         assert!(
             query
                 .split('&')
-                .any(|pair| pair == "fieldSelector=spec.nodeName%3Dnode1"),
+                .any(|pair| pair.starts_with("fieldSelector=spec.nodeName%3Dnode1%2C")),
             "the pods on the request's node, selected by the API server: {query}"
         );
         let status = &patch["status"];
