@@ -972,11 +972,7 @@ async fn deploy_with_agent_on_node1(
     let started = std::time::Instant::now();
     loop {
         match certs.create(&dry_run, &foreign).await {
-            Err(kube::Error::Api(response))
-                if response.code == 403 && response.message.contains("veil-agent-own-node") =>
-            {
-                return config;
-            }
+            Err(error) if policy_refusal(&error).is_some() => return config,
             Ok(_) => {}
             Err(error) => panic!("unexpected answer to the agent's dry run: {error}"),
         }
@@ -988,16 +984,26 @@ async fn deploy_with_agent_on_node1(
     }
 }
 
+/// The message of a refusal by Veil's admission policy, `None` for any
+/// other error.
+fn policy_refusal(error: &kube::Error) -> Option<&str> {
+    match error {
+        kube::Error::Api(response)
+            if response.code == 403 && response.message.contains("veil-agent-own-node") =>
+        {
+            Some(&response.message)
+        }
+        _ => None,
+    }
+}
+
 /// What the API server answered a request the admission policy should
 /// refuse: its message, or a panic naming what happened instead.
 fn refused_by_policy<T: std::fmt::Debug>(what: &str, result: Result<T, kube::Error>) -> String {
-    match result {
-        Err(kube::Error::Api(response))
-            if response.code == 403 && response.message.contains("veil-agent-own-node") =>
-        {
-            response.message
-        }
-        other => panic!("{what}: expected a refusal by veil-agent-own-node, got {other:?}"),
+    let message = result.as_ref().err().and_then(policy_refusal);
+    match message {
+        Some(message) => message.to_owned(),
+        None => panic!("{what}: expected a refusal by veil-agent-own-node, got {result:?}"),
     }
 }
 

@@ -208,7 +208,13 @@ impl KubeApi {
         )?;
 
         let kubeconfig = dir.path().join("kubeconfig");
-        write_kubeconfig(&kubeconfig, &url, &pki, None)?;
+        write_kubeconfig(
+            &kubeconfig,
+            &url,
+            None,
+            KubeconfigUser::Admin { impersonate: None },
+            &pki,
+        )?;
         let config = load_kubeconfig(&kubeconfig).await?;
         let mut api = Self {
             apiserver,
@@ -246,7 +252,15 @@ impl KubeApi {
         namespace: &str,
         name: &str,
     ) -> Result<()> {
-        write_kubeconfig(path, server, &self.pki, Some((namespace, name)))
+        write_kubeconfig(
+            path,
+            server,
+            Some("localhost"),
+            KubeconfigUser::Admin {
+                impersonate: Some((namespace, name)),
+            },
+            &self.pki,
+        )
     }
 
     /// The temporary directory holding certificates, etcd's data and the logs.
@@ -308,7 +322,13 @@ impl KubeApi {
             .dir
             .path()
             .join(format!("kubeconfig-pod-{namespace}-{pod}"));
-        write_token_kubeconfig(&path, &self.url, None, &self.pki, &token)?;
+        write_kubeconfig(
+            &path,
+            &self.url,
+            None,
+            KubeconfigUser::Token(&token),
+            &self.pki,
+        )?;
         load_kubeconfig(&path).await
     }
 
@@ -324,7 +344,13 @@ impl KubeApi {
         pod: &str,
     ) -> Result<()> {
         let token = self.pod_token(namespace, pod).await?;
-        write_token_kubeconfig(path, server, Some("localhost"), &self.pki, &token)
+        write_kubeconfig(
+            path,
+            server,
+            Some("localhost"),
+            KubeconfigUser::Token(&token),
+            &self.pki,
+        )
     }
 
     /// A service account token bound to the pod `namespace/pod` (an hour).
@@ -483,54 +509,26 @@ async fn http_get_loopback(port: u16, path: &str) -> std::io::Result<String> {
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in 2 s"))?
 }
 
-/// A kubeconfig naming the certificate files (usable by kubectl as well);
-/// with `service_account`, the admin impersonates it and the server name
-/// checked is `localhost` (for servers reached through a relay).
+/// Who a kubeconfig written here authenticates as.
+enum KubeconfigUser<'a> {
+    /// The admin's client certificate files (`system:masters`), impersonating
+    /// the ServiceAccount `namespace/name` when given.
+    Admin {
+        impersonate: Option<(&'a str, &'a str)>,
+    },
+    /// A bearer token.
+    Token(&'a str),
+}
+
+/// A kubeconfig for `url` (usable by kubectl as well), checking the serving
+/// certificate as `server_name` when given (for servers reached through a
+/// relay). Written 0600: it may hold a token.
 fn write_kubeconfig(
     path: &Path,
     url: &str,
-    pki: &certs::Pki,
-    service_account: Option<(&str, &str)>,
-) -> Result<()> {
-    let (server_name, impersonation) = match service_account {
-        None => (String::new(), String::new()),
-        Some((namespace, name)) => (
-            "    tls-server-name: localhost\n".to_owned(),
-            format!(
-                "    as: system:serviceaccount:{namespace}:{name}\n    as-groups:\n\
-                 \x20   - system:serviceaccounts\n\x20   - system:serviceaccounts:{namespace}\n\
-                 \x20   - system:authenticated\n"
-            ),
-        ),
-    };
-    let text = format!(
-        "apiVersion: v1\n\
-         kind: Config\n\
-         clusters:\n\
-         - name: veil-kubebed\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\n{server_name}\
-         users:\n\
-         - name: {ADMIN_USER}\n  user:\n    client-certificate: {cert}\n    client-key: {key}\n{impersonation}\
-         contexts:\n\
-         - name: veil-kubebed\n  context:\n    cluster: veil-kubebed\n    user: {ADMIN_USER}\n    namespace: default\n\
-         current-context: veil-kubebed\n",
-        ca = pki.ca_cert.display(),
-        cert = pki.admin_cert.display(),
-        key = pki.admin_key.display(),
-    );
-    std::fs::write(path, text).map_err(|source| KubeBedError::Io {
-        what: format!("cannot write {}", path.display()),
-        source,
-    })
-}
-
-/// A kubeconfig authenticating with a bearer `token` (written 0600: it is a
-/// credential).
-fn write_token_kubeconfig(
-    path: &Path,
-    url: &str,
     server_name: Option<&str>,
+    user: KubeconfigUser<'_>,
     pki: &certs::Pki,
-    token: &str,
 ) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -538,15 +536,34 @@ fn write_token_kubeconfig(
     let server_name = server_name
         .map(|name| format!("    tls-server-name: {name}\n"))
         .unwrap_or_default();
+    let credentials = match user {
+        KubeconfigUser::Admin { impersonate } => {
+            let impersonation = impersonate
+                .map(|(namespace, name)| {
+                    format!(
+                        "    as: system:serviceaccount:{namespace}:{name}\n    as-groups:\n\
+                         \x20   - system:serviceaccounts\n\x20   - system:serviceaccounts:{namespace}\n\
+                         \x20   - system:authenticated\n"
+                    )
+                })
+                .unwrap_or_default();
+            format!(
+                "    client-certificate: {cert}\n    client-key: {key}\n{impersonation}",
+                cert = pki.admin_cert.display(),
+                key = pki.admin_key.display(),
+            )
+        }
+        KubeconfigUser::Token(token) => format!("    token: {token}\n"),
+    };
     let text = format!(
         "apiVersion: v1\n\
          kind: Config\n\
          clusters:\n\
          - name: veil-kubebed\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\n{server_name}\
          users:\n\
-         - name: pod\n  user:\n    token: {token}\n\
+         - name: {ADMIN_USER}\n  user:\n{credentials}\
          contexts:\n\
-         - name: veil-kubebed\n  context:\n    cluster: veil-kubebed\n    user: pod\n\
+         - name: veil-kubebed\n  context:\n    cluster: veil-kubebed\n    user: {ADMIN_USER}\n    namespace: default\n\
          current-context: veil-kubebed\n",
         ca = pki.ca_cert.display(),
     );
