@@ -942,16 +942,7 @@ async fn deploy_with_agent_on_node1(
         let object = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}});
         apply(admin, &object, false).await.expect("a node");
     }
-    let agent_pod = json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "veil-agent-node1", "namespace": "veil-system"},
-        "spec": {
-            "nodeName": "node1",
-            "serviceAccountName": "veil-agent",
-            "hostNetwork": true,
-            "containers": [{"name": "agent", "image": "registry.invalid/veil:1"}]
-        }
-    });
+    let agent_pod = veil_kubebed::objects::agent_pod("veil-system", "node1");
     apply(admin, &agent_pod, false)
         .await
         .expect("the agent's pod");

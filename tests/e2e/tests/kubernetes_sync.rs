@@ -204,21 +204,13 @@ async fn agent_access(
         SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
     )
     .unwrap();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "veil-system");
     let mut kubeconfigs = Vec::new();
     for node in 1..=topology.spec().nodes {
-        let name = format!("veil-agent-node{node}");
-        let object: Pod = serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "spec": {
-                "nodeName": format!("node{node}"),
-                "serviceAccountName": "veil-agent",
-                "hostNetwork": true,
-                "containers": [{"name": "agent", "image": "registry.invalid/veil:1"}]
-            }
-        }))
-        .unwrap();
-        pods.create(&PostParams::default(), &object).await.unwrap();
+        let pod = veil_kubebed::objects::agent_pod("veil-system", &format!("node{node}"));
+        veil_kubebed::objects::apply(client, &pod, FIELD_MANAGER, false)
+            .await
+            .unwrap();
+        let name = pod["metadata"]["name"].as_str().unwrap();
         let path = topology
             .workdir()
             .join(format!("kubeconfig-veil-agent-n{node}"));
@@ -226,7 +218,7 @@ async fn agent_access(
             &path,
             &format!("https://{API_ADDRESS}"),
             "veil-system",
-            &name,
+            name,
         )
         .await
         .unwrap();

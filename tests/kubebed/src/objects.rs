@@ -65,6 +65,23 @@ pub async fn apply(
     Ok(serde_json::to_value(applied).expect("an object serializes"))
 }
 
+/// The agent DaemonSet's pod on `node` in `namespace`, named
+/// `veil-agent-<node>`, as the scheduler leaves it: an object only (no
+/// kubelet runs it), for tokens bound to it (see
+/// [`crate::KubeApi::client_as_pod`]), which name its node.
+pub fn agent_pod(namespace: &str, node: &str) -> Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("veil-agent-{node}"), "namespace": namespace},
+        "spec": {
+            "nodeName": node,
+            "serviceAccountName": "veil-agent",
+            "hostNetwork": true,
+            "containers": [{"name": "agent", "image": "registry.invalid/veil:1"}]
+        }
+    })
+}
+
 /// Applies the CustomResourceDefinition in `path`, waits until it is
 /// Established and its resource answers lists (right after Established the
 /// API server answers 429 "storage is (re)initializing" for a moment).
