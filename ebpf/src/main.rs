@@ -11,10 +11,12 @@ mod counters;
 mod delivery;
 mod frag_needed;
 mod headers;
+mod load_time;
 mod mesh_steering;
 mod mesh_time_wait;
 mod overlay_maps;
 mod pod_egress;
+mod probes;
 mod underlay_ingress;
 
 #[cfg(not(test))]

@@ -2,12 +2,14 @@
 //! nodes passes here first.
 //!
 //! VXLAN on our port is ours: it is checked (outer headers, VNI, inner
-//! headers, a local destination) and decapsulated in place, then tagged for
-//! its pod and passed on to GRO; TC ingress on the underlay delivers the
-//! merged packets ([`crate::delivery`]). Where the driver has no metadata
-//! room, the frame is redirected into the pod's veth through a device map
-//! instead. Anything that fails a check is dropped and counted by reason —
-//! never forwarded. Traffic that is not VXLAN on our port passes untouched.
+//! headers, a local destination) and decapsulated in place, then passed on
+//! to GRO; TC ingress on the underlay delivers the merged packets
+//! ([`crate::delivery`], which also says how TC knows them). With
+//! `metadata` delivery, where the driver has no metadata room, the frame is
+//! redirected into the pod's veth through a device map instead. Anything
+//! that fails a check is dropped and counted by reason — never forwarded.
+//! Traffic that is not VXLAN on our port passes untouched, except, with
+//! `lookup` delivery, a frame dressed as one we decapsulated.
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext,
@@ -24,6 +26,7 @@ use crate::{
         ENCAP_ROOM, ETH_HLEN, ETH_P_IPV4, EthHdr, IP_MF_AND_OFFSET, IPPROTO_TCP, IPPROTO_UDP,
         IPV4_HLEN, Ipv4Hdr, TcpPorts, UDP_HLEN, UdpHdr, VXLAN_FLAG_VNI, VXLAN_HLEN, VxlanHdr,
     },
+    load_time,
     overlay_maps::{
         POD_DEVICES, count_event, local_endpoint, overlay_config, plaintext_denied, port_mode,
     },
@@ -64,20 +67,20 @@ fn try_underlay_ingress(ctx: &XdpContext) -> Result<u32, DatapathEvent> {
         return Ok(pass);
     };
     // SAFETY: `header` checked that both headers lie inside the frame.
-    let (ether_type, ip) = unsafe { ((*eth).ether_type, *ip) };
-    if ether_type != ETH_P_IPV4.to_be() || ip.protocol != IPPROTO_UDP || ip.version_ihl >> 4 != 4 {
-        count_event(DatapathEvent::NotOverlay);
-        return Ok(pass);
+    let (eth, ip) = unsafe { (*eth, *ip) };
+    if eth.ether_type != ETH_P_IPV4.to_be()
+        || ip.protocol != IPPROTO_UDP
+        || ip.version_ihl >> 4 != 4
+    {
+        return not_overlay(&eth, &ip);
     }
     let header_len = usize::from(ip.version_ihl & 0x0f) * 4;
     let Some(udp) = header::<UdpHdr>(ctx, OUTER_IP + header_len.min(60)) else {
-        count_event(DatapathEvent::NotOverlay);
-        return Ok(pass);
+        return not_overlay(&eth, &ip);
     };
     // SAFETY: bounds checked by `header`.
     if unsafe { (*udp).dest } != VXLAN_PORT.to_be() {
-        count_event(DatapathEvent::NotOverlay);
-        return Ok(pass);
+        return not_overlay(&eth, &ip);
     }
 
     // From here on the frame claims to be ours: every defect is a drop.
@@ -151,11 +154,24 @@ fn try_underlay_ingress(ctx: &XdpContext) -> Result<u32, DatapathEvent> {
         return Err(DatapathEvent::DropMalformed);
     }
     count_event(DatapathEvent::Decapsulated);
-    if delivery::tag(ctx, endpoint.ifindex) {
-        // GRO on the underlay merges the inner flow, then TC delivers it.
+    // GRO on the underlay merges the inner flow, then TC delivers it: by
+    // its tag, or (`lookup`) by the pod MAC and address just written.
+    if !load_time::delivers_by_metadata() || delivery::tag(ctx, endpoint.ifindex) {
         return Ok(pass);
     }
     POD_DEVICES
         .redirect(endpoint.ifindex, 0)
         .map_err(|_| DatapathEvent::DropUnknownDestination)
+}
+
+/// A frame that is not VXLAN on our port: the kernel's, untouched. With
+/// `lookup` delivery, one addressed like a frame we decapsulated would be
+/// handed to the pod by TC without the node's routing: it is dropped.
+#[inline(always)]
+fn not_overlay(eth: &EthHdr, ip: &Ipv4Hdr) -> Result<u32, DatapathEvent> {
+    if load_time::delivers_by_lookup() && delivery::looks_decapsulated(eth, &ip.daddr) {
+        return Err(DatapathEvent::DropForgedDelivery);
+    }
+    count_event(DatapathEvent::NotOverlay);
+    Ok(xdp_action::XDP_PASS)
 }

@@ -1,251 +1,29 @@
 //! Transparent mTLS on a real test bed: meshed pods on different nodes talk
 //! through their agents (eBPF steering → :15001 → mTLS → :15008 → pod), the
-//! applications unchanged. Two nodes × two pods:
-//!
-//! | pod  | node | mesh                      |
-//! |------|------|---------------------------|
-//! | n1p1 | 1    | shop/cart, permissive     |
-//! | n1p2 | 1    | not meshed                |
-//! | n2p1 | 2    | shop/checkout, STRICT     |
-//! | n2p2 | 2    | shop/payments, permissive |
+//! applications unchanged, on [`veil_e2e::mesh_bed`]'s two nodes × two pods.
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
+    net::{SocketAddr, TcpStream},
     sync::Arc,
     time::Duration,
 };
 
 use rustls::{ClientConnection, pki_types::ServerName};
 use veil_agent::mesh::names::sni_for;
+use veil_e2e::mesh_bed::{
+    CART, CHECKOUT, HeldConnection, MARKER, MIB, MeshBed, OUTSIDER, PAYMENTS, TRUST_DOMAIN,
+    expected_mode, expected_mode_log, listen_in, marker_exchange,
+};
 use veil_identity::{CertificateAuthority, SpiffeId, WorkloadKey, ca::DEFAULT_LEAF_LIFETIME};
 use veil_mtls::{
     Preface, TlsSettings, WorkloadCredentials, handshake,
     verifier::{ExpectedPeer, TrustState},
 };
 use veil_testbed::{
-    Agent, MeshCaFiles, PodMesh, PodRef, Routing, Topology, TopologySpec, kafka::Broker,
-    process::ChildGuard, require_root, traffic, try_wait_for, wait_for,
+    Agent, PodMesh, PodRef, Topology, process::ChildGuard, require_root, traffic, try_wait_for,
+    wait_for,
 };
-
-const VNI: u32 = 7878;
-const BROKER_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 0, 1);
-const TRUST_DOMAIN: &str = "cluster.local";
-const MIB: u64 = 1024 * 1024;
-const MARKER: &[u8] = b"VEIL-PLAINTEXT-MARKER-7d1f";
-
-const CART: PodRef = PodRef::new(1, 1);
-const OUTSIDER: PodRef = PodRef::new(1, 2);
-const CHECKOUT: PodRef = PodRef::new(2, 1);
-const PAYMENTS: PodRef = PodRef::new(2, 2);
-
-struct MeshBed {
-    topology: Topology,
-    agents: Vec<Agent>,
-    ca_cert: PathBuf,
-    ca_key: PathBuf,
-}
-
-impl MeshBed {
-    fn start(name: &str) -> Self {
-        Self::start_with_policy(name, "")
-    }
-
-    fn start_with_policy(name: &str, policy: &str) -> Self {
-        Self::start_with(name, policy, "")
-    }
-
-    /// `policy` goes into the inventory, `mesh_extra` into the agents' `[mesh]`.
-    fn start_with(name: &str, policy: &str, mesh_extra: &str) -> Self {
-        Self::start_custom(name, policy, |_, _| mesh_extra.to_string())
-    }
-
-    /// Like [`Self::start`], with a broker in node 1's namespace and both
-    /// agents on it (`[events.kafka]`).
-    fn start_on_bus(name: &str) -> (Self, Broker) {
-        let mut broker = None;
-        let bed = Self::start_custom(name, "", |topology, node| {
-            broker
-                .get_or_insert_with(|| {
-                    Broker::start_in("mesh on the event bus", &topology.node(1), BROKER_IP)
-                        .expect("a Kafka-protocol broker (tansu): run `cargo xtask setup`")
-                })
-                .agent_section(topology, node)
-        });
-        (bed, broker.expect("the agents were started"))
-    }
-
-    /// `extra(topology, node)` is appended to each agent's config.
-    fn start_custom(
-        name: &str,
-        policy: &str,
-        mut extra: impl FnMut(&Topology, usize) -> String,
-    ) -> Self {
-        let mut topology = Topology::build(
-            TopologySpec::new(name)
-                .nodes(2)
-                .pods_per_node(2)
-                .routing(Routing::None),
-        )
-        .unwrap();
-        topology.set_mesh(CART, Some(PodMesh::new("shop", "cart", "permissive")));
-        topology.set_mesh(CHECKOUT, Some(PodMesh::new("shop", "checkout", "strict")));
-        topology.set_mesh(
-            PAYMENTS,
-            Some(PodMesh::new("shop", "payments", "permissive")),
-        );
-        topology.set_inventory_extra(policy);
-        let (cert, key) = CertificateAuthority::new_root_pem(TRUST_DOMAIN).unwrap();
-        let files = MeshCaFiles::write(&topology, &cert, &key).unwrap();
-        let agents = (1..=2)
-            .map(|node| {
-                let config = format!(
-                    "{}{}",
-                    files.agent_section(TRUST_DOMAIN),
-                    extra(&topology, node)
-                );
-                Agent::start_overlay_with(&topology, node, VNI, &config).unwrap()
-            })
-            .collect();
-        let (ca_cert, ca_key) = (files.cert, files.key);
-        Self {
-            topology,
-            agents,
-            ca_cert,
-            ca_key,
-        }
-    }
-
-    fn dump(&self) -> String {
-        self.agents
-            .iter()
-            .map(|a| format!("--- agent {} ---\n{}", a.node(), a.log()))
-            .collect()
-    }
-
-    fn metric(&self, node: usize, series: &str) -> f64 {
-        self.agents[node - 1]
-            .metric(series)
-            .unwrap()
-            .unwrap_or_default()
-    }
-}
-
-/// `from` sends [`MARKER`] to `to`, which echoes it; returns the client
-/// address the server application saw.
-fn marker_exchange(topology: &Topology, from: PodRef, to: PodRef, port: u16) -> SocketAddr {
-    let server_addr = SocketAddr::from((to.ip(), port));
-    let listener = listen_in(topology, to, server_addr);
-    let server = std::thread::spawn(move || {
-        let (mut stream, peer) = listener.accept().unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut buffer = vec![0u8; MARKER.len()];
-        stream.read_exact(&mut buffer).unwrap();
-        stream.write_all(&buffer).unwrap();
-        peer
-    });
-    let mut client = topology
-        .pod(from)
-        .run(move || TcpStream::connect_timeout(&server_addr, Duration::from_secs(5)))
-        .unwrap()
-        .unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    client.write_all(MARKER).unwrap();
-    let mut echoed = vec![0u8; MARKER.len()];
-    client.read_exact(&mut echoed).unwrap();
-    assert_eq!(echoed, MARKER);
-    server.join().unwrap()
-}
-
-/// A listener on `address` inside `pod`'s network namespace.
-fn listen_in(topology: &Topology, pod: PodRef, address: SocketAddr) -> TcpListener {
-    topology
-        .pod(pod)
-        .run(move || TcpListener::bind(address))
-        .unwrap()
-        .unwrap_or_else(|e| panic!("cannot listen on {address} in {pod}: {e}"))
-}
-
-/// A meshed connection held open: a client in one pod, an echo server in
-/// another, both ends kept to see how the connection ends.
-struct HeldConnection {
-    client: TcpStream,
-    /// How the server side ended: `Ok` at a clean end of stream.
-    server: std::thread::JoinHandle<std::io::Result<()>>,
-}
-
-impl HeldConnection {
-    /// Connects `from` to an echo server on `to`'s `port` and checks one
-    /// round trip.
-    fn open(topology: &Topology, from: PodRef, to: PodRef, port: u16) -> Self {
-        let address = SocketAddr::from((to.ip(), port));
-        let listener = listen_in(topology, to, address);
-        let client = topology
-            .pod(from)
-            .run(move || TcpStream::connect_timeout(&address, Duration::from_secs(5)))
-            .unwrap()
-            .unwrap_or_else(|e| panic!("{from} → {address}: {e}"));
-        let (mut accepted, _) = listener.accept().unwrap();
-        let server = std::thread::spawn(move || {
-            accepted.set_read_timeout(Some(Duration::from_secs(60)))?;
-            let mut buffer = [0u8; 4096];
-            loop {
-                match accepted.read(&mut buffer)? {
-                    0 => return Ok(()),
-                    n => accepted.write_all(&buffer[..n])?,
-                }
-            }
-        });
-        let mut held = Self { client, server };
-        held.round_trip()
-            .unwrap_or_else(|e| panic!("{from} → {address}: no echo: {e}"));
-        held
-    }
-
-    fn round_trip(&mut self) -> std::io::Result<()> {
-        self.client.set_read_timeout(Some(Duration::from_secs(5)))?;
-        self.client.write_all(b"ping")?;
-        let mut echoed = [0u8; 4];
-        self.client.read_exact(&mut echoed)?;
-        assert_eq!(&echoed, b"ping");
-        Ok(())
-    }
-
-    /// How the client application's stream ends within `within`: `Ok` at
-    /// a clean end of stream, else the error (a reset, or a timeout).
-    fn client_end(&mut self, within: Duration) -> std::io::Result<()> {
-        let _ = self.client.set_read_timeout(Some(within));
-        let mut buffer = [0u8; 64];
-        loop {
-            match self.client.read(&mut buffer) {
-                Ok(0) => return Ok(()),
-                Ok(_) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Whether both the client and the server application saw a reset
-    /// (not a clean end of stream) within `within`; says what each saw.
-    fn both_ends_reset(mut self, within: Duration) -> Result<(), String> {
-        let client = self.client_end(within);
-        let server = self.server.join().expect("the echo server panicked");
-        match (&client, &server) {
-            (Err(c), Err(s))
-                if c.kind() == std::io::ErrorKind::ConnectionReset
-                    && s.kind() == std::io::ErrorKind::ConnectionReset =>
-            {
-                Ok(())
-            }
-            _ => Err(format!("client: {client:?}, server: {server:?}")),
-        }
-    }
-}
 
 /// A connection from `source` (a fixed port, SO_REUSEADDR) to
 /// `destination`, made in the calling thread's namespace.
@@ -439,13 +217,17 @@ fn meshed_tcp_crosses_nodes_encrypted_byte_exact_with_the_real_client_address() 
         }
     });
 
+    // The mode the kernel allows: kTLS where it has the TLS ULP.
+    let mode = expected_mode();
     let outbound_ok = bed.metric(
         1,
-        r#"veil_mesh_connections_total{direction="outbound",mode="userspace",result="ok"}"#,
+        &format!(
+            r#"veil_mesh_connections_total{{direction="outbound",mode="{mode}",result="ok"}}"#
+        ),
     );
     let inbound_ok = bed.metric(
         2,
-        r#"veil_mesh_connections_total{direction="inbound",mode="userspace",result="ok"}"#,
+        &format!(r#"veil_mesh_connections_total{{direction="inbound",mode="{mode}",result="ok"}}"#),
     );
     assert!(
         outbound_ok >= 20.0,
@@ -478,10 +260,8 @@ fn meshed_tcp_crosses_nodes_encrypted_byte_exact_with_the_real_client_address() 
     assert!(node1.event("mesh-steered") >= 20, "{node1:#?}");
     assert_eq!(node1.event("drop-no-proxy"), 0, "{node1:#?}");
     assert!(
-        bed.agents[0]
-            .log()
-            .contains("mTLS sessions run in rustls, in userspace"),
-        "the fallback must be logged once:\n{}",
+        bed.agents[0].log().contains(expected_mode_log()),
+        "the mode must be logged once:\n{}",
         bed.dump()
     );
 
@@ -539,7 +319,7 @@ fn meshed_tcp_crosses_nodes_encrypted_byte_exact_with_the_real_client_address() 
         .unwrap_or_else(|| panic!("no 100 MiB flow in {flows:#}"));
     assert_eq!(big["direction"], "outbound");
     assert_eq!(big["result"], "ok");
-    assert_eq!(big["mode"], "userspace");
+    assert_eq!(big["mode"], mode);
     assert!(
         big["source"].as_str().unwrap().starts_with("n1p1 ("),
         "{big}"

@@ -46,8 +46,21 @@ impl Agent {
         vni: u32,
         extra: &str,
     ) -> Result<Self> {
+        Self::start_overlay_with_env(topology, node, vni, extra, &[])
+    }
+
+    /// Like [`Self::start_overlay_with`], with `env` set for the agent
+    /// (e.g. `VEIL_TEST_DISABLE_FEATURES`).
+    pub fn start_overlay_with_env(
+        topology: &Topology,
+        node: usize,
+        vni: u32,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         topology.write_inventory()?;
-        Self::start_configured(topology, node, Some(vni), extra)
+        let config = format!("{}{extra}", config_for(topology, node, Some(vni)));
+        Self::start_from_env(topology, node, config, env)
     }
 
     /// Like [`Self::start_overlay_with`], with no inventory file at all:
@@ -82,6 +95,15 @@ impl Agent {
     }
 
     fn start_from(topology: &Topology, node: usize, config: String) -> Result<Self> {
+        Self::start_from_env(topology, node, config, &[])
+    }
+
+    fn start_from_env(
+        topology: &Topology,
+        node: usize,
+        config: String,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let agent_bin = binaries::locate("veil-agent")?;
         let veilctl = binaries::locate("veilctl")?;
         let ns = topology.node(node);
@@ -103,6 +125,7 @@ impl Agent {
                 "VEIL_LOG",
                 std::env::var("VEIL_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);

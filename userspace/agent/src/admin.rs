@@ -152,7 +152,12 @@ async fn status(
         counters,
         events,
         overlay,
-        kernel_tls: veil_mtls::ktls::kernel_supports_tls(),
+        kernel_tls: datapath
+            .kernel_status()
+            .features
+            .iter()
+            .any(|f| f.name == "tls-ulp" && f.available),
+        kernel: Some(datapath.kernel_status()),
         mesh: state.mesh.as_ref().map(|m| m.status()),
         event_bus: state
             .events

@@ -301,6 +301,20 @@ pub struct MeshSection {
     /// `deploy/kubernetes/optional/secret-writing.yaml`.
     #[serde(default)]
     pub write_tls_secrets: bool,
+    /// `auto`: hand each session's record encryption to the kernel (kTLS)
+    /// when the kernel has the TLS ULP, else keep it in userspace; `off`:
+    /// always userspace (to rule kTLS out when troubleshooting, or to test
+    /// a mixed pair).
+    #[serde(default)]
+    pub kernel_tls: KernelTlsMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KernelTlsMode {
+    #[default]
+    Auto,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]

@@ -57,7 +57,27 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
-    let datapath = Arc::new(Mutex::new(Datapath::start(&config.datapath)?));
+    let disabled =
+        datapath::features::disabled_by_environment().map_err(datapath::DatapathError::from)?;
+    if !disabled.is_empty() {
+        tracing::warn!(
+            features = %disabled.iter().map(|f| f.name()).collect::<Vec<_>>().join(","),
+            "{} switches features off: for tests only",
+            datapath::features::DISABLE_FEATURES_ENV
+        );
+    }
+    let kernel = datapath::features::KernelFeatures::probe(&disabled)
+        .map_err(datapath::DatapathError::from)?;
+    let mesh_kernel_tls = config
+        .mesh
+        .as_ref()
+        .map(|mesh| mesh.kernel_tls == config::KernelTlsMode::Auto);
+    let datapath = Datapath::start(&config.datapath, kernel, mesh_kernel_tls)?;
+    let kernel_tls = match datapath.kernel_tls() {
+        Some(true) => veil_mtls::session::KernelTls::Auto,
+        _ => veil_mtls::session::KernelTls::Off,
+    };
+    let datapath = Arc::new(Mutex::new(datapath));
     let events = match config.event_bus() {
         Some(choice) => Some(events_sync::Events::start(&choice, &config.node_name)?),
         None => None,
@@ -140,6 +160,7 @@ pub async fn run(
                 .as_ref()
                 .and_then(|k| k.kubeconfig.clone()),
             Arc::clone(overlay),
+            kernel_tls,
         )?),
         _ => None,
     };

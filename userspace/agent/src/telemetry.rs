@@ -132,6 +132,41 @@ impl Collector for DatapathCollector {
         )?;
         info.encode(metric.encode_family(&labels)?)?;
 
+        let kernel = datapath.kernel_status();
+        encode_family(
+            &mut encoder,
+            "veil_kernel_feature",
+            "1 when the node's kernel has a BPF or TLS feature the datapath uses (probed at start), else 0.",
+            kernel
+                .features
+                .iter()
+                .map(|f| {
+                    let labels = vec![
+                        ("feature", f.name.clone()),
+                        ("required", f.required.to_string()),
+                    ];
+                    (labels, ConstGauge::new(i64::from(f.available)))
+                })
+                .collect(),
+        )?;
+        encode_family(
+            &mut encoder,
+            "veil_datapath_choice",
+            "What the datapath chose for this kernel (1 per decision); fallback=\"true\" when not the preferred way.",
+            kernel
+                .choices
+                .iter()
+                .map(|c| {
+                    let labels = vec![
+                        ("decision", c.decision.clone()),
+                        ("chosen", c.chosen.clone()),
+                        ("fallback", c.fallback.to_string()),
+                    ];
+                    (labels, ConstGauge::new(1))
+                })
+                .collect(),
+        )?;
+
         let programs: Vec<Labelled<ConstGauge<i64>>> = datapath
             .programs()
             .into_iter()

@@ -3,10 +3,16 @@
 //! the rewritten packet, so every branch — encapsulation, decapsulation and
 //! each drop reason — is checked byte for byte without a network.
 
+use std::collections::BTreeSet;
+
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{Array, HashMap, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie, xdp::DevMapHash},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use veil_agent::datapath::{
+    choices::{Delivery, LoadTimeSettings},
+    features::{Feature, KernelFeatures},
 };
 use veil_common::{
     names,
@@ -37,12 +43,31 @@ struct Programs {
     ebpf: Ebpf,
 }
 
+/// What this kernel supports, probed as the agent probes it.
+fn kernel() -> KernelFeatures {
+    KernelFeatures::probe(&BTreeSet::new()).unwrap()
+}
+
+/// Every way of delivering decapsulated frames this kernel supports:
+/// `lookup` everywhere, `metadata` where XDP may call bpf_xdp_adjust_meta.
+fn supported_deliveries() -> Vec<Delivery> {
+    let mut deliveries = vec![Delivery::Lookup];
+    if kernel().has(Feature::XdpMetadata) {
+        deliveries.push(Delivery::Metadata);
+    }
+    deliveries
+}
+
 impl Programs {
-    /// Loads the embedded object and fills the maps as node 1 of a 2-node overlay.
+    /// The programs as the agent would build them for this kernel.
     fn load() -> Self {
-        let mut ebpf = EbpfLoader::new()
-            .load(veil_agent::datapath::ebpf_object())
-            .unwrap();
+        Self::load_with(LoadTimeSettings::for_kernel(&kernel()))
+    }
+
+    /// Loads the embedded object built with `settings` and fills the maps
+    /// as node 1 of a 2-node overlay.
+    fn load_with(settings: LoadTimeSettings) -> Self {
+        let mut ebpf = settings.load(veil_agent::datapath::ebpf_object()).unwrap();
         let program: &mut Xdp = ebpf
             .program_mut(names::PROG_UNDERLAY_INGRESS)
             .unwrap()
@@ -453,31 +478,103 @@ fn ingress_decapsulates_into_the_local_pod() {
     if !root() {
         return;
     }
-    let programs = Programs::load();
     let inner = ipv4_udp_frame(REMOTE_POD, LOCAL_POD, 5000, 100);
-    let (verdict, out, event) = programs.run(
+    for delivery in supported_deliveries() {
+        let programs = Programs::load_with(LoadTimeSettings {
+            delivery,
+            redirect_peer: kernel().has(Feature::RedirectPeer),
+        });
+        let (verdict, out, event) = programs.run(
+            names::PROG_UNDERLAY_INGRESS,
+            &vxlan_frame(0x08, VNI, &inner),
+        );
+        // Passed on to GRO for TC to deliver it.
+        assert_eq!(verdict, XDP_PASS, "{delivery:?}");
+        assert_eq!(event, Some(DatapathEvent::Decapsulated), "{delivery:?}");
+        let frame = match delivery {
+            Delivery::Metadata => {
+                // Tagged with the pod's veth.
+                let tag_len = std::mem::size_of::<DeliveryTag>();
+                assert_eq!(
+                    out.len(),
+                    tag_len + inner.len(),
+                    "tag, then the inner frame"
+                );
+                let (tag, frame) = out.split_at(tag_len);
+                assert_eq!(tag[0..4], DELIVERY_TAG_MAGIC.to_ne_bytes());
+                assert_eq!(tag[4..8], LOOPBACK.to_ne_bytes(), "the pod's veth");
+                frame.to_vec()
+            }
+            Delivery::Lookup => {
+                assert_eq!(out.len(), inner.len(), "no tag: the inner frame alone");
+                // TC finds the pod by the MAC and address XDP left.
+                let (verdict, _, _) = programs.run(names::PROG_UNDERLAY_DELIVER, &out);
+                assert_eq!(verdict, TC_ACT_REDIRECT, "TC delivers it to its pod");
+                out
+            }
+        };
+        assert_eq!(frame[0..6], POD_MAC, "inner destination is the pod");
+        assert_eq!(
+            frame[6..12],
+            HOST_VETH_MAC,
+            "inner source is the node's veth"
+        );
+        assert_eq!(frame[12..], inner[12..]);
+    }
+}
+
+#[test]
+fn the_probes_agree_with_the_verifier() {
+    if !root() {
+        return;
+    }
+    // What the probes say a kernel lacks must be what its verifier refuses
+    // in our own programs, and what they say it has must load: otherwise the
+    // agent would pick a variant the kernel refuses, or a fallback for nothing.
+    let kernel = kernel();
+    let load = |settings: LoadTimeSettings, program: &str| {
+        let mut ebpf = settings.load(veil_agent::datapath::ebpf_object()).unwrap();
+        match ebpf.program_mut(program).unwrap() {
+            aya::programs::Program::Xdp(p) => p.load().map_err(|e| format!("{e:?}")),
+            aya::programs::Program::SchedClassifier(p) => p.load().map_err(|e| format!("{e:?}")),
+            _ => unreachable!(),
+        }
+    };
+    let metadata = load(
+        LoadTimeSettings {
+            delivery: Delivery::Metadata,
+            redirect_peer: false,
+        },
         names::PROG_UNDERLAY_INGRESS,
-        &vxlan_frame(0x08, VNI, &inner),
     );
-    // Passed on to GRO, tagged with the pod's veth for TC to deliver it.
-    assert_eq!(verdict, XDP_PASS);
-    assert_eq!(event, Some(DatapathEvent::Decapsulated));
-    let tag_len = std::mem::size_of::<DeliveryTag>();
     assert_eq!(
-        out.len(),
-        tag_len + inner.len(),
-        "tag, then the inner frame"
+        metadata.is_ok(),
+        kernel.has(Feature::XdpMetadata),
+        "metadata delivery: {metadata:?}"
     );
-    let (tag, frame) = out.split_at(tag_len);
-    assert_eq!(tag[0..4], DELIVERY_TAG_MAGIC.to_ne_bytes());
-    assert_eq!(tag[4..8], LOOPBACK.to_ne_bytes(), "the pod's veth");
-    assert_eq!(frame[0..6], POD_MAC, "inner destination is the pod");
+    let peer = load(
+        LoadTimeSettings {
+            delivery: Delivery::Lookup,
+            redirect_peer: true,
+        },
+        names::PROG_UNDERLAY_DELIVER,
+    );
     assert_eq!(
-        frame[6..12],
-        HOST_VETH_MAC,
-        "inner source is the node's veth"
+        peer.is_ok(),
+        kernel.has(Feature::RedirectPeer),
+        "redirect peer: {peer:?}"
     );
-    assert_eq!(frame[12..], inner[12..]);
+    // The fallbacks load everywhere.
+    for program in [names::PROG_UNDERLAY_INGRESS, names::PROG_UNDERLAY_DELIVER] {
+        load(
+            LoadTimeSettings {
+                delivery: Delivery::Lookup,
+                redirect_peer: false,
+            },
+            program,
+        )
+        .unwrap();
+    }
 }
 
 #[test]
@@ -529,13 +626,47 @@ fn underlay_delivery_leaves_untagged_packets_to_the_kernel() {
     if !root() {
         return;
     }
-    let programs = Programs::load();
-    // A plain packet from the wire for a local pod carries no tag: only
-    // frames our XDP program decapsulated are delivered past the node's stack.
-    let plain = ipv4_udp_frame(REMOTE_POD, LOCAL_POD, 5000, 100);
-    let (verdict, out, event) = programs.run(names::PROG_UNDERLAY_DELIVER, &plain);
-    assert_eq!((verdict, event), (TC_ACT_OK, None));
-    assert_eq!(out, plain);
+    for delivery in supported_deliveries() {
+        let programs = Programs::load_with(LoadTimeSettings {
+            delivery,
+            redirect_peer: kernel().has(Feature::RedirectPeer),
+        });
+        // A plain packet from the wire for a local pod, addressed to the
+        // node (not to the pod's MAC) and without a tag: only frames our XDP
+        // program decapsulated are delivered past the node's stack.
+        let plain = ipv4_udp_frame(REMOTE_POD, LOCAL_POD, 5000, 100);
+        let (verdict, out, event) = programs.run(names::PROG_UNDERLAY_DELIVER, &plain);
+        assert_eq!((verdict, event), (TC_ACT_OK, None), "{delivery:?}");
+        assert_eq!(out, plain);
+    }
+}
+
+#[test]
+fn lookup_delivery_drops_a_frame_from_the_wire_dressed_as_a_decapsulated_one() {
+    if !root() {
+        return;
+    }
+    let programs = Programs::load_with(LoadTimeSettings {
+        delivery: Delivery::Lookup,
+        redirect_peer: false,
+    });
+    // Addressed, MAC and IP, to a local pod, as XDP leaves what it
+    // decapsulated: TC would hand it to the pod, so XDP must not pass it.
+    let mut forged = ipv4_udp_frame(REMOTE_POD, LOCAL_POD, 5000, 100);
+    forged[0..6].copy_from_slice(&POD_MAC);
+    forged[6..12].copy_from_slice(&PEER_MAC);
+    let (verdict, _, event) = programs.run(names::PROG_UNDERLAY_INGRESS, &forged);
+    assert_eq!(
+        (verdict, event),
+        (XDP_DROP, Some(DatapathEvent::DropForgedDelivery))
+    );
+    // The same addresses to the node's own MAC are the kernel's business.
+    let mut routed = forged.clone();
+    routed[0..6].copy_from_slice(&UNDERLAY_MAC);
+    assert_eq!(
+        programs.run(names::PROG_UNDERLAY_INGRESS, &routed),
+        (XDP_PASS, routed.clone(), Some(DatapathEvent::NotOverlay))
+    );
 }
 
 #[test]

@@ -63,6 +63,9 @@ pub struct AgentStatus {
     /// Whether the node's kernel can do TLS (kTLS); without it mTLS runs in userspace.
     #[serde(default)]
     pub kernel_tls: bool,
+    /// What the agent found the kernel supports, and what it chose for it.
+    #[serde(default)]
+    pub kernel: Option<KernelStatus>,
     /// The mTLS mesh, when the agent runs one.
     #[serde(default)]
     pub mesh: Option<MeshStatus>,
@@ -72,6 +75,60 @@ pub struct AgentStatus {
     /// Server-name certificates from an ACME CA (`[acme]`), by name.
     #[serde(default)]
     pub acme: Vec<AcmeCertificateStatus>,
+}
+
+/// The kernel as the agent probed it at start, and the datapath it built
+/// for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelStatus {
+    /// `uname -r` (for the record: the agent decides from probes, not versions).
+    pub release: String,
+    pub features: Vec<KernelFeature>,
+    pub choices: Vec<DatapathChoice>,
+}
+
+/// One thing the datapath uses that kernels may lack.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelFeature {
+    /// Short name, e.g. `xdp-metadata`.
+    pub name: String,
+    pub description: String,
+    pub available: bool,
+    /// Without it the agent does not start.
+    pub required: bool,
+    /// Switched off for a test (`VEIL_TEST_DISABLE_FEATURES`).
+    #[serde(default)]
+    pub forced_off: bool,
+    /// The oldest upstream kernel that has it.
+    pub oldest_kernel: String,
+    /// What the agent does without it (`None` for a required feature).
+    #[serde(default)]
+    pub fallback: Option<String>,
+}
+
+/// One decision the agent took for this kernel, e.g. how decapsulated
+/// packets reach their pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatapathChoice {
+    /// What was decided, e.g. `delivery`.
+    pub decision: String,
+    /// What was chosen, e.g. `lookup`.
+    pub chosen: String,
+    /// Why, e.g. "this kernel refuses bpf_xdp_adjust_meta in XDP".
+    pub reason: String,
+    /// True when this is a fallback from the preferred way.
+    #[serde(default)]
+    pub fallback: bool,
+}
+
+impl KernelStatus {
+    /// What was chosen for `decision`, if it was decided.
+    pub fn chosen(&self, decision: &str) -> Option<&str> {
+        self.choices
+            .iter()
+            .find(|c| c.decision == decision)
+            .map(|c| c.chosen.as_str())
+    }
 }
 
 /// One ACME certificate the agent keeps renewed.
@@ -338,6 +395,24 @@ mod tests {
             }],
             overlay: None,
             kernel_tls: false,
+            kernel: Some(KernelStatus {
+                release: "6.1.0".into(),
+                features: vec![KernelFeature {
+                    name: "xdp-metadata".into(),
+                    description: "bpf_xdp_adjust_meta in XDP".into(),
+                    available: false,
+                    required: false,
+                    forced_off: false,
+                    oldest_kernel: "4.15".into(),
+                    fallback: Some("lookup delivery".into()),
+                }],
+                choices: vec![DatapathChoice {
+                    decision: "delivery".into(),
+                    chosen: "lookup".into(),
+                    reason: "no metadata".into(),
+                    fallback: true,
+                }],
+            }),
             mesh: None,
             event_bus: None,
             acme: vec![AcmeCertificateStatus {
@@ -361,5 +436,6 @@ mod tests {
             Some(1000)
         );
         assert!(back.counters_for(HookKind::Xdp, "vp1").is_none());
+        assert_eq!(back.kernel.unwrap().chosen("delivery"), Some("lookup"));
     }
 }

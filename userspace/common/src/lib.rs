@@ -8,5 +8,6 @@
 #![no_std]
 
 pub mod counters;
+pub mod load_time;
 pub mod names;
 pub mod overlay;

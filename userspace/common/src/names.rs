@@ -44,3 +44,10 @@ pub const MAP_PLAINTEXT_VERDICTS: &str = "PLAINTEXT_VERDICTS";
 pub const MAP_DATAPATH_EVENTS: &str = "DATAPATH_EVENTS";
 /// Sock map, index 0: the agent's transparent outbound listener.
 pub const MAP_MESH_LISTENER: &str = "MESH_LISTENER";
+
+/// Trivial XDP program (passes everything) the agent attaches to `lo` for a
+/// moment to learn whether this kernel attaches XDP through a bpf_link.
+pub const PROG_PROBE_XDP: &str = "veil_probe_xdp";
+/// Trivial TC program (lets everything through) the agent attaches to `lo`
+/// for a moment to learn whether this kernel has tcx.
+pub const PROG_PROBE_TC: &str = "veil_probe_tc";

@@ -170,10 +170,14 @@ pub enum DatapathEvent {
     /// Plaintext TCP (no proven identity) to a pod's port that allow rules
     /// select: only the sources they name are admitted, through mTLS.
     DropPlaintextUnauthorized = 17,
+    /// Underlay ingress, `lookup` delivery: a frame that is not VXLAN yet
+    /// addressed, MAC and IP, to a local pod as if XDP had decapsulated it.
+    /// Only our own decapsulation may hand frames to pods.
+    DropForgedDelivery = 18,
 }
 
 /// Number of [`DatapathEvent`] values (size of the event counter array).
-pub const DATAPATH_EVENT_COUNT: u32 = 18;
+pub const DATAPATH_EVENT_COUNT: u32 = 19;
 
 impl DatapathEvent {
     pub const ALL: [DatapathEvent; DATAPATH_EVENT_COUNT as usize] = [
@@ -195,6 +199,7 @@ impl DatapathEvent {
         Self::DropPlaintextToStrict,
         Self::MeshSameNodeDenied,
         Self::DropPlaintextUnauthorized,
+        Self::DropForgedDelivery,
     ];
 
     /// Name shown by `veilctl` and in metrics.
@@ -218,6 +223,7 @@ impl DatapathEvent {
             Self::DropPlaintextToStrict => "drop-plaintext-to-strict",
             Self::MeshSameNodeDenied => "mesh-same-node-denied",
             Self::DropPlaintextUnauthorized => "drop-plaintext-unauthorized",
+            Self::DropForgedDelivery => "drop-forged-delivery",
         }
     }
 
@@ -234,6 +240,7 @@ impl DatapathEvent {
                 | Self::DropNoProxy
                 | Self::DropPlaintextToStrict
                 | Self::DropPlaintextUnauthorized
+                | Self::DropForgedDelivery
         )
     }
 }

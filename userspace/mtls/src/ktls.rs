@@ -63,19 +63,30 @@ struct ChachaInfo {
     rec_seq: [u8; 8],
 }
 
-/// Whether this kernel can do TLS: the `tls` ULP is registered, or its module
-/// is installed and will load on first use.
+/// Whether this kernel can do TLS, learnt by asking it rather than from its
+/// version or files: on an unconnected TCP socket `setsockopt(TCP_ULP,
+/// "tls")` makes the kernel find the ULP (loading tls.ko if it may), and
+/// only then refuse, because the socket is not connected. `ENOENT` means
+/// there is no TLS ULP to find.
 pub fn kernel_supports_tls() -> bool {
-    let registered = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
-        .is_ok_and(|ulps| ulps.split_whitespace().any(|u| u == "tls"));
-    let release = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let loadable = std::path::Path::new("/lib/modules")
-        .join(release)
-        .join("kernel/net/tls")
-        .is_dir();
-    registered || loadable
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    use std::os::fd::AsFd;
+    let Ok(socket) = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return false;
+    };
+    match set_ulp(socket.as_fd()) {
+        Ok(()) => true,
+        Err(KtlsError::Unsupported) => false,
+        // ENOTCONN since 5.x; older kernels said ENOTSUPP (524).
+        Err(KtlsError::Os { source, .. }) => {
+            matches!(source.raw_os_error(), Some(libc::ENOTCONN) | Some(524))
+        }
+    }
 }
 
 /// Installs `secrets` on `socket` for both directions.

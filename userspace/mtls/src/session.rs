@@ -42,6 +42,15 @@ impl Mode {
     }
 }
 
+/// Whether a session may be handed to the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelTls {
+    /// When the kernel has the TLS ULP.
+    Auto,
+    /// Never: the session stays in rustls.
+    Off,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("cannot hand the session to the kernel: {0}")]
@@ -70,11 +79,18 @@ impl Session {
     ///
     /// What the handshake left queued (a server's session ticket) is sent
     /// first, on either path: a kernel-path client waits for it.
+    ///
+    /// With [`KernelTls::Off`] the session stays in userspace whatever the
+    /// kernel can do.
     pub fn from_handshaken(
         mut connection: Connection,
         mut tcp: TcpStream,
+        kernel_tls: KernelTls,
     ) -> Result<Self, SessionError> {
         handshake::send_pending(&mut connection, &mut tcp).map_err(SessionError::Pending)?;
+        if kernel_tls == KernelTls::Off {
+            return Ok(Self::Userspace(Box::new(connection), tcp));
+        }
         match ktls::attach_ulp(tcp.as_fd()) {
             Ok(()) => {}
             Err(KtlsError::Unsupported) => {

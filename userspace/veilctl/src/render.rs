@@ -54,6 +54,9 @@ pub fn status(status: &AgentStatus) -> String {
             "not available (userspace TLS)"
         }
     );
+    if let Some(kernel) = &status.kernel {
+        text.push_str(&kernel_section(kernel));
+    }
     if !status.events.is_empty() {
         let mut events = Table::new();
         events
@@ -127,6 +130,47 @@ pub fn findings(node: &str, found: &[crate::check::Finding]) -> String {
     format!("Node {node}: {} finding(s)\n{table}\n", found.len())
 }
 
+/// The kernel's probed features and what the datapath chose for them.
+fn kernel_section(kernel: &veil_api::KernelStatus) -> String {
+    let lacking: Vec<&veil_api::KernelFeature> =
+        kernel.features.iter().filter(|f| !f.available).collect();
+    let mut text = format!(
+        "\nKernel {} · {} features probed, {}\n",
+        kernel.release,
+        kernel.features.len(),
+        if lacking.is_empty() {
+            "all available".to_string()
+        } else {
+            format!(
+                "lacking: {}",
+                lacking
+                    .iter()
+                    .map(|f| if f.forced_off {
+                        format!("{} (switched off)", f.name)
+                    } else {
+                        f.name.clone()
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    );
+    let mut choices = Table::new();
+    choices
+        .load_preset(UTF8_BORDERS_ONLY)
+        .set_header(["DATAPATH", "CHOSEN", "WHY"]);
+    for choice in &kernel.choices {
+        let chosen = if choice.fallback {
+            format!("{} (fallback)", choice.chosen)
+        } else {
+            choice.chosen.clone()
+        };
+        choices.add_row([choice.decision.clone(), chosen, choice.reason.clone()]);
+    }
+    text.push_str(&format!("{choices}\n"));
+    text
+}
+
 fn overlay_section(overlay: &veil_api::OverlayStatus) -> String {
     let encapsulation = if overlay.encapsulation.is_empty() {
         String::new()
@@ -198,6 +242,7 @@ pub(crate) mod tests {
             events: Vec::new(),
             overlay: None,
             kernel_tls: true,
+            kernel: None,
             mesh: None,
             event_bus: None,
             acme: Vec::new(),
@@ -270,6 +315,52 @@ pub(crate) mod tests {
         );
         let route = text.lines().find(|l| l.contains("198.19.2.0/24")).unwrap();
         assert!(route.contains("198.18.0.2"), "{route}");
+    }
+
+    #[test]
+    fn the_kernel_section_names_what_is_lacking_and_each_choice() {
+        let mut agent = sample(vec![]);
+        agent.kernel = Some(veil_api::KernelStatus {
+            release: "6.18.44-fc-v1300".into(),
+            features: vec![
+                veil_api::KernelFeature {
+                    name: "xdp-metadata".into(),
+                    description: "bpf_xdp_adjust_meta in XDP".into(),
+                    available: false,
+                    required: false,
+                    forced_off: false,
+                    oldest_kernel: "4.15".into(),
+                    fallback: Some("lookup delivery".into()),
+                },
+                veil_api::KernelFeature {
+                    name: "tcx".into(),
+                    description: "tcx".into(),
+                    available: false,
+                    required: false,
+                    forced_off: true,
+                    oldest_kernel: "6.6".into(),
+                    fallback: Some("netlink".into()),
+                },
+            ],
+            choices: vec![veil_api::DatapathChoice {
+                decision: "delivery".into(),
+                chosen: "lookup".into(),
+                reason: "the kernel lacks bpf_xdp_adjust_meta in XDP".into(),
+                fallback: true,
+            }],
+        });
+        let text = status(&agent);
+        assert!(
+            text.contains(
+                "Kernel 6.18.44-fc-v1300 · 2 features probed, lacking: xdp-metadata, tcx (switched off)"
+            ),
+            "{text}"
+        );
+        let row = text.lines().find(|l| l.contains("delivery")).unwrap();
+        assert!(
+            row.contains("lookup (fallback)") && row.contains("lacks bpf_xdp_adjust_meta"),
+            "{row}"
+        );
     }
 
     #[test]

@@ -1,11 +1,9 @@
-//! Attaching programs to interfaces, choosing the best mode the kernel offers.
+//! Attaching programs to interfaces, the way the probes found the kernel
+//! attaches them ([`super::features`]).
 
-use aya::{
-    programs::{
-        SchedClassifier, TcAttachType, TcError, Xdp, XdpMode,
-        tc::{self, SchedClassifierLinkId},
-    },
-    util::KernelVersion,
+use aya::programs::{
+    LinkOrder, SchedClassifier, TcAttachType, TcError, Xdp, XdpMode,
+    tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
 };
 use tracing::{info, warn};
 use veil_api::{AttachedProgram, HookKind};
@@ -13,20 +11,23 @@ use veil_api::{AttachedProgram, HookKind};
 use super::DatapathError;
 use crate::config::XdpAttachMode;
 
-/// Attaches `program` to `interface`: native mode when asked or possible, else generic.
+/// Attaches `program` to `interface`: native mode when asked or possible
+/// (`native_allowed` false: a test switched it off), else generic.
 pub fn xdp(
     program: &mut Xdp,
     name: &'static str,
     interface: &str,
     mode: XdpAttachMode,
+    native_allowed: bool,
 ) -> Result<AttachedProgram, DatapathError> {
     let ifindex = ifindex(interface)?;
-    let attempts: &[(XdpMode, &str)] = match mode {
-        XdpAttachMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
-        XdpAttachMode::Native => &[(XdpMode::Driver, "native")],
-        XdpAttachMode::Generic => &[(XdpMode::Skb, "generic")],
+    let attempts: &[(XdpMode, &str)] = match (mode, native_allowed) {
+        (XdpAttachMode::Auto, true) => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+        (XdpAttachMode::Native, true) => &[(XdpMode::Driver, "native")],
+        (XdpAttachMode::Generic, _) | (XdpAttachMode::Auto, false) => &[(XdpMode::Skb, "generic")],
+        (XdpAttachMode::Native, false) => &[],
     };
-    let mut last_error = String::new();
+    let mut last_error = String::from("native mode is switched off and xdp_mode = \"native\"");
     for (xdp_mode, label) in attempts {
         match program.attach_to_if_index(ifindex, *xdp_mode) {
             Ok(_) => {
@@ -53,14 +54,15 @@ pub fn xdp(
     })
 }
 
-/// Attaches `program` to the ingress of `interface` (tcx on 6.6+, clsact before).
+/// Attaches `program` to the ingress of `interface`: through tcx when the
+/// kernel has it, else through netlink and the clsact qdisc.
 pub fn tc_ingress(
     program: &mut SchedClassifier,
     name: &'static str,
     interface: &str,
+    uses_tcx: bool,
 ) -> Result<(SchedClassifierLinkId, AttachedProgram), DatapathError> {
     let ifindex = ifindex(interface)?;
-    let uses_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
     if !uses_tcx {
         // Older kernels attach through the clsact qdisc; it may already exist.
         match tc::qdisc_add_clsact(interface) {
@@ -74,8 +76,13 @@ pub fn tc_ingress(
             }
         }
     }
+    let options = if uses_tcx {
+        TcAttachOptions::TcxOrder(LinkOrder::default())
+    } else {
+        TcAttachOptions::Netlink(NlOptions::default())
+    };
     let link = program
-        .attach(interface, TcAttachType::Ingress)
+        .attach_with_options(interface, TcAttachType::Ingress, options)
         .map_err(|error| DatapathError::Attach {
             program: name,
             interface: interface.into(),

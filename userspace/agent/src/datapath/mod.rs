@@ -5,6 +5,8 @@
 //! leaves nothing attached behind either).
 
 mod attach;
+pub mod choices;
+pub mod features;
 pub mod links;
 mod logs;
 pub mod overlay;
@@ -13,19 +15,23 @@ pub mod tunnel;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{Map, MapData, MapError, PerCpuHashMap, SockMap},
     programs::{ProgramError, SchedClassifier, SkLookup, Xdp, tc::SchedClassifierLinkId},
 };
-use tracing::info;
+use tracing::{info, warn};
 use veil_api::{AttachedProgram, HookKind, InterfaceCounters};
 use veil_common::{
     counters::{CounterKey, Hook, PacketCounters},
     names,
 };
 
-use self::overlay::OverlayMaps;
-use crate::config::DatapathConfig;
+use self::{
+    choices::LoadTimeSettings,
+    features::{Feature, KernelFeatures},
+    overlay::OverlayMaps,
+};
+use crate::config::{DatapathConfig, XdpAttachMode};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("VEIL_EBPF_OBJECT"));
@@ -41,6 +47,8 @@ const PERMISSION_HINT: &str = "the agent needs root, or CAP_BPF, CAP_NET_ADMIN a
 pub enum DatapathError {
     #[error("cannot load the eBPF object ({PERMISSION_HINT}): {0}")]
     Load(#[from] aya::EbpfError),
+    #[error(transparent)]
+    Kernel(#[from] features::FeatureError),
     #[error(
         "the eBPF object has no {kind} named {name}: agent and object are out of step, rebuild with `cargo xtask build-ebpf`"
     )]
@@ -94,8 +102,17 @@ pub struct Datapath {
     xdp: AttachedProgram,
     /// TC ingress on the underlay, delivering what XDP decapsulated.
     deliver: AttachedProgram,
-    /// `sk_lookup` on the node's namespace, for the mesh's TIME_WAIT case.
-    time_wait: AttachedProgram,
+    /// `sk_lookup` on the node's namespace, for the mesh's TIME_WAIT case
+    /// (`None` on kernels without sk_lookup).
+    time_wait: Option<AttachedProgram>,
+    /// What the kernel supports, as probed at start.
+    kernel: KernelFeatures,
+    /// What the datapath chose for it, with reasons.
+    choices: Vec<veil_api::DatapathChoice>,
+    /// Whether the mesh hands sessions to kernel TLS (`None`: no mesh).
+    kernel_tls: Option<bool>,
+    /// TC attaches through tcx (else netlink).
+    uses_tcx: bool,
     /// Pod veths with the pod-egress program, by name.
     pod_programs: BTreeMap<String, (SchedClassifierLinkId, AttachedProgram)>,
     /// Pod veths from the agent config: attached for the agent's whole life.
@@ -103,24 +120,61 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the embedded object and attaches XDP to the underlay and TC to each configured pod veth.
+    /// Loads the embedded object, built for `kernel` (probed with
+    /// [`features::KernelFeatures::probe`]), and attaches XDP to the
+    /// underlay and TC to each configured pod veth.
+    ///
+    /// `mesh_kernel_tls`: `None` without a mesh, else whether the config
+    /// lets the mesh use kernel TLS (`kernel_tls = "auto"`).
     ///
     /// Must run inside a tokio runtime: the programs' log records are
     /// forwarded to the agent's log by a background task.
-    pub fn start(config: &DatapathConfig) -> Result<Self, DatapathError> {
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+    pub fn start(
+        config: &DatapathConfig,
+        mut kernel: KernelFeatures,
+        mesh_kernel_tls: Option<bool>,
+    ) -> Result<Self, DatapathError> {
+        // A clear refusal before the verifier would give a less clear one.
+        kernel.require_all()?;
+        let settings = LoadTimeSettings::for_kernel(&kernel);
+        let mut ebpf = settings.load(EBPF_OBJECT)?;
+        let (xdp_link, tcx) = features::probe_attach_paths(&mut ebpf)?;
+        kernel.record(Feature::XdpLink, xdp_link);
+        kernel.record(Feature::Tcx, tcx);
+        kernel.require_all()?;
+        let tcx = kernel.has(Feature::Tcx);
         logs::forward_to_agent_log(&mut ebpf)?;
 
         let xdp: &mut Xdp = program_mut(&mut ebpf, names::PROG_UNDERLAY_INGRESS)?
             .try_into()
             .map_err(refused(names::PROG_UNDERLAY_INGRESS))?;
         xdp.load().map_err(refused(names::PROG_UNDERLAY_INGRESS))?;
+        let native_allowed = !kernel.switched_off(Feature::NativeXdp);
         let xdp = attach::xdp(
             xdp,
             names::PROG_UNDERLAY_INGRESS,
             &config.underlay_interface,
             config.xdp_mode,
+            native_allowed,
         )?;
+        let xdp_reason = match (config.xdp_mode, xdp.mode.as_str()) {
+            (XdpAttachMode::Generic, _) => "xdp_mode = \"generic\" in the agent config".to_string(),
+            (_, "native") => {
+                kernel.record(Feature::NativeXdp, true);
+                format!("{}'s driver runs XDP", config.underlay_interface)
+            }
+            _ if !native_allowed => {
+                kernel.record(Feature::NativeXdp, false);
+                format!(
+                    "xdp-native switched off by {}",
+                    features::DISABLE_FEATURES_ENV
+                )
+            }
+            _ => {
+                kernel.record(Feature::NativeXdp, false);
+                format!("{}'s driver refused native XDP", config.underlay_interface)
+            }
+        };
 
         let deliver: &mut SchedClassifier = program_mut(&mut ebpf, names::PROG_UNDERLAY_DELIVER)?
             .try_into()
@@ -133,6 +187,7 @@ impl Datapath {
             deliver,
             names::PROG_UNDERLAY_DELIVER,
             &config.underlay_interface,
+            tcx,
         )?;
 
         let tc: &mut SchedClassifier = program_mut(&mut ebpf, names::PROG_POD_EGRESS)?
@@ -140,31 +195,10 @@ impl Datapath {
             .map_err(refused(names::PROG_POD_EGRESS))?;
         tc.load().map_err(refused(names::PROG_POD_EGRESS))?;
 
-        // Answers only listener lookups for meshed remote pods' addresses,
-        // and only once the mesh has put its listener in the map.
-        let time_wait: &mut SkLookup = program_mut(&mut ebpf, names::PROG_MESH_TIME_WAIT)?
-            .try_into()
-            .map_err(refused(names::PROG_MESH_TIME_WAIT))?;
-        time_wait
-            .load()
-            .map_err(refused(names::PROG_MESH_TIME_WAIT))?;
-        let namespace = std::fs::File::open("/proc/self/ns/net").map_err(|source| {
-            DatapathError::Namespace {
-                program: names::PROG_MESH_TIME_WAIT,
-                source,
-            }
-        })?;
-        // The link lives as long as the program inside `ebpf`.
-        time_wait
-            .attach(&namespace)
-            .map_err(refused(names::PROG_MESH_TIME_WAIT))?;
-        let time_wait = AttachedProgram {
-            name: names::PROG_MESH_TIME_WAIT.into(),
-            hook: HookKind::SkLookup,
-            interface: NAMESPACE_INTERFACE.into(),
-            ifindex: 0,
-            mode: "link".into(),
-            detached: None,
+        let time_wait = if kernel.has(Feature::SkLookup) {
+            Some(attach_time_wait(&mut ebpf)?)
+        } else {
+            None
         };
         let mesh_listener = SockMap::try_from(take_map(&mut ebpf, names::MAP_MESH_LISTENER)?)
             .map_err(map_error(names::MAP_MESH_LISTENER))?;
@@ -203,8 +237,22 @@ impl Datapath {
 
         let static_pod_interfaces: BTreeSet<String> =
             config.pod_interfaces.iter().cloned().collect();
+        let kernel_tls = mesh_kernel_tls.map(|allowed| allowed && kernel.has(Feature::TlsUlp));
+        let choices = choices::report(
+            &kernel,
+            &settings,
+            &xdp.mode,
+            &xdp_reason,
+            kernel_tls,
+            mesh_kernel_tls == Some(false),
+        );
+        log_kernel(&kernel, &choices);
         let mut datapath = Self {
             ebpf,
+            kernel,
+            choices,
+            kernel_tls,
+            uses_tcx: tcx,
             counters,
             overlay,
             mesh_listener,
@@ -216,6 +264,34 @@ impl Datapath {
         };
         datapath.sync_pod_interfaces(&static_pod_interfaces)?;
         Ok(datapath)
+    }
+
+    /// What the kernel supports and what the datapath chose for it.
+    pub fn kernel_status(&self) -> veil_api::KernelStatus {
+        veil_api::KernelStatus {
+            release: self.kernel.release.clone(),
+            features: self
+                .kernel
+                .probes
+                .iter()
+                .map(|probe| veil_api::KernelFeature {
+                    name: probe.feature.name().into(),
+                    description: probe.feature.description().into(),
+                    available: probe.available,
+                    required: probe.feature.required(),
+                    forced_off: probe.forced_off,
+                    oldest_kernel: probe.feature.oldest_kernel().into(),
+                    fallback: probe.feature.fallback().map(Into::into),
+                })
+                .collect(),
+            choices: self.choices.clone(),
+        }
+    }
+
+    /// Whether the mesh hands its sessions to kernel TLS: the config lets
+    /// it and the kernel has the TLS ULP (`None` without a mesh).
+    pub fn kernel_tls(&self) -> Option<bool> {
+        self.kernel_tls
     }
 
     /// Lets the `sk_lookup` program hand a new meshed SYN that met an old
@@ -269,7 +345,8 @@ impl Datapath {
             if let std::collections::btree_map::Entry::Vacant(slot) =
                 self.pod_programs.entry(interface)
             {
-                let attached = attach::tc_ingress(tc, names::PROG_POD_EGRESS, slot.key())?;
+                let attached =
+                    attach::tc_ingress(tc, names::PROG_POD_EGRESS, slot.key(), self.uses_tcx)?;
                 slot.insert(attached);
             }
         }
@@ -288,14 +365,11 @@ impl Datapath {
     /// The programs attached: the underlay's (XDP, then TC) first, the
     /// namespace's `sk_lookup`, then pod veths by name.
     pub fn programs(&self) -> Vec<AttachedProgram> {
-        [
-            self.xdp.clone(),
-            self.deliver.clone(),
-            self.time_wait.clone(),
-        ]
-        .into_iter()
-        .chain(self.pod_programs.values().map(|(_, p)| p.clone()))
-        .collect()
+        [self.xdp.clone(), self.deliver.clone()]
+            .into_iter()
+            .chain(self.time_wait.clone())
+            .chain(self.pod_programs.values().map(|(_, p)| p.clone()))
+            .collect()
     }
 
     /// [`Self::programs`], each checked against the kernel now: the
@@ -368,6 +442,69 @@ impl Datapath {
     }
 }
 
+/// Loads the `sk_lookup` program and attaches it to this network namespace.
+fn attach_time_wait(ebpf: &mut Ebpf) -> Result<AttachedProgram, DatapathError> {
+    // Answers only listener lookups for meshed remote pods' addresses, and
+    // only once the mesh has put its listener in the map.
+    let time_wait: &mut SkLookup = program_mut(ebpf, names::PROG_MESH_TIME_WAIT)?
+        .try_into()
+        .map_err(refused(names::PROG_MESH_TIME_WAIT))?;
+    time_wait
+        .load()
+        .map_err(refused(names::PROG_MESH_TIME_WAIT))?;
+    let namespace =
+        std::fs::File::open("/proc/self/ns/net").map_err(|source| DatapathError::Namespace {
+            program: names::PROG_MESH_TIME_WAIT,
+            source,
+        })?;
+    // The link lives as long as the program inside `ebpf`.
+    time_wait
+        .attach(&namespace)
+        .map_err(refused(names::PROG_MESH_TIME_WAIT))?;
+    Ok(AttachedProgram {
+        name: names::PROG_MESH_TIME_WAIT.into(),
+        hook: HookKind::SkLookup,
+        interface: NAMESPACE_INTERFACE.into(),
+        ifindex: 0,
+        mode: "link".into(),
+        detached: None,
+    })
+}
+
+/// The start-up log's account of the kernel: one line for what it lacks,
+/// one per decision taken for it.
+fn log_kernel(kernel: &KernelFeatures, choices: &[veil_api::DatapathChoice]) {
+    let lacking: Vec<&str> = kernel
+        .probes
+        .iter()
+        .filter(|p| !p.available)
+        .map(|p| p.feature.name())
+        .collect();
+    info!(
+        release = %kernel.release,
+        probed = kernel.probes.len(),
+        lacking = %lacking.join(","),
+        "kernel features probed"
+    );
+    for choice in choices {
+        if choice.fallback {
+            warn!(
+                decision = %choice.decision,
+                chosen = %choice.chosen,
+                reason = %choice.reason,
+                "datapath fallback"
+            );
+        } else {
+            info!(
+                decision = %choice.decision,
+                chosen = %choice.chosen,
+                reason = %choice.reason,
+                "datapath choice"
+            );
+        }
+    }
+}
+
 fn hook_kind(hook: Hook) -> HookKind {
     match hook {
         Hook::UnderlayXdp => HookKind::Xdp,
@@ -375,7 +512,7 @@ fn hook_kind(hook: Hook) -> HookKind {
     }
 }
 
-fn program_mut<'a>(
+pub(crate) fn program_mut<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut aya::programs::Program, DatapathError> {
@@ -390,7 +527,7 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DatapathError> {
         .ok_or(DatapathError::Missing { kind: "map", name })
 }
 
-fn refused(program: &'static str) -> impl FnOnce(ProgramError) -> DatapathError {
+pub(crate) fn refused(program: &'static str) -> impl FnOnce(ProgramError) -> DatapathError {
     move |source| DatapathError::Program { program, source }
 }
 

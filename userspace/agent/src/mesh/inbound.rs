@@ -105,7 +105,7 @@ fn accept_session(
         Ok(checked) => checked,
         Err(refusal) => return Err((refusal, Some(tcp))),
     };
-    match Session::from_handshaken(connection, tcp) {
+    match Session::from_handshaken(connection, tcp, mesh.kernel_tls) {
         Ok(session) => Ok((session, pod, preface, peer)),
         Err(error) => {
             reset(pod);

@@ -40,7 +40,7 @@ use veil_common::overlay::OUTBOUND_PROXY_PORT;
 use veil_identity::{CertificateAuthority, SpiffeId, verify::LeafFacts};
 use veil_mtls::{
     Preface, TlsSettings,
-    session::{Mode, Session},
+    session::{KernelTls, Mode, Session},
     verifier::TrustState,
 };
 
@@ -102,6 +102,8 @@ pub struct MeshState {
     pub client_configs: client_configs::ClientConfigs,
     /// The sessions being relayed, checked again when what allowed them changes.
     pub live: live::LiveSessions,
+    /// Whether sessions go to kernel TLS when the kernel has it.
+    pub kernel_tls: KernelTls,
 }
 
 /// Who is at the other end of a session, as its handshake proved.
@@ -136,6 +138,7 @@ impl Mesh {
         node_name: &str,
         kubeconfig: Option<std::path::PathBuf>,
         overlay: Arc<OverlaySync>,
+        kernel_tls: KernelTls,
     ) -> Result<Self, MeshError> {
         let settings = TlsSettings::default();
         let store = Arc::new(match section.issuer {
@@ -171,6 +174,7 @@ impl Mesh {
             flows: flows::FlowLog::default(),
             client_configs: client_configs::ClientConfigs::default(),
             live: live::LiveSessions::default(),
+            kernel_tls,
         });
 
         routing::install()?;
@@ -701,7 +705,9 @@ fn log_mode_once(mode: Mode) {
             KERNEL.call_once(|| info!("mTLS sessions run in kernel TLS (kTLS + splice)"))
         }
         Mode::Userspace => USERSPACE.call_once(|| {
-            info!("kernel TLS unavailable (no TLS ULP): mTLS sessions run in rustls, in userspace")
+            info!(
+                "mTLS sessions run in rustls, in userspace (why: the mtls-records choice in veilctl status)"
+            )
         }),
     }
 }

@@ -131,7 +131,11 @@ fn open_session(mesh: &MeshState, pod: &TcpStream) -> Result<(Session, Preface, 
         certificate,
         node: destination_pod.node_underlay_ip,
     };
-    Ok((Session::from_handshaken(connection, tcp)?, preface, peer))
+    Ok((
+        Session::from_handshaken(connection, tcp, mesh.kernel_tls)?,
+        preface,
+        peer,
+    ))
 }
 
 /// Why a connection between two meshed pods of this node was refused. Such

@@ -14,7 +14,7 @@ use rustls::{
 use veil_identity::{CertificateAuthority, SpiffeId, WorkloadKey, ca::DEFAULT_LEAF_LIFETIME};
 use veil_mtls::{
     Preface, TlsSettings, WorkloadCredentials, handshake,
-    session::Session,
+    session::{KernelTls, Session},
     verifier::{ExpectedPeer, TrustState},
 };
 
@@ -143,7 +143,7 @@ pub enum Placement {
 impl Placement {
     fn session(self, mut connection: Connection, mut tcp: TcpStream) -> Session {
         match self {
-            Self::Auto => Session::from_handshaken(connection, tcp).unwrap(),
+            Self::Auto => Session::from_handshaken(connection, tcp, KernelTls::Auto).unwrap(),
             Self::Userspace => {
                 handshake::send_pending(&mut connection, &mut tcp).unwrap();
                 Session::Userspace(Box::new(connection), tcp)
