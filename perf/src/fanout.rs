@@ -211,10 +211,11 @@ pub fn run(options: &FanoutOptions) -> Result<(FanoutResults, PathBuf), FanoutEr
             .pods_per_node(1)
             .routing(Routing::None),
     )?;
-    let broker =
-        Broker::start_in("fan-out benchmark", &topology.node(1), BROKER_IP).ok_or_else(|| {
-            FanoutError::Setup("no Kafka-protocol broker (tansu): run `cargo xtask setup`".into())
-        })?;
+    let broker = Broker::try_start_in(&topology.node(1), BROKER_IP).map_err(|reason| {
+        FanoutError::Setup(format!(
+            "no Kafka-protocol broker (tansu): {reason}; run `cargo xtask setup`"
+        ))
+    })?;
     let agents: Vec<Agent> = (1..=options.agents)
         .map(|node| {
             Agent::start_overlay_with(&topology, node, VNI, &broker.agent_section(&topology, node))

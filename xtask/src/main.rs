@@ -10,12 +10,12 @@ mod demo;
 mod deploy;
 mod ebpf;
 mod install_node;
-mod ktls_vm;
 mod kube;
 mod paths;
 mod setup;
 mod shell;
 mod test;
+mod vm;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -42,8 +42,19 @@ enum Command {
     },
     /// Regenerate the CRD manifests in deploy/crds/ from the Rust types.
     GenCrds,
-    /// Run only the kernel-TLS tests, in a qemu VM (part of `test`).
-    KtlsVm,
+    /// Run the agent's suites on Debian's 6.1 and 6.12 kernels in qemu VMs
+    /// (part of `test`): kTLS, programs, counters, overlay, mesh, kernel
+    /// fallbacks. Needs root.
+    #[command(alias = "ktls-vm")]
+    VmTest {
+        /// Only this kernel of the matrix (6.1 or 6.12); repeatable.
+        #[arg(long = "kernel", value_name = "NAME")]
+        kernels: Vec<String>,
+        /// Only this suite (mtls-ktls, mtls-session-relay, program-verdicts,
+        /// datapath-counters, overlay, mesh, kernel); repeatable.
+        #[arg(long = "suite", value_name = "NAME")]
+        suites: Vec<String>,
+    },
     /// Build kube-apiserver and etcd from their Go modules into
     /// $VEIL_CACHE_DIR/kube (part of `test`; skipped when already built).
     KubeBinaries,
@@ -135,7 +146,9 @@ fn main() -> ExitCode {
         Command::BuildEbpf => ebpf::build().map(|object| println!("{}", object.display())),
         Command::Test { cargo_test_args } => test::run(&cargo_test_args),
         Command::GenCrds => crds::generate(),
-        Command::KtlsVm => ebpf::build().and_then(|object| ktls_vm::run(&object)),
+        Command::VmTest { kernels, suites } => {
+            ebpf::build().and_then(|object| vm::run(&object, &kernels, &suites))
+        }
         Command::KubeBinaries => kube::run(),
         Command::Demo => demo::run(),
         Command::Bench { args } => bench::run(&args),

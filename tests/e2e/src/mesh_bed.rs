@@ -60,7 +60,6 @@ impl MeshBed {
             broker
                 .get_or_insert_with(|| {
                     Broker::start_in("mesh on the event bus", &topology.node(1), BROKER_IP)
-                        .expect("a Kafka-protocol broker (tansu): run `cargo xtask setup`")
                 })
                 .agent_section(topology, node)
         });

@@ -5,8 +5,10 @@
 //! API server itself validates, admits, stores and authorizes.
 //!
 //! The binaries come from `cargo xtask kube-binaries` (`cargo xtask test`
-//! builds them); without them each test prints `SKIPPED:` (under `CI=true` it
-//! fails). Every test starts its own API server, one at a time.
+//! builds them). Each test is `#[ignore]`d with what it needs, so a plain
+//! `cargo test` lists it as ignored; `cargo xtask test` runs them all, and a
+//! test run without the binaries fails saying how to build them. Every test
+//! starts its own API server, one at a time.
 //!
 //! The deploy manifests are rendered by the xtask binary itself
 //! (`xtask deploy --dry-run`, found like the other workspace binaries through
@@ -65,11 +67,10 @@ async fn install_ecdsacert_crd(client: &Client) {
 }
 
 #[tokio::test]
+#[ignore = "needs kube-apiserver and etcd: cargo xtask test runs it"]
 async fn the_ecdsacert_crd_is_served_with_its_printer_columns() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let Some(kube) = veil_kubebed::start_or_skip("the ECDSACert CRD test").await else {
-        return;
-    };
+    let kube = veil_kubebed::start_for_test("the ECDSACert CRD test").await;
     let client = kube.client().await.expect("an admin client");
     install_ecdsacert_crd(&client).await;
 
@@ -166,20 +167,11 @@ async fn the_ecdsacert_crd_is_served_with_its_printer_columns() {
 }
 
 /// `xtask deploy --dry-run <args>`'s output, from the xtask binary of this
-/// build; `None` (after SKIPPED, or a panic under CI) when it is not built.
-fn rendered_deploy_manifests(args: &[&str]) -> Option<String> {
-    let xtask = match veil_testbed::binaries::locate("xtask") {
-        Ok(path) => path,
-        Err(error) => {
-            assert!(
-                !std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0"),
-                "the deploy manifests test needs the xtask binary, and CI=true forbids \
-                 skipping it: {error}"
-            );
-            eprintln!("SKIPPED: the deploy manifests test: {error}");
-            return None;
-        }
-    };
+/// build; panics (failing the test) when it is not built.
+fn rendered_deploy_manifests(args: &[&str]) -> String {
+    let xtask = veil_testbed::binaries::locate("xtask").unwrap_or_else(|error| {
+        panic!("rendering the deploy manifests needs the xtask binary: {error}")
+    });
     let output = Command::new(&xtask)
         .args(["deploy", "--dry-run"])
         .args(args)
@@ -191,7 +183,7 @@ fn rendered_deploy_manifests(args: &[&str]) -> Option<String> {
         xtask.display(),
         String::from_utf8_lossy(&output.stderr)
     );
-    Some(String::from_utf8(output.stdout).expect("UTF-8 manifests"))
+    String::from_utf8(output.stdout).expect("UTF-8 manifests")
 }
 
 /// Applies every object of the stream for real, in order; returns them.
@@ -206,14 +198,11 @@ async fn apply_all(client: &Client, stream: &str) -> Vec<Value> {
 }
 
 #[tokio::test]
+#[ignore = "needs kube-apiserver, etcd and the xtask binary: cargo xtask test runs it"]
 async fn every_deploy_manifest_is_accepted_by_the_api_server() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let Some(stream) = rendered_deploy_manifests(&["--secret-writing"]) else {
-        return;
-    };
-    let Some(kube) = veil_kubebed::start_or_skip("the deploy manifests test").await else {
-        return;
-    };
+    let stream = rendered_deploy_manifests(&["--secret-writing"]);
+    let kube = veil_kubebed::start_for_test("the deploy manifests test").await;
     let client = kube.client().await.expect("an admin client");
     let objects = documents(&stream);
     assert!(objects.len() >= 10, "too few documents:\n{stream}");
@@ -327,14 +316,11 @@ fn is_forbidden(result: Result<impl Sized, kube::Error>) -> bool {
 }
 
 #[tokio::test]
+#[ignore = "needs kube-apiserver, etcd and the xtask binary: cargo xtask test runs it"]
 async fn the_service_accounts_get_exactly_what_the_rbac_manifests_grant() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let Some(stream) = rendered_deploy_manifests(&[]) else {
-        return;
-    };
-    let Some(kube) = veil_kubebed::start_or_skip("the RBAC test").await else {
-        return;
-    };
+    let stream = rendered_deploy_manifests(&[]);
+    let kube = veil_kubebed::start_for_test("the RBAC test").await;
     let admin = kube.client().await.expect("an admin client");
     apply_all(&admin, &stream).await;
     install_ecdsacert_crd(&admin).await;
@@ -436,9 +422,7 @@ async fn the_service_accounts_get_exactly_what_the_rbac_manifests_grant() {
     // With --secret-writing: the agent (which holds the keys) may write
     // Secrets and the controller (whose finalizer cleans up) delete them;
     // neither may read one.
-    let Some(opted_in) = rendered_deploy_manifests(&["--secret-writing"]) else {
-        return;
-    };
+    let opted_in = rendered_deploy_manifests(&["--secret-writing"]);
     apply_all(&admin, &opted_in).await;
     // The agent's rendered configuration turns it on (and parses).
     for (manifests, writes) in [(&stream, false), (&opted_in, true)] {
@@ -584,14 +568,13 @@ impl Controller {
 }
 
 #[tokio::test]
+#[ignore = "needs kube-apiserver and etcd: cargo xtask test runs it"]
 async fn the_controller_signs_an_agents_csr_and_refuses_a_foreign_one() {
     use veil_controller::lease::LeaseLock;
     use veil_identity::{SpiffeId, WorkloadKey};
 
     let _serial = ONE_AT_A_TIME.lock().await;
-    let Some(kube) = veil_kubebed::start_or_skip("the ECDSACert controller test").await else {
-        return;
-    };
+    let kube = veil_kubebed::start_for_test("the ECDSACert controller test").await;
     let client = kube.client().await.expect("an admin client");
     install_ecdsacert_crd(&client).await;
 
@@ -703,17 +686,14 @@ async fn the_controller_signs_an_agents_csr_and_refuses_a_foreign_one() {
 }
 
 #[tokio::test]
+#[ignore = "needs kube-apiserver, etcd and the xtask binary: cargo xtask test runs it"]
 async fn the_agent_gets_its_workload_certificates_from_the_controller() {
     use veil_agent::mesh::{signer::KubernetesSigner, workloads::WorkloadStore};
     use veil_identity::SpiffeId;
 
     let _serial = ONE_AT_A_TIME.lock().await;
-    let Some(stream) = rendered_deploy_manifests(&[]) else {
-        return;
-    };
-    let Some(kube) = veil_kubebed::start_or_skip("the agent's Kubernetes issuer test").await else {
-        return;
-    };
+    let stream = rendered_deploy_manifests(&[]);
+    let kube = veil_kubebed::start_for_test("the agent's Kubernetes issuer test").await;
     let client = kube.client().await.expect("an admin client");
     // The agent acts with its pod's token, under the deployed RBAC and
     // admission policy.
@@ -786,15 +766,14 @@ async fn the_agent_gets_its_workload_certificates_from_the_controller() {
 }
 
 #[tokio::test]
+#[ignore = "needs kube-apiserver and etcd: cargo xtask test runs it"]
 async fn a_tls_secret_is_written_only_when_asked_and_goes_with_its_ecdsacert() {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     use veil_agent::mesh::{signer::KubernetesSigner, workloads::WorkloadStore};
     use veil_identity::SpiffeId;
 
     let _serial = ONE_AT_A_TIME.lock().await;
-    let Some(kube) = veil_kubebed::start_or_skip("the agent's Secret-writing test").await else {
-        return;
-    };
+    let kube = veil_kubebed::start_for_test("the agent's Secret-writing test").await;
     let client = kube.client().await.expect("an admin client");
     install_ecdsacert_crd(&client).await;
     let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -999,16 +978,13 @@ fn refused_by_policy<T: std::fmt::Debug>(what: &str, result: Result<T, kube::Err
 }
 
 #[tokio::test]
+#[ignore = "needs kube-apiserver, etcd and the xtask binary: cargo xtask test runs it"]
 async fn an_agent_acts_only_for_its_own_node_and_gets_only_the_identities_scheduled_there() {
     use veil_identity::{SpiffeId, WorkloadKey};
 
     let _serial = ONE_AT_A_TIME.lock().await;
-    let Some(stream) = rendered_deploy_manifests(&[]) else {
-        return;
-    };
-    let Some(kube) = veil_kubebed::start_or_skip("the agent's own-node test").await else {
-        return;
-    };
+    let stream = rendered_deploy_manifests(&[]);
+    let kube = veil_kubebed::start_for_test("the agent's own-node test").await;
     let admin = kube.client().await.expect("an admin client");
     let agent = Client::try_from(deploy_with_agent_on_node1(&kube, &admin, &stream).await)
         .expect("a client with the agent's token");

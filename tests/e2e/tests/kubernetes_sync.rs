@@ -238,14 +238,11 @@ fn kubernetes_section(kubeconfig: &Path) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root (network namespaces, eBPF), kube-apiserver and etcd: cargo xtask test runs it"]
 async fn agents_build_the_overlay_from_nodes_and_pods_in_the_api_server() {
-    if !require_root("Kubernetes-fed agents test") {
-        return;
-    }
+    require_root("Kubernetes-fed agents test");
     let _serial = ONE_AT_A_TIME.lock().await;
-    let Some(kube) = veil_kubebed::start_or_skip("Kubernetes-fed agents test").await else {
-        return;
-    };
+    let kube = veil_kubebed::start_for_test("Kubernetes-fed agents test").await;
     let client = kube.client().await.unwrap();
     install_cluster_objects(&client).await;
     let topology = Topology::build(
@@ -413,14 +410,11 @@ async fn agents_build_the_overlay_from_nodes_and_pods_in_the_api_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root (network namespaces, eBPF), kube-apiserver, etcd and a Kafka broker (tansu): cargo xtask test runs it"]
 async fn the_controller_announces_pods_on_kafka_to_the_nodes_that_do_not_watch_them() {
-    if !require_root("controller pod events test") {
-        return;
-    }
+    require_root("controller pod events test");
     let _serial = ONE_AT_A_TIME.lock().await;
-    let Some(kube) = veil_kubebed::start_or_skip("controller pod events test").await else {
-        return;
-    };
+    let kube = veil_kubebed::start_for_test("controller pod events test").await;
     let client = kube.client().await.unwrap();
     install_cluster_objects(&client).await;
     veil_kubebed::objects::install_crd(
@@ -437,10 +431,7 @@ async fn the_controller_announces_pods_on_kafka_to_the_nodes_that_do_not_watch_t
             .routing(Routing::None),
     )
     .unwrap();
-    let Some(broker) = Broker::start_in("controller pod events test", &topology.node(1), BROKER_IP)
-    else {
-        return;
-    };
+    let broker = Broker::start_in("controller pod events test", &topology.node(1), BROKER_IP);
     for node in 1..=2 {
         register_node(&client, node).await;
     }

@@ -156,10 +156,10 @@ fn capture_underlay(topology: &Topology, work: impl FnOnce()) -> String {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, eBPF) and tcpdump: cargo xtask test runs it"]
 fn meshed_tcp_crosses_nodes_encrypted_byte_exact_with_the_real_client_address() {
-    if !require_root("mesh traffic test") {
-        return;
-    }
+    require_root("mesh traffic test");
+    veil_testbed::require_program("tcpdump", "mesh traffic test");
     let bed = MeshBed::start("mesh");
     let topology = &bed.topology;
 
@@ -335,10 +335,9 @@ fn meshed_tcp_crosses_nodes_encrypted_byte_exact_with_the_real_client_address() 
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, eBPF): cargo xtask test runs it"]
 fn strict_pods_refuse_plaintext_and_agents_refuse_bad_peers() {
-    if !require_root("mesh refusal test") {
-        return;
-    }
+    require_root("mesh refusal test");
     let bed = MeshBed::start_with_policy("meshno", POLICY);
     let topology = &bed.topology;
 
@@ -497,10 +496,9 @@ fn strict_pods_refuse_plaintext_and_agents_refuse_bad_peers() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, eBPF): cargo xtask test runs it"]
 fn running_sessions_are_reset_when_a_rule_or_a_pod_identity_stops_allowing_them() {
-    if !require_root("mesh live session test") {
-        return;
-    }
+    require_root("mesh live session test");
     let mut bed = MeshBed::start("meshlive");
     // Two sessions cart → checkout while no rule selects checkout.
     let doomed = HeldConnection::open(&bed.topology, CART, CHECKOUT, 7810);
@@ -574,10 +572,9 @@ from_identities = ["spiffe://cluster.local/ns/shop/sa/payments"]
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, eBPF): cargo xtask test runs it"]
 fn a_peer_agent_that_dies_mid_stream_resets_the_pod_instead_of_ending_its_stream() {
-    if !require_root("mesh truncation test") {
-        return;
-    }
+    require_root("mesh truncation test");
     let mut bed = MeshBed::start("meshcut");
     let mut held = HeldConnection::open(&bed.topology, CART, CHECKOUT, 7820);
     // Node 2's agent dies: its kernel ends the session's TCP stream with a
@@ -613,10 +610,9 @@ fn a_peer_agent_that_dies_mid_stream_resets_the_pod_instead_of_ending_its_stream
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, eBPF): cargo xtask test runs it"]
 fn an_agent_that_stops_resets_its_running_sessions_at_both_ends() {
-    if !require_root("mesh agent stop test") {
-        return;
-    }
+    require_root("mesh agent stop test");
     let mut bed = MeshBed::start("meshstop");
     let held = HeldConnection::open(&bed.topology, CART, CHECKOUT, 7822);
     assert!(
@@ -641,10 +637,9 @@ fn an_agent_that_stops_resets_its_running_sessions_at_both_ends() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, eBPF): cargo xtask test runs it"]
 fn connections_between_pods_of_one_node_meet_the_allow_rules_too() {
-    if !require_root("mesh same-node authorization test") {
-        return;
-    }
+    require_root("mesh same-node authorization test");
     // reports:7840 admits only payments. Cart and reports share node 1, so
     // their connections never reach a handshake: the datapath must apply
     // the rules itself.
@@ -966,10 +961,9 @@ fn presented_serial(topology: &Topology, ca: &CertificateAuthority) -> String {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, eBPF): cargo xtask test runs it"]
 fn certificates_rotate_under_a_live_connection_and_new_connections_get_the_new_one() {
-    if !require_root("mesh rotation test") {
-        return;
-    }
+    require_root("mesh rotation test");
     // 30 s certificates: renewed after 20 s.
     let bed = MeshBed::start_with("meshrot", "", "certificate_lifetime = \"30s\"\n");
     let topology = &bed.topology;
@@ -1106,12 +1100,10 @@ fn openssl_to_inbound(
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, eBPF) and openssl: cargo xtask test runs it"]
 fn openssl_with_a_workload_certificate_completes_the_handshake_and_without_one_is_refused() {
-    if !require_root("mesh interop test")
-        || !veil_testbed::require_program("openssl", "mesh interop test")
-    {
-        return;
-    }
+    require_root("mesh interop test");
+    veil_testbed::require_program("openssl", "mesh interop test");
     let bed = MeshBed::start("meshssl");
     let topology = &bed.topology;
     let cert = std::fs::read_to_string(&bed.ca_cert).unwrap();
@@ -1186,10 +1178,9 @@ fn handshake_with(
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, eBPF) and a Kafka broker (tansu): cargo xtask test runs it"]
 fn certificates_and_identities_revoked_on_the_bus_are_refused_everywhere_and_their_owners_rekey() {
-    if !require_root("revocation test") {
-        return;
-    }
+    require_root("revocation test");
     let (bed, broker) = MeshBed::start_on_bus("mrevoke");
     wait_for("agents on the bus", Duration::from_secs(30), || {
         bed.agents.iter().all(Agent::bus_connected)
@@ -1363,10 +1354,9 @@ fn certificates_and_identities_revoked_on_the_bus_are_refused_everywhere_and_the
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, eBPF): cargo xtask test runs it"]
 fn veilctl_check_finds_certificates_close_to_expiry() {
-    if !require_root("certificate expiry check test") {
-        return;
-    }
+    require_root("certificate expiry check test");
     // Ten-minute certificates: every one is always within the hour of expiry.
     let bed = MeshBed::start_with("mexpiry", "", "certificate_lifetime = \"10m\"\n");
     let cart = format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/cart");

@@ -35,10 +35,9 @@ fn drops(status: &AgentStatus) -> Vec<(String, u64)> {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, eBPF): cargo xtask test runs it"]
 fn icmp_tcp_and_udp_cross_nodes_and_stay_local_within_a_node() {
-    if !require_root("overlay traffic test") {
-        return;
-    }
+    require_root("overlay traffic test");
     let topology = overlay_topology("ovl");
     let (a, b, c) = (PodRef::new(1, 1), PodRef::new(2, 1), PodRef::new(1, 2));
 
@@ -104,10 +103,9 @@ fn icmp_tcp_and_udp_cross_nodes_and_stay_local_within_a_node() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, eBPF): cargo xtask test runs it"]
 fn the_collect_md_vxlan_device_encapsulation_carries_the_same_traffic() {
-    if !require_root("overlay traffic test (vxlan-device encapsulation)") {
-        return;
-    }
+    require_root("overlay traffic test (vxlan-device encapsulation)");
     let topology = overlay_topology("ovlmd");
     let (a, b) = (PodRef::new(1, 1), PodRef::new(2, 1));
     let mut agents: Vec<Agent> = (1..=2)
@@ -216,10 +214,9 @@ fn inner_udp_frame(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, eBPF): cargo xtask test runs it"]
 fn malformed_vxlan_is_dropped_and_counted_by_reason_and_never_reaches_a_pod() {
-    if !require_root("overlay malformed-packet test") {
-        return;
-    }
+    require_root("overlay malformed-packet test");
     let topology = overlay_topology("bad");
     let agents = start_agents(&topology);
     let target = PodRef::new(2, 1);
@@ -310,10 +307,10 @@ fn malformed_vxlan_is_dropped_and_counted_by_reason_and_never_reaches_a_pod() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, eBPF) and tcpdump: cargo xtask test runs it"]
 fn a_capture_on_the_underlay_shows_our_vni_and_flow_hashed_source_ports() {
-    if !require_root("overlay capture test") {
-        return;
-    }
+    require_root("overlay capture test");
+    veil_testbed::require_program("tcpdump", "overlay capture test");
     let topology = overlay_topology("cap");
     let _agents = start_agents(&topology);
     let capture_file = topology.workdir().join("underlay.pcap");
@@ -384,10 +381,9 @@ fn a_capture_on_the_underlay_shows_our_vni_and_flow_hashed_source_ports() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, eBPF): cargo xtask test runs it"]
 fn moving_a_pod_updates_the_maps_live_and_leaves_other_flows_alone() {
-    if !require_root("overlay live-update test") {
-        return;
-    }
+    require_root("overlay live-update test");
     let mut topology = overlay_topology("mov");
     let agents = start_agents(&topology);
     let (a, b, moving) = (PodRef::new(1, 1), PodRef::new(2, 1), PodRef::new(2, 2));
@@ -516,10 +512,9 @@ fn moving_a_pod_updates_the_maps_live_and_leaves_other_flows_alone() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, eBPF): cargo xtask test runs it"]
 fn a_too_big_packet_gets_fragmentation_needed_so_path_mtu_discovery_works() {
-    if !require_root("overlay path-MTU test") {
-        return;
-    }
+    require_root("overlay path-MTU test");
     let topology = overlay_topology("pmtu");
     let _agents = start_agents(&topology);
     let (a, b) = (PodRef::new(1, 1), PodRef::new(2, 1));
@@ -570,10 +565,9 @@ fn a_too_big_packet_gets_fragmentation_needed_so_path_mtu_discovery_works() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, eBPF): cargo xtask test runs it"]
 fn veilctl_check_finds_an_underlay_mtu_mismatch_and_a_detached_xdp_program() {
-    if !require_root("veilctl check test") {
-        return;
-    }
+    require_root("veilctl check test");
     let topology = overlay_topology("chk");
     let agents = start_agents(&topology);
     let (code, report) = agents[0].veilctl_exit(&["check"]).unwrap();
@@ -616,10 +610,9 @@ fn veilctl_check_finds_an_underlay_mtu_mismatch_and_a_detached_xdp_program() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, eBPF): cargo xtask test runs it"]
 fn a_pod_veth_recreated_under_the_same_name_gets_the_program_again() {
-    if !require_root("recreated veth test") {
-        return;
-    }
+    require_root("recreated veth test");
     let mut topology = overlay_topology("reveth");
     let agents = start_agents(&topology);
     let (a, b) = (PodRef::new(1, 1), PodRef::new(2, 1));

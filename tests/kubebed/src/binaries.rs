@@ -1,6 +1,6 @@
-//! Finding kube-apiserver and etcd, and the skip-or-fail rule when they are missing.
+//! Finding kube-apiserver and etcd, and failing the test when they are missing.
 
-use std::{io::Write, path::PathBuf};
+use std::path::PathBuf;
 
 use crate::{KubeBedError, Result};
 
@@ -47,24 +47,11 @@ impl KubeBinaries {
     }
 }
 
-/// The binaries when they are there. Missing under `CI=true`: panics (a CI
-/// run that skipped the API server tests would prove nothing). Missing
-/// elsewhere: prints a visible `SKIPPED:` line to stderr (past the test
-/// harness's capture) and returns `None`, and the caller returns.
-pub fn require_kube_binaries(what: &str) -> Option<KubeBinaries> {
-    match KubeBinaries::locate() {
-        Ok(binaries) => Some(binaries),
-        Err(error) if running_in_ci() => {
-            panic!("{what} needs a kube-apiserver, and CI=true forbids skipping it: {error}")
-        }
-        Err(error) => {
-            let _ = writeln!(std::io::stderr(), "SKIPPED: {what}: {error}");
-            None
-        }
-    }
-}
-
-/// `CI` set to anything but empty, `false` or `0`.
-pub(crate) fn running_in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+/// The binaries, for the test `what`. Missing: panics (failing the test)
+/// with what is missing and how to build it, whether or not `CI` is set: a
+/// test that needs a kube-apiserver is `#[ignore]`d, so it runs only when
+/// asked for (`cargo xtask test`), and then it must not pass without one.
+pub fn require_kube_binaries(what: &str) -> KubeBinaries {
+    KubeBinaries::locate()
+        .unwrap_or_else(|error| panic!("{what} needs kube-apiserver and etcd: {error}"))
 }

@@ -11,13 +11,15 @@
 //! directory, also when the test panics.
 //!
 //! The binaries come from `cargo xtask kube-binaries` (see
-//! [`KubeBinaries::locate`]); tests use [`start_or_skip`], which follows the
-//! workspace's rule for missing prerequisites: `SKIPPED:` on stderr outside
-//! CI, a panic under `CI=true`.
+//! [`KubeBinaries::locate`]); tests use [`start_for_test`], which follows the
+//! workspace's rule for missing prerequisites: the test is
+//! `#[ignore = "needs kube-apiserver and etcd: cargo xtask test runs it"]`,
+//! and when it runs without them it fails (a panic saying how to build them),
+//! never passes.
 //!
 //! ```no_run
 //! # async fn example() {
-//! let Some(api) = veil_kubebed::start_or_skip("my test").await else { return };
+//! let api = veil_kubebed::start_for_test("my test").await;
 //! let client = api.client().await.unwrap();
 //! let agent = api.client_as_service_account("veil-system", "veil-agent").await.unwrap();
 //! # }
@@ -117,14 +119,13 @@ pub struct KubeApi {
     dir: tempfile::TempDir,
 }
 
-/// Starts a [`KubeApi`] for the test `what`, or returns `None` after
-/// printing `SKIPPED:` when the binaries are not built (a panic instead
-/// under `CI=true`). Panics, with the servers' last log lines, when they are
-/// built but do not come up: that is a failure, not a reason to skip.
-pub async fn start_or_skip(what: &str) -> Option<KubeApi> {
-    let binaries = require_kube_binaries(what)?;
+/// Starts a [`KubeApi`] for the test `what`. Panics (failing the test)
+/// when the binaries are not built, saying how to build them, and, with the
+/// servers' last log lines, when they are built but do not come up.
+pub async fn start_for_test(what: &str) -> KubeApi {
+    let binaries = require_kube_binaries(what);
     match KubeApi::start(&binaries).await {
-        Ok(api) => Some(api),
+        Ok(api) => api,
         Err(error) => panic!("{what}: cannot start the test API server: {error}"),
     }
 }

@@ -9,10 +9,12 @@
 //! S3 object store served by moto (a Python package) that outlives broker
 //! restarts, the way a production tansu keeps it in S3.
 //!
-//! When the broker cannot be had: under `CI=true` the test fails with the
-//! reason (CI must prove the Kafka path); elsewhere it prints
-//! `SKIPPED: <reason>` and the test returns, as the root-only tests do
-//! (`tests/testbed/src/privileges.rs`).
+//! Tests that need a broker are
+//! `#[ignore = "needs a Kafka broker (tansu): cargo xtask test runs it"]`;
+//! when the broker cannot be had, [`Broker::start`] and [`Broker::start_in`]
+//! fail the test with the reason, as the root-only tests do
+//! (`tests/testbed/src/prerequisites.rs`). [`Broker::try_start_in`] returns
+//! the reason instead, for callers that are not tests.
 
 use std::{
     io::{Read, Write},
@@ -35,22 +37,14 @@ const BUCKET: &str = "tansu";
 /// One download at a time within a test binary.
 static FETCH: Mutex<()> = Mutex::new(());
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
-/// `Some` to go on; `None` after printing SKIPPED; panics under CI.
-pub fn require<T>(what: &str, result: Result<T, String>) -> Option<T> {
-    match result {
-        Ok(value) => Some(value),
-        Err(reason) if ci() => {
-            panic!("{what} needs a Kafka broker, and CI=true forbids skipping it: {reason}")
-        }
-        Err(reason) => {
-            let _ = writeln!(std::io::stderr(), "SKIPPED: {what}: {reason}");
-            None
-        }
-    }
+/// The value, or a panic naming `what` and why there is no broker.
+fn require<T>(what: &str, result: Result<T, String>) -> T {
+    result.unwrap_or_else(|reason| {
+        panic!(
+            "{what} needs a Kafka broker (tansu), and none could be started: {reason} \
+             (`cargo xtask setup` installs tansu)"
+        )
+    })
 }
 
 fn cache_dir() -> PathBuf {
@@ -299,18 +293,22 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// A broker for `what`, or `None` when it cannot be had outside CI.
-    pub fn start(what: &str, storage: Storage) -> Option<Self> {
+    /// A broker for the test `what`; panics (failing the test) with the
+    /// reason when it cannot be started.
+    pub fn start(what: &str, storage: Storage) -> Self {
         require(what, Self::try_start(storage))
     }
 
     /// A broker inside `ns`, listening on `ip` (e.g. a node's underlay
-    /// address, so agents in every node's namespace reach it).
-    pub fn start_in(what: &str, ns: &NetNs, ip: Ipv4Addr) -> Option<Self> {
-        require(
-            what,
-            Self::try_start_at(Storage::Memory, Some((ns.clone(), ip))),
-        )
+    /// address, so agents in every node's namespace reach it), for the test
+    /// `what`; panics (failing the test) when it cannot be started.
+    pub fn start_in(what: &str, ns: &NetNs, ip: Ipv4Addr) -> Self {
+        require(what, Self::try_start_in(ns, ip))
+    }
+
+    /// Like [`Self::start_in`], with the reason as an error instead of a panic.
+    pub fn try_start_in(ns: &NetNs, ip: Ipv4Addr) -> Result<Self, String> {
+        Self::try_start_at(Storage::Memory, Some((ns.clone(), ip)))
     }
 
     fn try_start(storage: Storage) -> Result<Self, String> {

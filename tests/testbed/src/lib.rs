@@ -16,6 +16,12 @@
 //!                     vp1 ─┐ vp2 ─┐ (198.19.1.254 on each: the pods' gateway)
 //!  netns veil-t-n1p1:  eth0 198.19.1.1/32   netns veil-t-n1p2: eth0 198.19.1.2/32
 //! ```
+//!
+//! Building a topology needs root. Tests that do are
+//! `#[ignore = "needs root (network namespaces, eBPF): cargo xtask test runs it"]`
+//! and start with [`require_root`], which fails the test when it runs
+//! without root anyway; [`prerequisites`] has that rule, the other checks and
+//! the one CI predicate, [`running_in_ci`].
 
 pub mod addressing;
 pub mod agents;
@@ -25,7 +31,7 @@ pub mod inventory;
 pub mod kafka;
 pub mod mesh_ca;
 pub mod netns;
-pub mod privileges;
+pub mod prerequisites;
 pub mod process;
 pub mod relay;
 pub mod routes;
@@ -36,7 +42,7 @@ pub mod waiting;
 pub use addressing::PodRef;
 pub use agents::Agent;
 pub use mesh_ca::MeshCaFiles;
-pub use privileges::{require_program, require_root};
+pub use prerequisites::{require_program, require_root, running_in_ci};
 pub use topology::{PodMesh, Routing, Topology, TopologySpec};
 pub use waiting::{try_wait_for, wait_for};
 

@@ -230,8 +230,9 @@ impl Programs {
     }
 }
 
-fn root() -> bool {
-    veil_testbed::require_root("BPF_PROG_TEST_RUN program tests")
+/// Fails the test unless it runs as root (loading and test-running programs needs it).
+fn root() {
+    veil_testbed::require_root("BPF_PROG_TEST_RUN program tests");
 }
 
 /// An Ethernet + IPv4 + UDP frame with `payload_len` bytes of payload.
@@ -300,10 +301,9 @@ fn vxlan_frame(flags: u8, vni: u32, inner: &[u8]) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root (eBPF, BPF_PROG_TEST_RUN): cargo xtask test runs it"]
 fn egress_encapsulates_traffic_for_remote_pods() {
-    if !root() {
-        return;
-    }
+    root();
     let programs = Programs::load();
     let inner = ipv4_udp_frame(LOCAL_POD, REMOTE_POD, 5000, 100);
     let (verdict, out, event) = programs.run(names::PROG_POD_EGRESS, &inner);
@@ -337,10 +337,9 @@ fn egress_encapsulates_traffic_for_remote_pods() {
 }
 
 #[test]
+#[ignore = "needs root (eBPF, BPF_PROG_TEST_RUN): cargo xtask test runs it"]
 fn egress_leaves_local_unknown_and_non_ipv4_traffic_to_the_kernel() {
-    if !root() {
-        return;
-    }
+    root();
     let programs = Programs::load();
     let same_node = ipv4_udp_frame(LOCAL_POD, OTHER_LOCAL_POD, 5000, 64);
     assert_eq!(
@@ -366,10 +365,9 @@ fn egress_leaves_local_unknown_and_non_ipv4_traffic_to_the_kernel() {
 }
 
 #[test]
+#[ignore = "needs root (eBPF, BPF_PROG_TEST_RUN): cargo xtask test runs it"]
 fn egress_hands_same_node_connections_the_allow_rules_refuse_to_the_agent() {
-    if !root() {
-        return;
-    }
+    root();
     // No agent here: a refused connection's SYN finds no listener and is
     // dropped (fails closed), never delivered to the pod.
     std::net::TcpListener::bind("127.0.0.1:15001")
@@ -411,10 +409,9 @@ fn egress_hands_same_node_connections_the_allow_rules_refuse_to_the_agent() {
 }
 
 #[test]
+#[ignore = "needs root (eBPF, BPF_PROG_TEST_RUN): cargo xtask test runs it"]
 fn egress_answers_a_too_big_df_packet_with_fragmentation_needed() {
-    if !root() {
-        return;
-    }
+    root();
     let programs = Programs::load();
     // 1,472 bytes of IPv4 fit a 1,500-byte link, but not once 50 bytes of VXLAN are added.
     let big = ipv4_udp_frame(LOCAL_POD, REMOTE_POD, 5000, 1472 - 28);
@@ -474,10 +471,9 @@ fn egress_answers_a_too_big_df_packet_with_fragmentation_needed() {
 }
 
 #[test]
+#[ignore = "needs root (eBPF, BPF_PROG_TEST_RUN): cargo xtask test runs it"]
 fn ingress_decapsulates_into_the_local_pod() {
-    if !root() {
-        return;
-    }
+    root();
     let inner = ipv4_udp_frame(REMOTE_POD, LOCAL_POD, 5000, 100);
     for delivery in supported_deliveries() {
         let programs = Programs::load_with(LoadTimeSettings {
@@ -524,10 +520,9 @@ fn ingress_decapsulates_into_the_local_pod() {
 }
 
 #[test]
+#[ignore = "needs root (eBPF, BPF_PROG_TEST_RUN): cargo xtask test runs it"]
 fn the_probes_agree_with_the_verifier() {
-    if !root() {
-        return;
-    }
+    root();
     // What the probes say a kernel lacks must be what its verifier refuses
     // in our own programs, and what they say it has must load: otherwise the
     // agent would pick a variant the kernel refuses, or a fallback for nothing.
@@ -578,10 +573,9 @@ fn the_probes_agree_with_the_verifier() {
 }
 
 #[test]
+#[ignore = "needs root (eBPF, BPF_PROG_TEST_RUN): cargo xtask test runs it"]
 fn plaintext_to_a_port_allow_rules_select_is_dropped_from_the_overlay_and_the_node() {
-    if !root() {
-        return;
-    }
+    root();
     let mut programs = Programs::load();
     // The agent writes plaintext verdicts for meshed pods only.
     programs.mesh(LOCAL_POD);
@@ -622,10 +616,9 @@ fn plaintext_to_a_port_allow_rules_select_is_dropped_from_the_overlay_and_the_no
 }
 
 #[test]
+#[ignore = "needs root (eBPF, BPF_PROG_TEST_RUN): cargo xtask test runs it"]
 fn underlay_delivery_leaves_untagged_packets_to_the_kernel() {
-    if !root() {
-        return;
-    }
+    root();
     for delivery in supported_deliveries() {
         let programs = Programs::load_with(LoadTimeSettings {
             delivery,
@@ -642,10 +635,9 @@ fn underlay_delivery_leaves_untagged_packets_to_the_kernel() {
 }
 
 #[test]
+#[ignore = "needs root (eBPF, BPF_PROG_TEST_RUN): cargo xtask test runs it"]
 fn lookup_delivery_drops_a_frame_from_the_wire_dressed_as_a_decapsulated_one() {
-    if !root() {
-        return;
-    }
+    root();
     let programs = Programs::load_with(LoadTimeSettings {
         delivery: Delivery::Lookup,
         redirect_peer: false,
@@ -670,10 +662,9 @@ fn lookup_delivery_drops_a_frame_from_the_wire_dressed_as_a_decapsulated_one() {
 }
 
 #[test]
+#[ignore = "needs root (eBPF, BPF_PROG_TEST_RUN): cargo xtask test runs it"]
 fn ingress_drops_each_defect_under_its_own_reason() {
-    if !root() {
-        return;
-    }
+    root();
     let programs = Programs::load();
     let good_inner = ipv4_udp_frame(REMOTE_POD, LOCAL_POD, 5000, 32);
     let good = vxlan_frame(0x08, VNI, &good_inner);
@@ -754,10 +745,9 @@ fn ingress_drops_each_defect_under_its_own_reason() {
 }
 
 #[test]
+#[ignore = "needs root (eBPF, BPF_PROG_TEST_RUN): cargo xtask test runs it"]
 fn ingress_passes_everything_that_is_not_vxlan_untouched() {
-    if !root() {
-        return;
-    }
+    root();
     let programs = Programs::load();
     let dns = ipv4_udp_frame([198, 18, 0, 2], [198, 18, 0, 1], 53, 40);
     assert_eq!(

@@ -153,11 +153,10 @@ fn connected(bus: &KafkaBus) {
 }
 
 #[test]
+#[ignore = "needs a Kafka broker (tansu): cargo xtask test runs it"]
 fn a_consumer_group_gets_every_event_and_resumes_from_its_commits() {
     init_tracing();
-    let Some(broker) = Broker::start("Kafka bus: publish and consume", Storage::Memory) else {
-        return;
-    };
+    let broker = Broker::start("Kafka bus: publish and consume", Storage::Memory);
     let state = tempfile::tempdir().unwrap();
     let bus = KafkaBus::connect(&settings(&broker, state.path())).unwrap();
     connected(&bus);
@@ -240,11 +239,10 @@ fn a_consumer_group_gets_every_event_and_resumes_from_its_commits() {
 }
 
 #[test]
+#[ignore = "needs a Kafka broker (tansu): cargo xtask test runs it"]
 fn events_published_while_the_broker_is_down_arrive_once_it_is_back() {
     init_tracing();
-    let Some(mut broker) = Broker::start("Kafka bus: broker restart", Storage::Durable) else {
-        return;
-    };
+    let mut broker = Broker::start("Kafka bus: broker restart", Storage::Durable);
     let state = tempfile::tempdir().unwrap();
     let mut config = settings(&broker, state.path());
     config.outbox_memory_events = 20; // spill to disk early
@@ -368,11 +366,10 @@ fn events_published_while_the_broker_is_down_arrive_once_it_is_back() {
 }
 
 #[test]
+#[ignore = "needs a Kafka broker (tansu): cargo xtask test runs it"]
 fn duplicates_and_older_versions_through_the_broker_apply_once() {
     init_tracing();
-    let Some(broker) = Broker::start("Kafka bus: duplicates", Storage::Memory) else {
-        return;
-    };
+    let broker = Broker::start("Kafka bus: duplicates", Storage::Memory);
     let state = tempfile::tempdir().unwrap();
     let bus = KafkaBus::connect(&settings(&broker, state.path())).unwrap();
     connected(&bus);
@@ -426,11 +423,10 @@ fn duplicates_and_older_versions_through_the_broker_apply_once() {
 }
 
 #[test]
+#[ignore = "needs a Kafka broker (tansu): cargo xtask test runs it"]
 fn garbage_on_a_topic_is_counted_skipped_and_committed() {
     init_tracing();
-    let Some(broker) = Broker::start("Kafka bus: garbage", Storage::Memory) else {
-        return;
-    };
+    let broker = Broker::start("Kafka bus: garbage", Storage::Memory);
     let state = tempfile::tempdir().unwrap();
     let bus = KafkaBus::connect(&settings(&broker, state.path())).unwrap();
     connected(&bus); // topics exist
@@ -526,12 +522,10 @@ fn garbage_on_a_topic_is_counted_skipped_and_committed() {
 }
 
 #[test]
+#[ignore = "needs a Kafka broker (tansu): cargo xtask test runs it"]
 fn an_agent_restarted_during_an_outage_sends_what_it_had_queued() {
     init_tracing();
-    let Some(mut broker) = Broker::start("Kafka bus: outbox across restarts", Storage::Memory)
-    else {
-        return;
-    };
+    let mut broker = Broker::start("Kafka bus: outbox across restarts", Storage::Memory);
     broker.kill(); // down from the start
     let state = tempfile::tempdir().unwrap();
     let mut config = settings(&broker, state.path());
@@ -590,11 +584,10 @@ fn an_agent_restarted_during_an_outage_sends_what_it_had_queued() {
 }
 
 #[test]
+#[ignore = "needs a Kafka broker (tansu): cargo xtask test runs it"]
 fn replay_reads_a_topic_to_its_current_end_without_a_group() {
     init_tracing();
-    let Some(broker) = Broker::start("Kafka bus: replay", Storage::Memory) else {
-        return;
-    };
+    let broker = Broker::start("Kafka bus: replay", Storage::Memory);
     let dir = tempfile::tempdir().unwrap();
     let bus = KafkaBus::connect(&settings(&broker, dir.path())).unwrap();
     connected(&bus);

@@ -1,7 +1,8 @@
 //! Kernel TLS, for real: these tests need a kernel with the TLS ULP, which
-//! the CI hosts lack, so they are `#[ignore]`d here and run by
-//! `cargo xtask test` inside a qemu VM booting Debian's kernel with tls.ko
-//! (see xtask/src/ktls_vm.rs). There they prove the kernel did the crypto
+//! the CI hosts lack, so this target is built only with the `vm-tests`
+//! feature (`required-features`), and `cargo xtask test` runs it inside
+//! qemu VMs booting Debian's kernels with tls.ko (see xtask/src/vm); on a
+//! kernel without TLS every test here fails. There they prove the kernel did the crypto
 //! (/proc/net/tls_stat moves) with every cipher suite. The relay's
 //! guarantees (byte-exact, half-close, reset) are `session_relay.rs`, which
 //! the VM runs too, where it must pick the kernel.
@@ -51,7 +52,6 @@ fn send_and_check(mut w: TcpStream, mut r: TcpStream, len: usize) {
 }
 
 #[test]
-#[ignore = "needs a kernel with TLS: cargo xtask test runs it in a qemu VM"]
 fn ktls_carries_16_mib_each_way_with_every_cipher_suite() {
     let all = TlsSettings::default();
     for suite in all.cipher_suites.clone() {
@@ -81,7 +81,6 @@ fn ktls_carries_16_mib_each_way_with_every_cipher_suite() {
 }
 
 #[test]
-#[ignore = "needs a kernel with TLS: cargo xtask test runs it in a qemu VM"]
 fn bytes_sent_right_after_the_preface_are_left_for_the_kernel() {
     // The client writes through its kernel socket while the server has not
     // even started its handshake: the records queue behind the preface, and
@@ -113,7 +112,6 @@ fn bytes_sent_right_after_the_preface_are_left_for_the_kernel() {
 }
 
 #[test]
-#[ignore = "needs a kernel with TLS: cargo xtask test runs it in a qemu VM"]
 fn the_kernel_relay_skips_a_late_session_ticket_and_resets_on_a_key_update() {
     use std::os::fd::AsFd;
     use veil_mtls::control_records::{self, CONTENT_HANDSHAKE};
