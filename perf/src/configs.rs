@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
+use veil_api::DatapathChoice;
 use veil_testbed::{
     Agent, MeshCaFiles, PodMesh, PodRef, Routing, Topology, TopologySpec, netns::NetNs,
     process::ChildGuard,
@@ -382,6 +383,20 @@ impl Bed {
             .find(|(c, _)| *c == configuration)
             .unwrap_or_else(|| panic!("{} was not set up", configuration.id()))
             .1
+    }
+
+    /// What the first agent chose for its datapath on this kernel (delivery,
+    /// attach paths, TLS), so a report says which paths it measured. Empty
+    /// when no agent runs.
+    pub fn datapath_choices(&self) -> Result<Vec<DatapathChoice>> {
+        let Some(agent) = self._agents.first() else {
+            return Ok(Vec::new());
+        };
+        let status = agent.status()?;
+        Ok(status
+            .kernel
+            .map(|kernel| kernel.choices)
+            .unwrap_or_default())
     }
 
     /// Lets go of every connection the hold servers keep.

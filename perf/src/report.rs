@@ -23,6 +23,20 @@ pub fn render(results: &BenchResults, plot_for: impl Fn(&str) -> Option<String>)
          describe this machine, ratios to the baseline are what carry over.\n"
     );
 
+    if !results.datapath.is_empty() {
+        let _ = writeln!(out, "## Veil's datapath on this kernel\n");
+        let _ = writeln!(out, "| decision | chosen | why |\n|---|---|---|");
+        for choice in &results.datapath {
+            let fallback = if choice.fallback { " (fallback)" } else { "" };
+            let _ = writeln!(
+                out,
+                "| {} | `{}`{fallback} | {} |",
+                choice.decision, choice.chosen, choice.reason
+            );
+        }
+        out.push('\n');
+    }
+
     let _ = writeln!(out, "## Configurations\n");
     let _ = writeln!(out, "| configuration | status |\n|---|---|");
     for c in &results.configurations {
@@ -101,6 +115,8 @@ pub fn number(value: f64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use veil_api::DatapathChoice;
+
     use super::*;
     use crate::{
         configs::{Availability, Configuration},
@@ -128,6 +144,12 @@ mod tests {
                 kernel: "6.18".into(),
                 ktls_available: false,
             },
+            datapath: vec![DatapathChoice {
+                decision: "delivery".into(),
+                chosen: "lookup".into(),
+                reason: "this kernel refuses bpf_xdp_adjust_meta in XDP".into(),
+                fallback: true,
+            }],
             configurations: vec![
                 ConfigurationStatus::new(Configuration::Direct, &Availability::Ready),
                 ConfigurationStatus::new(Configuration::KernelVxlan, &Availability::Ready),
@@ -143,6 +165,12 @@ mod tests {
     #[test]
     fn report_has_statuses_ratios_and_plots() {
         let text = render(&sample_results(), |id| Some(format!("plots/{id}.svg")));
+        assert!(
+            text.contains(
+                "| delivery | `lookup` (fallback) | this kernel refuses bpf_xdp_adjust_meta in XDP |"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains(
                 "| `veil-mtls-ktls` — Veil mTLS, kTLS | skipped: kernel has no TLS ULP |"

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use veil_api::DatapathChoice;
 
 use crate::{
     configs::{Availability, Configuration},
@@ -145,6 +146,10 @@ pub struct BenchResults {
     pub profile: String,
     pub repetitions: u32,
     pub machine: Machine,
+    /// What Veil's agents chose on this kernel (e.g. `delivery = lookup`),
+    /// so a reader knows which datapath the Veil figures measured.
+    #[serde(default)]
+    pub datapath: Vec<DatapathChoice>,
     pub configurations: Vec<ConfigurationStatus>,
     pub metrics: Vec<Metric>,
 }

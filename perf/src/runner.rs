@@ -110,6 +110,7 @@ pub fn run(options: &BenchOptions) -> Result<RunOutput> {
         progress.inc(1);
     }
     progress.finish_with_message("done");
+    let datapath = bed.datapath_choices()?;
     drop(bed);
 
     let results = BenchResults {
@@ -124,6 +125,7 @@ pub fn run(options: &BenchOptions) -> Result<RunOutput> {
             .collect(),
         metrics: samples.into_metrics(&measured),
         machine,
+        datapath,
     };
     write(options, results)
 }
