@@ -840,6 +840,115 @@ fn trust_of(ca: &CertificateAuthority) -> TrustState {
 }
 
 /// The SNI a client agent sends for checkout (the agent's own naming).
+#[test]
+#[ignore = "needs root (network namespaces, eBPF): cargo xtask test runs it"]
+fn unauthenticated_connections_get_a_total_deadline_and_a_cap_per_source_while_real_peers_connect()
+{
+    require_root("mesh handshake admission test");
+    let deadline = Duration::from_secs(2);
+    let bed = MeshBed::start_with(
+        "meshslot",
+        "",
+        "handshake_timeout = \"2s\"\nmax_handshakes = 64\nmax_handshakes_per_source = 4\n",
+    );
+    let topology = &bed.topology;
+    // The slow clients come from node 2's own address, so node 1's agent,
+    // the real peer below, is another source.
+    let try_open = || {
+        topology
+            .node(2)
+            .run(|| TcpStream::connect_timeout(&NODE2_INBOUND, Duration::from_secs(2)))
+            .unwrap()
+    };
+    let open = || try_open().expect("connect to node 2's :15008");
+    // A TLS handshake record header, then its body a byte every 300 ms: each
+    // read gets a byte long before any per-read timeout, so only a deadline
+    // on the whole handshake can end it.
+    let opened = std::time::Instant::now();
+    let dribblers: Vec<std::thread::JoinHandle<Duration>> = (0..4)
+        .map(|_| {
+            let mut stream = open();
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                let _ = stream.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]);
+                while started.elapsed() < Duration::from_secs(12) {
+                    std::thread::sleep(Duration::from_millis(300));
+                    if stream.write_all(&[0x01]).is_err() {
+                        break;
+                    }
+                    // A reset or an end of stream from the agent ends it too.
+                    stream.set_nonblocking(true).unwrap();
+                    let mut byte = [0u8; 1];
+                    match stream.read(&mut byte) {
+                        Ok(0) => break,
+                        Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => break,
+                        _ => {}
+                    }
+                    stream.set_nonblocking(false).unwrap();
+                }
+                started.elapsed()
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // A fifth from the same source gets no slot: reset at once, unread.
+    let before = bed.metric(2, &refused_series("source_handshake_slots_full"));
+    // (On loopback the reset can beat connect's own completion check.)
+    let answer = try_open().and_then(|mut fifth| {
+        fifth.set_read_timeout(Some(Duration::from_secs(1)))?;
+        fifth.read(&mut [0u8; 16])
+    });
+    assert!(
+        matches!(answer, Ok(0))
+            || answer
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "a connection over the per-source cap was not refused at once: {answer:?}"
+    );
+    wait_for_metric(
+        &bed,
+        2,
+        &refused_series("source_handshake_slots_full"),
+        before + 1.0,
+    );
+
+    // Meanwhile a real peer agent still connects: meshed TCP node 1 → node 2.
+    marker_exchange(topology, CART, CHECKOUT, 7451);
+
+    let held: Vec<Duration> = dribblers.into_iter().map(|d| d.join().unwrap()).collect();
+    for lasted in &held {
+        assert!(
+            *lasted <= deadline + Duration::from_millis(1500),
+            "a dribbling client held its handshake for {lasted:?}, past the {deadline:?} deadline: {held:?}\n{}",
+            bed.dump()
+        );
+    }
+    wait_for_metric(&bed, 2, &refused_series("handshake_deadline"), 4.0);
+    assert!(opened.elapsed() < Duration::from_secs(10));
+    assert_eq!(
+        bed.metric(2, "veil_mesh_handshakes_in_progress"),
+        0.0,
+        "{}",
+        bed.dump()
+    );
+
+    // Their slots are back: the same source is admitted again (held open,
+    // not reset).
+    let mut again = open();
+    again
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let answer = again.read(&mut [0u8; 16]);
+    assert!(
+        answer.as_ref().is_err_and(|e| matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )),
+        "a new connection after the slow ones ended was not admitted: {answer:?}"
+    );
+}
+
 fn checkout_server_name() -> ServerName<'static> {
     ServerName::try_from(sni_for(CHECKOUT.ip())).unwrap()
 }

@@ -307,7 +307,38 @@ pub struct MeshSection {
     /// a mixed pair).
     #[serde(default)]
     pub kernel_tls: KernelTlsMode,
+    /// Longest a peer may take on the inbound port from connecting to a
+    /// checked preface (e.g. `10s`); past it the connection is closed.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: String,
+    /// Most inbound connections in handshake at once; more are reset
+    /// without being read.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// Most inbound connections in handshake at once from one address.
+    #[serde(default = "default_max_handshakes_per_source")]
+    pub max_handshakes_per_source: usize,
 }
+
+fn default_handshake_timeout() -> String {
+    "10s".into()
+}
+
+/// Far above what a node's peers need at once (a handshake takes
+/// milliseconds), low enough that a flood cannot take every thread.
+fn default_max_handshakes() -> usize {
+    2048
+}
+
+/// A quarter of the total: one source, even a busy peer agent opening a
+/// burst of connections, cannot take every slot.
+fn default_max_handshakes_per_source() -> usize {
+    512
+}
+
+/// Shortest and longest `mesh.handshake_timeout` accepted.
+const HANDSHAKE_TIMEOUT_RANGE: std::ops::RangeInclusive<std::time::Duration> =
+    std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(120);
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -340,6 +371,17 @@ const MAX_CERTIFICATE_LIFETIME: std::time::Duration =
     std::time::Duration::from_secs(365 * 24 * 3600);
 
 impl MeshSection {
+    /// Caps and deadline of unauthenticated inbound connections (validated
+    /// when the config loads).
+    pub fn handshake_limits(&self) -> crate::mesh::handshake_slots::HandshakeLimits {
+        crate::mesh::handshake_slots::HandshakeLimits {
+            deadline: humantime::parse_duration(&self.handshake_timeout)
+                .unwrap_or(std::time::Duration::from_secs(10)),
+            max_total: self.max_handshakes,
+            max_per_source: self.max_handshakes_per_source,
+        }
+    }
+
     /// The workload certificate lifetime (validated when the config loads).
     pub fn certificate_lifetime(&self) -> std::time::Duration {
         humantime::parse_duration(&self.certificate_lifetime)
@@ -532,6 +574,31 @@ impl AgentConfig {
                     ));
                 }
             }
+            match humantime::parse_duration(&mesh.handshake_timeout) {
+                Ok(timeout) if HANDSHAKE_TIMEOUT_RANGE.contains(&timeout) => {}
+                Ok(_) => {
+                    return Err(format!(
+                        "mesh.handshake_timeout = {:?} is out of range (1s to 120s)",
+                        mesh.handshake_timeout
+                    ));
+                }
+                Err(error) => {
+                    return Err(format!(
+                        "mesh.handshake_timeout = {:?} is not a duration ({error}); write e.g. \"10s\"",
+                        mesh.handshake_timeout
+                    ));
+                }
+            }
+            if mesh.max_handshakes == 0
+                || mesh.max_handshakes_per_source == 0
+                || mesh.max_handshakes_per_source > mesh.max_handshakes
+            {
+                return Err(format!(
+                    "mesh.max_handshakes = {} and mesh.max_handshakes_per_source = {} must be \
+                     at least 1, the second no more than the first",
+                    mesh.max_handshakes, mesh.max_handshakes_per_source
+                ));
+            }
             if mesh.issuer == MeshIssuer::LocalCa && mesh.ca_key.is_none() {
                 return Err("mesh.ca_key is missing: with issuer = \"local-ca\" the agent signs \
                             its workloads' CSRs and needs the CA key (or set issuer = \"kubernetes\")"
@@ -648,6 +715,37 @@ mod tests {
         ))
         .unwrap();
         assert!(config.mesh.unwrap().write_tls_secrets);
+    }
+
+    #[test]
+    fn handshake_limits_have_defaults_and_are_checked() {
+        let base = "node_name = \"n1\"\n[datapath]\nunderlay_interface = \"ul0\"\n\
+                    [overlay]\ninventory = \"i.toml\"\n\
+                    [mesh]\nca_cert = \"ca.pem\"\nca_key = \"ca.key\"\n";
+        let limits = parse(base).unwrap().mesh.unwrap().handshake_limits();
+        assert_eq!(limits.deadline.as_secs(), 10);
+        assert_eq!((limits.max_total, limits.max_per_source), (2048, 512));
+        let limits = parse(&format!(
+            "{base}handshake_timeout = \"3s\"\nmax_handshakes = 8\nmax_handshakes_per_source = 2\n"
+        ))
+        .unwrap()
+        .mesh
+        .unwrap()
+        .handshake_limits();
+        assert_eq!(limits.deadline.as_secs(), 3);
+        assert_eq!((limits.max_total, limits.max_per_source), (8, 2));
+        let error = |extra: &str| parse(&format!("{base}{extra}")).unwrap_err().to_string();
+        let refused = error("handshake_timeout = \"0s\"\n");
+        assert!(
+            refused.contains("mesh.handshake_timeout") && refused.contains("1s to 120s"),
+            "{refused}"
+        );
+        let refused = error("handshake_timeout = \"later\"\n");
+        assert!(refused.contains("not a duration"), "{refused}");
+        let refused = error("max_handshakes = 4\nmax_handshakes_per_source = 8\n");
+        assert!(refused.contains("no more than the first"), "{refused}");
+        let refused = error("max_handshakes = 0\n");
+        assert!(refused.contains("at least 1"), "{refused}");
     }
 
     #[test]

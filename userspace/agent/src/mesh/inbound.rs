@@ -22,6 +22,7 @@ use veil_mtls::{handshake, session::Session};
 use super::{
     MeshState, Peer,
     directory::Directory,
+    handshake_slots::Slot,
     metrics::Direction,
     names::pod_ip_from_sni,
     refusal::Refusal,
@@ -31,20 +32,40 @@ use veil_mtls::Preface;
 
 /// How long connecting to the local pod may take.
 const POD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a peer may take to finish the handshake and send the preface.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Accepts peer agents' connections until the listener fails.
+/// Accepts peer agents' connections until the listener fails. A connection
+/// gets a thread only with a handshake slot; without one it is reset at
+/// once, unread (see [`super::handshake_slots`]).
 pub fn serve(listener: TcpListener, mesh: Arc<MeshState>, threads: &tokio::runtime::Handle) {
-    super::accept_loop(listener, "mesh-in", threads, move |tcp| {
-        handle(&mesh, tcp);
-    });
+    for stream in listener.incoming() {
+        let tcp = match stream {
+            Ok(tcp) => tcp,
+            Err(error) => {
+                super::accept_failed("mesh-in", &error);
+                continue;
+            }
+        };
+        match mesh.handshake_slots.admit(&tcp) {
+            Ok(slot) => {
+                let mesh = Arc::clone(&mesh);
+                drop(threads.spawn_blocking(move || handle(&mesh, tcp, slot)));
+            }
+            Err(refusal) => {
+                // Per connection at debug: a flood must not flood the log
+                // too; the counter shows it.
+                debug!(peer = ?tcp.peer_addr().ok(), "inbound mesh connection refused: {refusal}");
+                mesh.metrics
+                    .connection(Direction::Inbound, "none", refusal.label());
+                reset(tcp);
+            }
+        }
+    }
 }
 
-fn handle(mesh: &MeshState, tcp: TcpStream) {
+fn handle(mesh: &MeshState, tcp: TcpStream, slot: Slot) {
     let started = Instant::now();
     let peer = tcp.peer_addr().ok();
-    match accept_session(mesh, tcp) {
+    match accept_session(mesh, tcp, slot) {
         Ok((session, pod, preface, peer)) => {
             mesh.relay(Direction::Inbound, session, pod, started, &preface, peer);
         }
@@ -75,22 +96,33 @@ fn handle(mesh: &MeshState, tcp: TcpStream) {
 
 type Refused = (Refusal, Option<TcpStream>);
 
+/// Handshake and preface under `slot`'s deadline, then the checks; the slot
+/// is given back once the peer has authenticated (or failed to).
 fn accept_session(
     mesh: &MeshState,
     mut tcp: TcpStream,
+    slot: Slot,
 ) -> Result<(Session, TcpStream, Preface, Peer), Refused> {
+    let deadline = mesh.handshake_slots.limits().deadline;
     let _ = tcp.set_nodelay(true);
-    let _ = tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    // No single read outlasts the whole deadline; the slot's watchdog ends
+    // the handshake at the deadline however the peer paces its bytes.
+    let _ = tcp.set_read_timeout(Some(deadline));
     let connection = match ServerConnection::new(Arc::clone(&mesh.server_config)) {
         Ok(connection) => connection,
         Err(error) => return Err((Refusal::Handshake(error.into()), Some(tcp))),
     };
     let trust_domain = mesh.directory.store.trust_domain();
-    let (connection, preface) =
-        match handshake::server(connection, &mut tcp, &mesh.trust, trust_domain) {
-            Ok(done) => done,
-            Err(error) => return Err((error.into(), Some(tcp))),
-        };
+    let handshaken = handshake::server(connection, &mut tcp, &mesh.trust, trust_domain);
+    let expired = slot.expired();
+    drop(slot);
+    if expired {
+        return Err((Refusal::HandshakeDeadline(deadline), Some(tcp)));
+    }
+    let (connection, preface) = match handshaken {
+        Ok(done) => done,
+        Err(error) => return Err((error.into(), Some(tcp))),
+    };
     mesh.metrics.handshake(Direction::Inbound, &connection);
     let _ = tcp.set_read_timeout(None);
     let checked = check(mesh, &tcp, &connection, &preface).and_then(|peer| {

@@ -104,6 +104,8 @@ pub struct MeshMetrics {
     pub handshake_seconds: Family<DirectionLabels, Histogram>,
     /// Unix time at which each workload certificate held here expires.
     pub certificate_expiry: Family<IdentityLabels, Gauge>,
+    /// Inbound connections in handshake now (see `handshake_slots`).
+    pub handshakes_in_progress: Gauge,
 }
 
 impl Default for MeshMetrics {
@@ -117,6 +119,7 @@ impl Default for MeshMetrics {
             bytes: Family::default(),
             handshake_seconds: Family::new_with_constructor(handshake_histogram),
             certificate_expiry: Family::default(),
+            handshakes_in_progress: Gauge::default(),
         }
     }
 }
@@ -153,6 +156,12 @@ impl MeshMetrics {
             "veil_mesh_handshake_seconds",
             "Time from accepting a connection to an established mTLS session",
             self.handshake_seconds.clone(),
+        );
+        registry.register(
+            "veil_mesh_handshakes_in_progress",
+            "Inbound connections not yet authenticated: in handshake, holding a slot \
+             (refusals for want of one count in veil_mesh_connections)",
+            self.handshakes_in_progress.clone(),
         );
         registry.register(
             "veil_mesh_certificate_expiry_timestamp_seconds",

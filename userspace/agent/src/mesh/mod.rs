@@ -14,6 +14,7 @@ pub mod answers;
 pub mod client_configs;
 pub mod directory;
 pub mod flows;
+pub mod handshake_slots;
 pub mod inbound;
 pub mod live;
 pub mod metrics;
@@ -104,6 +105,8 @@ pub struct MeshState {
     pub live: live::LiveSessions,
     /// Whether sessions go to kernel TLS when the kernel has it.
     pub kernel_tls: KernelTls,
+    /// Caps and deadline of inbound connections until they authenticate.
+    pub handshake_slots: Arc<handshake_slots::HandshakeSlots>,
 }
 
 /// Who is at the other end of a session, as its handshake proved.
@@ -164,17 +167,27 @@ impl Mesh {
             Arc::clone(&trust),
             &trust_domain,
         )?;
+        let metrics = MeshMetrics::default();
+        let handshake_slots = handshake_slots::HandshakeSlots::start(
+            section.handshake_limits(),
+            metrics.handshakes_in_progress.clone(),
+        )
+        .map_err(|source| MeshError::Threads {
+            what: "handshake deadline",
+            source,
+        })?;
         let state = Arc::new(MeshState {
             directory,
             settings,
             trust,
             server_config: Arc::new(server_config),
             inbound_port: section.inbound_port,
-            metrics: MeshMetrics::default(),
+            metrics,
             flows: flows::FlowLog::default(),
             client_configs: client_configs::ClientConfigs::default(),
             live: live::LiveSessions::default(),
             kernel_tls,
+            handshake_slots,
         });
 
         routing::install()?;
@@ -497,13 +510,16 @@ fn accept_loop(
                 let handler = Arc::clone(&handler);
                 drop(threads.spawn_blocking(move || handler(stream)));
             }
-            Err(error) => {
-                warn!(%error, listener = name, "accept failed");
-                // Out of descriptors or memory: back off instead of spinning.
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
+            Err(error) => accept_failed(name, &error),
         }
     }
+}
+
+/// Logs a failed accept and backs off: out of descriptors or memory, an
+/// accept loop must not spin.
+fn accept_failed(listener: &'static str, error: &std::io::Error) {
+    warn!(%error, listener, "accept failed");
+    std::thread::sleep(std::time::Duration::from_millis(50));
 }
 
 impl MeshState {

@@ -55,6 +55,10 @@ pub enum Refusal {
     #[error("the agent is stopping")]
     AgentStopping,
     #[error(
+        "the peer did not finish the handshake and preface within {0:?} (mesh.handshake_timeout)"
+    )]
+    HandshakeDeadline(std::time::Duration),
+    #[error(
         "the allow rules admit {0} again (they changed while it connected): the next connection goes through"
     )]
     SameNodeRulesChanged(String),
@@ -84,6 +88,7 @@ impl Refusal {
             Self::Session(_) => "session_failed",
             Self::Io(_) => "io_error",
             Self::AgentStopping => "agent_stopping",
+            Self::HandshakeDeadline(_) => "handshake_deadline",
             Self::SameNodeRulesChanged(_) => "rules_changed",
         }
     }
