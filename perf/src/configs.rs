@@ -21,6 +21,8 @@ use crate::{
     xdp_pass,
 };
 
+/// The agents' inbound mTLS port (the default `[mesh] inbound_port`).
+const MESH_INBOUND_PORT: u16 = 15008;
 /// iperf3's server port in every server pod.
 pub const IPERF_PORT: u16 = 5201;
 /// VNI of the kernel VXLAN baseline.
@@ -190,6 +192,19 @@ pub struct Endpoints {
     pub hold: SocketAddr,
     /// Proxy processes carrying this configuration's traffic.
     pub proxy_pids: Vec<u32>,
+    /// The server node's inbound mTLS port (mesh configurations only).
+    pub inbound: Option<InboundPort>,
+}
+
+/// Where a flood of unauthenticated connections goes, and who takes it.
+#[derive(Clone, Debug)]
+pub struct InboundPort {
+    /// The server node's namespace: the flood comes from the node's own
+    /// address, another source than the client node's agent.
+    pub flood_from: NetNs,
+    pub address: SocketAddr,
+    /// The server node's agent.
+    pub agent_pid: u32,
 }
 
 impl Endpoints {
@@ -204,6 +219,7 @@ impl Endpoints {
             one_shot: at(echo::ONE_SHOT_PORT),
             hold: at(echo::HOLD_PORT),
             proxy_pids,
+            inbound: None,
         }
     }
 }
@@ -368,10 +384,18 @@ impl Bed {
             } else {
                 Vec::new()
             };
-            self.endpoints.push((
-                configuration,
-                Endpoints::direct(topology.pod(client), server, proxy_pids),
-            ));
+            let mut endpoints = Endpoints::direct(topology.pod(client), server, proxy_pids);
+            if configuration.is_mesh() {
+                endpoints.inbound = Some(InboundPort {
+                    flood_from: topology.node(server.node),
+                    address: SocketAddr::from((
+                        veil_testbed::addressing::node_underlay_ip(server.node),
+                        MESH_INBOUND_PORT,
+                    )),
+                    agent_pid: agent_pids[server.node - 1],
+                });
+            }
+            self.endpoints.push((configuration, endpoints));
         }
         Ok(())
     }
@@ -477,6 +501,7 @@ impl Bed {
                     one_shot: pair.client_endpoint(services[2].client_port),
                     hold: pair.client_endpoint(services[3].client_port),
                     proxy_pids: pair.pids(),
+                    inbound: None,
                 };
                 self.stunnel = Some(pair);
                 Ok(endpoints)

@@ -78,6 +78,20 @@ pub fn process_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Threads of `pid` (`Threads:` in /proc/<pid>/status); 0 when gone.
+pub fn process_threads(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
 pub fn parse_vm_rss_kib(status: &str) -> Option<u64> {
     status
         .lines()

@@ -22,16 +22,20 @@ pub enum Workload {
     Connections,
     /// Memory the proxies hold per 1,000 open connections.
     ProxyMemory,
+    /// Idle unauthenticated connections flooding a node's inbound mTLS
+    /// port, and real clients connecting meanwhile (mesh configurations).
+    HandshakeFlood,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 6] = [
+    pub const ALL: [Workload; 7] = [
         Self::Throughput1,
         Self::Throughput4,
         Self::Latency1B,
         Self::Latency1K,
         Self::Connections,
         Self::ProxyMemory,
+        Self::HandshakeFlood,
     ];
 
     /// The name used on the command line and in results.
@@ -43,6 +47,7 @@ impl Workload {
             Self::Latency1K => "latency-1k",
             Self::Connections => "connections",
             Self::ProxyMemory => "proxy-memory",
+            Self::HandshakeFlood => "handshake-flood",
         }
     }
 }
@@ -75,6 +80,8 @@ pub struct BenchOptions {
     pub short_duration: Duration,
     /// Connections opened for the proxy-memory measurement.
     pub held_connections: u32,
+    /// Idle connections opened to the inbound port for handshake-flood.
+    pub flood_connections: u32,
     /// Where results go (`perf/results` by default).
     pub output_dir: PathBuf,
     /// Short tag recorded with the results ("quick" or "full").
@@ -95,6 +102,7 @@ impl BenchOptions {
             throughput_duration: Duration::from_secs(5),
             short_duration: Duration::from_secs(3),
             held_connections: 1000,
+            flood_connections: 10_000,
             output_dir,
             profile: "full",
             progress: true,

@@ -12,7 +12,11 @@ pub struct Step {
 
 /// Whether `workload` means anything for `configuration`.
 pub fn applies(workload: Workload, configuration: Configuration) -> bool {
-    workload != Workload::ProxyMemory || configuration.has_proxy()
+    match workload {
+        Workload::ProxyMemory => configuration.has_proxy(),
+        Workload::HandshakeFlood => configuration.is_mesh(),
+        _ => true,
+    }
 }
 
 /// For each workload, repetition by repetition, every configuration in turn (A B C A B C …).

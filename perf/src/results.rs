@@ -131,6 +131,41 @@ pub const METRICS: &[MetricSpec] = &[
         unit: "KiB",
         higher_is_better: false,
     },
+    MetricSpec {
+        id: "proxy-memory.threads-per-1000",
+        workload: Workload::ProxyMemory,
+        title: "Proxy threads per 1,000 open connections",
+        unit: "threads",
+        higher_is_better: false,
+    },
+    MetricSpec {
+        id: "handshake-flood.agent-threads",
+        workload: Workload::HandshakeFlood,
+        title: "Server agent's threads under a flood of idle unauthenticated connections",
+        unit: "threads",
+        higher_is_better: false,
+    },
+    MetricSpec {
+        id: "handshake-flood.agent-rss-growth-kib",
+        workload: Workload::HandshakeFlood,
+        title: "Server agent's memory growth under the flood",
+        unit: "KiB",
+        higher_is_better: false,
+    },
+    MetricSpec {
+        id: "handshake-flood.real-connection-rate",
+        workload: Workload::HandshakeFlood,
+        title: "Real clients' new connections per second during the flood",
+        unit: "conn/s",
+        higher_is_better: true,
+    },
+    MetricSpec {
+        id: "handshake-flood.real-connection-failures",
+        workload: Workload::HandshakeFlood,
+        title: "Real clients' failed connections during the flood",
+        unit: "connections",
+        higher_is_better: false,
+    },
 ];
 
 pub fn metric_spec(id: &str) -> Option<&'static MetricSpec> {

@@ -233,19 +233,80 @@ fn measure(bed: &Bed, options: &BenchOptions, step: &Step, samples: &mut Samples
             }
         }
         Workload::ProxyMemory => {
+            let proxy_threads = || {
+                endpoints
+                    .proxy_pids
+                    .iter()
+                    .map(|&p| cpu::process_threads(p))
+                    .sum::<u64>()
+            };
+            let threads_before = proxy_threads();
             let before = proxy_rss();
             let connections =
                 workloads::open_connections(ns, endpoints.hold, options.held_connections)
                     .map_err(failed)?;
             // Let the proxies finish setting up the last connections.
             std::thread::sleep(Duration::from_millis(300));
-            let after = proxy_rss();
+            let (after, threads_after) = (proxy_rss(), proxy_threads());
             drop(connections);
             bed.release_held_connections();
             std::thread::sleep(Duration::from_millis(300));
             let per_thousand =
                 after.saturating_sub(before) as f64 * 1000.0 / f64::from(options.held_connections);
             samples.record("proxy-memory.kib-per-1000", configuration, per_thousand);
+            let threads = threads_after.saturating_sub(threads_before) as f64 * 1000.0
+                / f64::from(options.held_connections);
+            samples.record("proxy-memory.threads-per-1000", configuration, threads);
+        }
+        Workload::HandshakeFlood => {
+            let Some(inbound) = &endpoints.inbound else {
+                return Err(failed("no inbound port to flood".into()));
+            };
+            let pid = inbound.agent_pid;
+            let (rss_before, threads_before) =
+                (cpu::process_rss_kib(pid), cpu::process_threads(pid));
+            let flood = workloads::flood(
+                &inbound.flood_from,
+                inbound.address,
+                options.flood_connections,
+            )
+            .map_err(failed)?;
+            // Let the agent take in what it accepted.
+            std::thread::sleep(Duration::from_millis(500));
+            let (rss, threads) = (cpu::process_rss_kib(pid), cpu::process_threads(pid));
+            let (rate, failures) =
+                workloads::connection_attempts(ns, endpoints.one_shot, options.short_duration)
+                    .map_err(failed)?;
+            progress_note(&format!(
+                "handshake-flood {}: {} idle connections opened, {} refused at connect; \
+                 agent {} → {} threads, {} → {} KiB; real clients {rate:.0}/s, {failures} failed",
+                configuration.id(),
+                flood.held.len(),
+                flood.refused,
+                threads_before,
+                threads,
+                rss_before,
+                rss
+            ));
+            samples.record(
+                "handshake-flood.agent-threads",
+                configuration,
+                threads as f64,
+            );
+            samples.record(
+                "handshake-flood.agent-rss-growth-kib",
+                configuration,
+                rss.saturating_sub(rss_before) as f64,
+            );
+            samples.record("handshake-flood.real-connection-rate", configuration, rate);
+            samples.record(
+                "handshake-flood.real-connection-failures",
+                configuration,
+                failures as f64,
+            );
+            drop(flood);
+            // Let the agent see the flood go before the next measurement.
+            std::thread::sleep(Duration::from_secs(1));
         }
     }
     Ok(())
@@ -295,4 +356,9 @@ fn raise_open_file_limit() {
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
+}
+
+/// A line for the operator between progress updates (the bar redraws below it).
+fn progress_note(line: &str) {
+    eprintln!("\n{line}");
 }

@@ -164,6 +164,63 @@ pub fn open_connections(
     .map_err(|e| e.to_string())?
 }
 
+/// Idle connections an attacker holds open to an inbound port, opened one
+/// after another from `ns` (bounded: `count` attempts, 30 s at most).
+pub struct Flood {
+    /// Connections the server accepted and has not closed yet.
+    pub held: Vec<TcpStream>,
+    /// Attempts refused or reset while connecting.
+    pub refused: u32,
+}
+
+pub fn flood(ns: &NetNs, target: SocketAddr, count: u32) -> Result<Flood, String> {
+    ns.run(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut flood = Flood {
+            held: Vec::new(),
+            refused: 0,
+        };
+        for _ in 0..count {
+            if Instant::now() >= deadline {
+                break;
+            }
+            match TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) {
+                Ok(stream) => flood.held.push(stream),
+                Err(_) => flood.refused += 1,
+            }
+        }
+        flood
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// Like [`connection_rate`], but a failed connection is counted, not fatal:
+/// (completed per second, failed).
+pub fn connection_attempts(
+    ns: &NetNs,
+    target: SocketAddr,
+    duration: Duration,
+) -> Result<(f64, u64), String> {
+    ns.run(move || {
+        let started = Instant::now();
+        let deadline = started + duration;
+        let (mut completed, mut failed) = (0u64, 0u64);
+        let mut byte = [0u8; 1];
+        while completed + failed < MAX_CONNECTIONS && Instant::now() < deadline {
+            let exchanged = connect(target).and_then(|mut stream| {
+                stream.write_all(&[1])?;
+                stream.read_exact(&mut byte)
+            });
+            match exchanged {
+                Ok(()) => completed += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        (completed as f64 / started.elapsed().as_secs_f64(), failed)
+    })
+    .map_err(|e| e.to_string())
+}
+
 /// Runs an iperf3 client in `ns` against `target` for `duration` (whole
 /// seconds, at least one: iperf3 reads `-t` as an integer and `-t 0` runs
 /// forever) with `streams` streams.

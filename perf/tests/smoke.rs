@@ -16,11 +16,13 @@ fn tiny_run_writes_json_report_and_plots() {
         Workload::Latency1B,
         Workload::Connections,
         Workload::ProxyMemory,
+        Workload::HandshakeFlood,
     ];
     options.repetitions = 1;
     options.throughput_duration = Duration::from_millis(500);
     options.short_duration = Duration::from_millis(200);
     options.held_connections = 50;
+    options.flood_connections = 200;
     options.progress = false;
 
     let run = veil_perf::run(&options).unwrap();
@@ -72,6 +74,14 @@ fn tiny_run_writes_json_report_and_plots() {
     let mut expected = vec!["stunnel", mesh];
     expected.sort_unstable();
     assert_eq!(with_memory, expected);
+
+    // The flood runs on the mesh only, and real clients get through it.
+    let flooded = metric("handshake-flood.real-connection-rate");
+    assert_eq!(flooded.series.len(), 1, "{flooded:?}");
+    assert_eq!(flooded.series[0].configuration, mesh);
+    assert!(flooded.series[0].samples[0] > 0.0, "{flooded:?}");
+    let threads = metric("handshake-flood.agent-threads");
+    assert!(threads.series[0].samples[0] > 0.0, "{threads:?}");
 
     let report = std::fs::read_to_string(&run.report).unwrap();
     assert!(report.contains("skipped"), "{report}");
