@@ -380,6 +380,64 @@ fn a_capture_on_the_underlay_shows_our_vni_and_flow_hashed_source_ports() {
     );
 }
 
+/// How many times the agent planned and applied its overlay so far.
+fn plans(agent: &Agent) -> u64 {
+    agent
+        .status()
+        .unwrap()
+        .overlay
+        .expect("an overlay agent reports its overlay")
+        .plans
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, eBPF): cargo xtask test runs it"]
+fn a_steady_inventory_is_planned_once_and_only_a_real_change_plans_again() {
+    require_root("overlay steady-state test");
+    let mut topology = overlay_topology("calm");
+    let agents = start_agents(&topology);
+    let started: Vec<u64> = agents.iter().map(plans).collect();
+    assert!(
+        started.iter().all(|&p| p >= 1),
+        "an agent reports no plan applied after start: {started:?}"
+    );
+
+    // A minute of a steady inventory, with a rewrite of the file that
+    // changes nothing it says: nothing is planned again.
+    let text = std::fs::read_to_string(topology.inventory_path()).unwrap();
+    std::thread::sleep(Duration::from_secs(30));
+    topology
+        .write_inventory_text(&format!("# rewritten, same content\n{text}"))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(30));
+    let steady: Vec<u64> = agents.iter().map(plans).collect();
+    assert_eq!(
+        steady, started,
+        "the agents planned again while nothing changed for 60 s"
+    );
+    assert_eq!(
+        agents[0].metric("veil_overlay_plans_total").unwrap(),
+        Some(started[0] as f64),
+        "the metric and the status disagree"
+    );
+
+    // A real change (a pod moves) is planned at once on both nodes.
+    topology.move_pod(PodRef::new(2, 2), 1).unwrap();
+    topology.write_inventory().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now: Vec<u64> = agents.iter().map(plans).collect();
+        if now.iter().zip(&started).all(|(now, before)| now > before) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a moved pod was not planned within 5 s: {started:?} → {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 #[ignore = "needs root (network namespaces, eBPF): cargo xtask test runs it"]
 fn moving_a_pod_updates_the_maps_live_and_leaves_other_flows_alone() {

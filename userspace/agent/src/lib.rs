@@ -127,8 +127,8 @@ pub async fn run(
         _ => None,
     };
     let overlay = config.overlay.as_ref().map(|section| {
-        Arc::new(OverlaySync {
-            settings: OverlaySettings {
+        Arc::new(OverlaySync::new(
+            OverlaySettings {
                 node_name: config.node_name.clone(),
                 vni: section.vni,
                 underlay_interface: config.datapath.underlay_interface.clone(),
@@ -136,13 +136,10 @@ pub async fn run(
                 tunnel_ifindex: tunnel.as_ref().map_or(0, |t| t.ifindex()),
                 trust_domain: config.mesh.as_ref().map(|m| m.trust_domain.clone()),
             },
-            inventory: section.inventory.clone(),
-            report: Mutex::default(),
-            latest: Default::default(),
-            inventory_changes: Default::default(),
-            events: events.as_ref().map(|e| Arc::clone(&e.state)),
-            kubernetes: kubernetes.as_ref().map(|k| Arc::clone(&k.state)),
-        })
+            section.inventory.clone(),
+            events.as_ref().map(|e| Arc::clone(&e.state)),
+            kubernetes.as_ref().map(|k| Arc::clone(&k.state)),
+        ))
     });
     if let Some(overlay) = &overlay {
         // Apply once before reporting ready, then keep in step.

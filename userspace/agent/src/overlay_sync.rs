@@ -1,9 +1,17 @@
 //! Keeping the overlay maps in step with the inventory, live.
 //!
-//! Every half second the agent re-reads the inventory, plans the maps and
-//! applies the difference (usually nothing). Programs are never reloaded, so
-//! established flows to pods that did not change are untouched. A refused
-//! inventory is reported once and the last good state stays in force.
+//! Every half second, and at once when the API server or the bus taught
+//! something, the agent assembles what it knows (inventory file, API server,
+//! bus) and this node's links. Only when that differs from what it last
+//! applied, or the last apply failed, does it validate, plan and apply the
+//! difference: a steady cluster costs one file read and a comparison, and
+//! wakes nobody. The apply writes state before attachment: pods going away
+//! are detached first, then the maps are written, then new pods' veths get
+//! the program, so a pod is never steered by a program whose maps do not
+//! know it yet. Programs are never reloaded, so established flows to pods
+//! that did not change are untouched. A refused inventory is reported once
+//! and the last good state stays in force; a failed apply makes the agent
+//! not ready and is retried at the next tick.
 
 use std::{
     path::PathBuf,
@@ -55,6 +63,18 @@ impl Changes {
 pub struct SyncReport {
     pub inventory_error: Option<String>,
     pub warnings: Vec<String>,
+    /// Why the last apply did not complete (attach or map write); retried.
+    pub apply_error: Option<String>,
+    /// Times the overlay was planned and applied since the agent started.
+    pub plans: u64,
+}
+
+/// Everything a plan depends on: when it is unchanged, so is the plan.
+#[derive(Clone, Debug, PartialEq)]
+struct PlanInputs {
+    inventory: Inventory,
+    links: links::LinkTable,
+    kubernetes_problems: Vec<String>,
 }
 
 pub struct OverlaySync {
@@ -70,41 +90,83 @@ pub struct OverlaySync {
     pub events: Option<Arc<crate::events_sync::EventState>>,
     /// This node's pods and the cluster's nodes from the API server, when watched.
     pub kubernetes: Option<Arc<crate::kubernetes::KubeState>>,
+    /// What the last complete apply was planned from.
+    applied: Mutex<Option<PlanInputs>>,
 }
 
 impl OverlaySync {
-    /// Reads the inventory once and applies it. Errors go into the report.
-    pub fn sync_once(&self, datapath: &Mutex<Datapath>) {
-        let file = match &self.inventory {
-            Some(path) => Inventory::load(path).map_err(|e| e.to_string()),
-            None => Ok(Inventory::default()),
+    pub fn new(
+        settings: OverlaySettings,
+        inventory: Option<PathBuf>,
+        events: Option<Arc<crate::events_sync::EventState>>,
+        kubernetes: Option<Arc<crate::kubernetes::KubeState>>,
+    ) -> Self {
+        Self {
+            settings,
+            inventory,
+            report: Mutex::default(),
+            latest: std::sync::RwLock::default(),
+            inventory_changes: Changes::default(),
+            events,
+            kubernetes,
+            applied: Mutex::default(),
+        }
+    }
+
+    /// The file, the API server's and the bus's views, merged, and this
+    /// node's links: what a plan is made from.
+    fn gather(&self) -> Result<PlanInputs, String> {
+        let mut inventory = match &self.inventory {
+            Some(path) => Inventory::load(path).map_err(|e| e.to_string())?,
+            None => Inventory::default(),
         };
-        let result = file.and_then(|mut inventory| {
-            // The file first, then the API server (nodes, this node's pods),
-            // then the bus (other nodes' pods, which need the nodes).
-            if let Some(kubernetes) = &self.kubernetes {
-                kubernetes.merge_into(&mut inventory, &self.settings.node_name);
-            }
-            if let Some(events) = &self.events {
-                events.merge_into(&mut inventory, &self.settings.node_name);
-            }
-            if let Some(kubernetes) = &self.kubernetes {
-                kubernetes.apply_policies(&mut inventory);
-            }
-            inventory.validate()?;
-            let mut plan = overlay::plan(&inventory, &self.settings, &links::current())?;
-            if let Some(kubernetes) = &self.kubernetes {
-                plan.warnings.extend(kubernetes.problems());
-            }
-            Ok((plan, inventory))
+        // The file first, then the API server (nodes, this node's pods),
+        // then the bus (other nodes' pods, which need the nodes).
+        if let Some(kubernetes) = &self.kubernetes {
+            kubernetes.merge_into(&mut inventory, &self.settings.node_name);
+        }
+        if let Some(events) = &self.events {
+            events.merge_into(&mut inventory, &self.settings.node_name);
+        }
+        if let Some(kubernetes) = &self.kubernetes {
+            kubernetes.apply_policies(&mut inventory);
+        }
+        Ok(PlanInputs {
+            inventory,
+            links: links::current(),
+            kubernetes_problems: self
+                .kubernetes
+                .as_ref()
+                .map(|kubernetes| kubernetes.problems())
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Gathers what the agent knows and, when it changed since the last
+    /// complete apply (or that apply failed), plans and applies it. Errors
+    /// go into the report.
+    pub fn sync_once(&self, datapath: &Mutex<Datapath>) {
+        let inputs = self.gather();
+        if let Ok(inputs) = &inputs
+            && self
+                .applied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                == Some(inputs)
+        {
+            return;
+        }
+        let result = inputs.and_then(|inputs| {
+            inputs.inventory.validate()?;
+            let mut plan = overlay::plan(&inputs.inventory, &self.settings, &inputs.links)?;
+            plan.warnings
+                .extend(inputs.kubernetes_problems.iter().cloned());
+            Ok((plan, inputs))
         });
         let mut report = self.report.lock().unwrap_or_else(|p| p.into_inner());
-        let plan = match result {
-            Ok((plan, inventory)) => {
-                *self.latest.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(inventory));
-                self.inventory_changes.bump();
-                plan
-            }
+        let (plan, inputs) = match result {
+            Ok(planned) => planned,
             Err(error) => {
                 if report.inventory_error.as_ref() != Some(&error) {
                     warn!(%error, "inventory refused; keeping the last good overlay state");
@@ -113,6 +175,18 @@ impl OverlaySync {
                 return;
             }
         };
+        report.plans += 1;
+        let changed_inventory = self
+            .latest
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            != Some(&inputs.inventory);
+        if changed_inventory {
+            *self.latest.write().unwrap_or_else(|p| p.into_inner()) =
+                Some(Arc::new(inputs.inventory.clone()));
+            self.inventory_changes.bump();
+        }
         if report.inventory_error.take().is_some() {
             info!("inventory accepted again");
         }
@@ -123,21 +197,53 @@ impl OverlaySync {
             report.warnings = plan.warnings.clone();
         }
         drop(report);
-        let mut datapath = datapath.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(error) = datapath.sync_pod_interfaces(&plan.local_interfaces) {
-            warn!(%error, "cannot attach the pod egress program");
+        let applied = self.apply(datapath, &plan);
+        let mut report = self.report.lock().unwrap_or_else(|p| p.into_inner());
+        match applied {
+            Ok(()) => {
+                if report.apply_error.take().is_some() {
+                    info!("overlay applied again");
+                }
+                *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = Some(inputs);
+            }
+            Err(error) => {
+                if report.apply_error.as_ref() != Some(&error) {
+                    warn!(%error, "overlay not fully applied; retrying");
+                }
+                report.apply_error = Some(error);
+                // Not recorded as applied: the next tick plans and tries again.
+                *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
         }
-        match datapath.overlay_mut().apply(&plan) {
-            Ok(stats) if stats.written + stats.removed > 0 => info!(
+    }
+
+    /// Detach pods that went away, write the maps, then attach new pods.
+    fn apply(&self, datapath: &Mutex<Datapath>, plan: &overlay::OverlayPlan) -> Result<(), String> {
+        let mut datapath = datapath.lock().unwrap_or_else(|p| p.into_inner());
+        let staying: std::collections::BTreeSet<String> = datapath
+            .pod_interfaces()
+            .filter(|name| plan.local_interfaces.contains(*name))
+            .cloned()
+            .collect();
+        datapath
+            .sync_pod_interfaces(&staying)
+            .map_err(|error| format!("cannot detach the pod egress program: {error}"))?;
+        let stats = datapath
+            .overlay_mut()
+            .apply(plan)
+            .map_err(|error| format!("cannot update the overlay maps: {error}"))?;
+        if stats.written + stats.removed > 0 {
+            info!(
                 written = stats.written,
                 removed = stats.removed,
                 routes = plan.routes.len(),
                 endpoints = plan.endpoints.len(),
                 "overlay maps updated"
-            ),
-            Ok(_) => {}
-            Err(error) => warn!(%error, "cannot update the overlay maps"),
+            );
         }
+        datapath
+            .sync_pod_interfaces(&plan.local_interfaces)
+            .map_err(|error| format!("cannot attach the pod egress program: {error}"))
     }
 
     /// Syncs forever, every [`SYNC_PERIOD`] and at once when the API server
@@ -176,6 +282,9 @@ impl OverlaySync {
         let report = self.report.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(error) = &report.inventory_error {
             problems.push(format!("inventory refused: {error}"));
+        }
+        if let Some(error) = &report.apply_error {
+            problems.push(format!("overlay not fully applied (retrying): {error}"));
         }
         let configured = datapath
             .overlay()
@@ -231,6 +340,8 @@ impl OverlaySync {
                 .map_or_else(|| "(none: Kubernetes)".into(), |p| p.display().to_string()),
             inventory_error: report.inventory_error,
             warnings: report.warnings,
+            apply_error: report.apply_error,
+            plans: report.plans,
             routes: maps
                 .routes()
                 .unwrap_or_default()

@@ -261,11 +261,25 @@ impl Collector for DatapathCollector {
                     "1 when the last inventory read was accepted, 0 when it was refused.",
                     i64::from(status.inventory_error.is_none()),
                 ),
+                (
+                    "veil_overlay_applied",
+                    "1 when the last plan was applied completely, 0 while an attach or map \
+                     write fails (retried; the agent is not ready meanwhile).",
+                    i64::from(status.apply_error.is_none()),
+                ),
             ] {
                 let gauge = ConstGauge::new(value);
                 let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
                 gauge.encode(metric)?;
             }
+            let plans = ConstCounter::new(status.plans);
+            let metric = encoder.encode_descriptor(
+                "veil_overlay_plans",
+                "Times the agent planned and applied the overlay; flat while nothing changes",
+                None,
+                plans.metric_type(),
+            )?;
+            plans.encode(metric)?;
         }
         Ok(())
     }

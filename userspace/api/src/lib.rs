@@ -262,6 +262,14 @@ pub struct OverlayStatus {
     pub inventory_error: Option<String>,
     /// Local pods left out (e.g. their veth does not exist yet).
     pub warnings: Vec<String>,
+    /// Why the last apply (attach or map write) did not complete; the agent
+    /// is not ready and retries.
+    #[serde(default)]
+    pub apply_error: Option<String>,
+    /// Times the agent planned and applied the overlay since it started:
+    /// flat while nothing changes.
+    #[serde(default)]
+    pub plans: u64,
     pub routes: Vec<OverlayRoute>,
     pub endpoints: Vec<OverlayEndpoint>,
     /// MTUs of the underlay interface and the local pods' veths as the

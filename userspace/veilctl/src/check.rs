@@ -43,6 +43,15 @@ pub fn findings(status: &AgentStatus) -> Vec<Finding> {
                 ),
             ));
         }
+        if let Some(error) = &overlay.apply_error {
+            found.push(finding(
+                Severity::Error,
+                format!("the overlay is not fully applied: {error}"),
+                "the agent retries and reports not ready until it succeeds; see its log \
+                 for the failing attach or map write"
+                    .to_string(),
+            ));
+        }
         for warning in &overlay.warnings {
             found.push(finding(
                 Severity::Warning,
@@ -337,6 +346,8 @@ mod tests {
             underlay_mtu: 1500,
             inventory: "/etc/veil/inventory.toml".into(),
             inventory_error: Some("line 3: bad MAC".into()),
+            apply_error: None,
+            plans: 1,
             warnings: vec![],
             routes: vec![],
             endpoints: vec![],
@@ -373,6 +384,8 @@ mod tests {
             underlay_mtu: 1500,
             inventory: "(none: Kubernetes)".into(),
             inventory_error: None,
+            apply_error: None,
+            plans: 1,
             warnings: vec![],
             routes: vec![],
             endpoints: vec![],

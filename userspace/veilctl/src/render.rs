@@ -190,6 +190,9 @@ fn overlay_section(overlay: &veil_api::OverlayStatus) -> String {
             "  ! inventory refused, last good state in force: {error}\n"
         ));
     }
+    if let Some(error) = &overlay.apply_error {
+        text.push_str(&format!("  ! not fully applied, retrying: {error}\n"));
+    }
     for warning in &overlay.warnings {
         text.push_str(&format!("  ! {warning}\n"));
     }
@@ -287,6 +290,8 @@ pub(crate) mod tests {
             underlay_mtu: 1500,
             inventory: "/etc/veil/inventory.toml".into(),
             inventory_error: Some("line 3: bad MAC".into()),
+            apply_error: None,
+            plans: 1,
             warnings: vec![],
             routes: vec![veil_api::OverlayRoute {
                 cidr: "198.19.2.0/24".into(),

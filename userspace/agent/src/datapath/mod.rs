@@ -306,6 +306,11 @@ impl Datapath {
             .map_err(map_error(names::MAP_MESH_LISTENER))
     }
 
+    /// The veths the pod-egress program is attached to now.
+    pub fn pod_interfaces(&self) -> impl Iterator<Item = &String> {
+        self.pod_programs.keys()
+    }
+
     /// Attaches the pod-egress program to `wanted` (plus the configured veths)
     /// and detaches it from veths no longer wanted.
     pub fn sync_pod_interfaces(&mut self, wanted: &BTreeSet<String>) -> Result<(), DatapathError> {
