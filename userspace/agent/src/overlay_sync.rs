@@ -90,8 +90,9 @@ pub struct OverlaySync {
     pub events: Option<Arc<crate::events_sync::EventState>>,
     /// This node's pods and the cluster's nodes from the API server, when watched.
     pub kubernetes: Option<Arc<crate::kubernetes::KubeState>>,
-    /// What the last complete apply was planned from.
-    applied: Mutex<Option<PlanInputs>>,
+    /// What the last sync acted on: applied completely, or refused. Inputs
+    /// equal to it need nothing done.
+    considered: Mutex<Option<PlanInputs>>,
 }
 
 impl OverlaySync {
@@ -109,7 +110,7 @@ impl OverlaySync {
             inventory_changes: Changes::default(),
             events,
             kubernetes,
-            applied: Mutex::default(),
+            considered: Mutex::default(),
         }
     }
 
@@ -146,35 +147,40 @@ impl OverlaySync {
     /// complete apply (or that apply failed), plans and applies it. Errors
     /// go into the report.
     pub fn sync_once(&self, datapath: &Mutex<Datapath>) {
-        let inputs = self.gather();
-        if let Ok(inputs) = &inputs
-            && self
-                .applied
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-                == Some(inputs)
+        let inputs = match self.gather() {
+            Ok(inputs) => inputs,
+            Err(error) => {
+                self.refuse(error);
+                *self.considered.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                return;
+            }
+        };
+        if self
+            .considered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            == Some(&inputs)
         {
             return;
         }
-        let result = inputs.and_then(|inputs| {
+        let planned = (|| -> Result<overlay::OverlayPlan, String> {
             inputs.inventory.validate()?;
             let mut plan = overlay::plan(&inputs.inventory, &self.settings, &inputs.links)?;
             plan.warnings
                 .extend(inputs.kubernetes_problems.iter().cloned());
-            Ok((plan, inputs))
-        });
-        let mut report = self.report.lock().unwrap_or_else(|p| p.into_inner());
-        let (plan, inputs) = match result {
-            Ok(planned) => planned,
+            Ok(plan)
+        })();
+        let plan = match planned {
+            Ok(plan) => plan,
             Err(error) => {
-                if report.inventory_error.as_ref() != Some(&error) {
-                    warn!(%error, "inventory refused; keeping the last good overlay state");
-                    report.inventory_error = Some(error);
-                }
+                self.refuse(error);
+                // The same inputs would be refused the same way: not again.
+                *self.considered.lock().unwrap_or_else(|p| p.into_inner()) = Some(inputs);
                 return;
             }
         };
+        let mut report = self.report.lock().unwrap_or_else(|p| p.into_inner());
         report.plans += 1;
         let changed_inventory = self
             .latest
@@ -204,7 +210,7 @@ impl OverlaySync {
                 if report.apply_error.take().is_some() {
                     info!("overlay applied again");
                 }
-                *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = Some(inputs);
+                *self.considered.lock().unwrap_or_else(|p| p.into_inner()) = Some(inputs);
             }
             Err(error) => {
                 if report.apply_error.as_ref() != Some(&error) {
@@ -212,8 +218,18 @@ impl OverlaySync {
                 }
                 report.apply_error = Some(error);
                 // Not recorded as applied: the next tick plans and tries again.
-                *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                *self.considered.lock().unwrap_or_else(|p| p.into_inner()) = None;
             }
+        }
+    }
+
+    /// Reports a refused inventory (once per distinct reason); the last good
+    /// state stays in force.
+    fn refuse(&self, error: String) {
+        let mut report = self.report.lock().unwrap_or_else(|p| p.into_inner());
+        if report.inventory_error.as_ref() != Some(&error) {
+            warn!(%error, "inventory refused; keeping the last good overlay state");
+            report.inventory_error = Some(error);
         }
     }
 
