@@ -139,20 +139,10 @@ fn measure(bed: &Bed, options: &BenchOptions, step: &Step, samples: &mut Samples
         configuration: configuration.id(),
         problem,
     };
-    let proxy_cpu = || {
-        endpoints
-            .proxy_pids
-            .iter()
-            .map(|&p| cpu::process_cpu_s(p))
-            .sum::<f64>()
-    };
-    let proxy_rss = || {
-        endpoints
-            .proxy_pids
-            .iter()
-            .map(|&p| cpu::process_rss_kib(p))
-            .sum::<u64>()
-    };
+    let proxies = &endpoints.proxy_pids;
+    let proxy_cpu = || sum_over(proxies, cpu::process_cpu_s);
+    let proxy_rss = || sum_over(proxies, cpu::process_rss_kib);
+    let proxy_threads = || sum_over(proxies, cpu::process_threads);
     match step.workload {
         Workload::Throughput1 | Workload::Throughput4 => {
             let streams = if step.workload == Workload::Throughput1 {
@@ -233,13 +223,6 @@ fn measure(bed: &Bed, options: &BenchOptions, step: &Step, samples: &mut Samples
             }
         }
         Workload::ProxyMemory => {
-            let proxy_threads = || {
-                endpoints
-                    .proxy_pids
-                    .iter()
-                    .map(|&p| cpu::process_threads(p))
-                    .sum::<u64>()
-            };
             let threads_before = proxy_threads();
             let before = proxy_rss();
             let connections =
@@ -356,6 +339,11 @@ fn raise_open_file_limit() {
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
+}
+
+/// `read` of every proxy process, added up.
+fn sum_over<T: std::iter::Sum<T>>(pids: &[u32], read: impl Fn(u32) -> T) -> T {
+    pids.iter().map(|&pid| read(pid)).sum()
 }
 
 /// A line for the operator between progress updates (the bar redraws below it).
