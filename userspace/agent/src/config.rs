@@ -370,6 +370,24 @@ const MIN_CERTIFICATE_LIFETIME: std::time::Duration = std::time::Duration::from_
 const MAX_CERTIFICATE_LIFETIME: std::time::Duration =
     std::time::Duration::from_secs(365 * 24 * 3600);
 
+/// Refuses `value` of `key` unless it is a duration within `range`
+/// (`range_text` says it to the user; `example` is a valid value).
+fn check_duration(
+    key: &str,
+    value: &str,
+    range: std::ops::RangeInclusive<std::time::Duration>,
+    range_text: &str,
+    example: &str,
+) -> Result<(), String> {
+    match humantime::parse_duration(value) {
+        Ok(duration) if range.contains(&duration) => Ok(()),
+        Ok(_) => Err(format!("{key} = {value:?} is out of range ({range_text})")),
+        Err(error) => Err(format!(
+            "{key} = {value:?} is not a duration ({error}); write e.g. \"{example}\""
+        )),
+    }
+}
+
 impl MeshSection {
     /// Caps and deadline of unauthenticated inbound connections (validated
     /// when the config loads).
@@ -557,38 +575,20 @@ impl AgentConfig {
                             meshed and which identity each has; add an [overlay] section"
                     .into());
             }
-            match humantime::parse_duration(&mesh.certificate_lifetime) {
-                Ok(lifetime)
-                    if (MIN_CERTIFICATE_LIFETIME..=MAX_CERTIFICATE_LIFETIME)
-                        .contains(&lifetime) => {}
-                Ok(_) => {
-                    return Err(format!(
-                        "mesh.certificate_lifetime = {:?} is out of range (30s to 365d)",
-                        mesh.certificate_lifetime
-                    ));
-                }
-                Err(error) => {
-                    return Err(format!(
-                        "mesh.certificate_lifetime = {:?} is not a duration ({error}); write e.g. \"24h\"",
-                        mesh.certificate_lifetime
-                    ));
-                }
-            }
-            match humantime::parse_duration(&mesh.handshake_timeout) {
-                Ok(timeout) if HANDSHAKE_TIMEOUT_RANGE.contains(&timeout) => {}
-                Ok(_) => {
-                    return Err(format!(
-                        "mesh.handshake_timeout = {:?} is out of range (1s to 120s)",
-                        mesh.handshake_timeout
-                    ));
-                }
-                Err(error) => {
-                    return Err(format!(
-                        "mesh.handshake_timeout = {:?} is not a duration ({error}); write e.g. \"10s\"",
-                        mesh.handshake_timeout
-                    ));
-                }
-            }
+            check_duration(
+                "mesh.certificate_lifetime",
+                &mesh.certificate_lifetime,
+                MIN_CERTIFICATE_LIFETIME..=MAX_CERTIFICATE_LIFETIME,
+                "30s to 365d",
+                "24h",
+            )?;
+            check_duration(
+                "mesh.handshake_timeout",
+                &mesh.handshake_timeout,
+                HANDSHAKE_TIMEOUT_RANGE,
+                "1s to 120s",
+                "10s",
+            )?;
             if mesh.max_handshakes == 0
                 || mesh.max_handshakes_per_source == 0
                 || mesh.max_handshakes_per_source > mesh.max_handshakes

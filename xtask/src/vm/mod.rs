@@ -107,39 +107,47 @@ const SUITES: &[Suite] = &[
     },
 ];
 
+/// The entries of `all` that `names` name (all of them when `names` is
+/// empty); a name that matches none is refused, `describe` saying what it
+/// was meant to be.
+fn select<'a, T>(
+    all: &'a [T],
+    names: &[String],
+    name_of: impl Fn(&T) -> &str,
+    describe: impl Fn(&str) -> String,
+) -> Result<Vec<&'a T>> {
+    if let Some(unknown) = names
+        .iter()
+        .find(|n| !all.iter().any(|entry| name_of(entry) == n.as_str()))
+    {
+        bail!(
+            "no {}; choose from {}",
+            describe(unknown),
+            all.iter().map(&name_of).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(all
+        .iter()
+        .filter(|entry| names.is_empty() || names.iter().any(|n| n == name_of(entry)))
+        .collect())
+}
+
 /// How long one VM may run its whole plan before it is stopped as failed.
 const VM_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// Runs the suites on `kernels` (names from [`MATRIX`]; empty: all), or
 /// only the suites named in `only`.
 pub fn run(ebpf_object: &Path, kernels: &[String], only: &[String]) -> Result<()> {
-    let selected: Vec<_> = MATRIX
-        .iter()
-        .filter(|k| kernels.is_empty() || kernels.iter().any(|n| n == k.name))
-        .copied()
-        .collect();
-    if let Some(unknown) = kernels
-        .iter()
-        .find(|n| !MATRIX.iter().any(|k| k.name == n.as_str()))
-    {
-        bail!(
-            "no kernel {unknown} in the matrix; choose from {}",
-            MATRIX.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
-        );
-    }
-    let suites: Vec<&Suite> = SUITES
-        .iter()
-        .filter(|s| only.is_empty() || only.iter().any(|n| n == s.name))
-        .collect();
-    if let Some(unknown) = only
-        .iter()
-        .find(|n| !SUITES.iter().any(|s| s.name == n.as_str()))
-    {
-        bail!(
-            "no suite {unknown}; choose from {}",
-            SUITES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
-        );
-    }
+    let selected: Vec<kernels::KernelSpec> = select(
+        MATRIX,
+        kernels,
+        |k| k.name,
+        |n| format!("kernel {n} in the matrix"),
+    )?
+    .into_iter()
+    .copied()
+    .collect();
+    let suites: Vec<&Suite> = select(SUITES, only, |s| s.name, |n| format!("suite {n}"))?;
     if !nix::unistd::Uid::effective().is_root() {
         bail!(
             "the VM tests need root (qemu shares / with the VM): run `sudo -E cargo xtask vm-test`"

@@ -169,15 +169,6 @@ impl HandshakeSlots {
         })
     }
 
-    /// Connections in handshake now: all, and from `source`.
-    pub fn in_handshake(&self, source: IpAddr) -> (usize, usize) {
-        let table = self.lock();
-        (
-            table.total,
-            table.per_source.get(&source).copied().unwrap_or(0),
-        )
-    }
-
     /// Waits for the earliest deadline (or a new earlier one, or a second
     /// at most, so the thread notices the slots going away) and shuts down
     /// every connection whose deadline has passed.
@@ -270,6 +261,17 @@ mod tests {
             .expect("connect");
         let (accepted, _) = listener.accept().expect("accept");
         (accepted, socket.into())
+    }
+
+    impl HandshakeSlots {
+        /// Connections in handshake now: all, and from `source`.
+        fn in_handshake(&self, source: IpAddr) -> (usize, usize) {
+            let table = self.lock();
+            (
+                table.total,
+                table.per_source.get(&source).copied().unwrap_or(0),
+            )
+        }
     }
 
     fn slots(deadline: Duration, max_total: usize, max_per_source: usize) -> Arc<HandshakeSlots> {
